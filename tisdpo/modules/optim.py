@@ -1,0 +1,35 @@
+"""Optimiser + warm-up schedule shared by the SFT and preference modules."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+
+
+def warmup_lambda(warmup_steps: int, schedule: str = "constant", total_steps: int | None = None):
+    """Linear warm-up over ``warmup_steps`` (as eric-mitchell/direct-preference-optimization),
+    then constant, linear decay to 0, or cosine decay to 0 over ``total_steps``."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"optim.schedule={schedule!r} is not one of constant, linear, cosine")
+    if schedule != "constant" and not total_steps:
+        raise ValueError(f"optim.schedule={schedule!r} needs a known number of training steps")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def configure_optimizer(params, optim_cfg: Any, total_steps: int | None):
+    """Lightning's ``configure_optimizers`` return value from an ``optim`` config node."""
+    optimizer = instantiate(optim_cfg.optimizer)(params)
+    factor = warmup_lambda(int(optim_cfg.warmup_steps), str(optim_cfg.schedule), total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

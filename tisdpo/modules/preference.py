@@ -1,0 +1,171 @@
+"""Preference optimisation: a trainable policy against a frozen reference.
+
+One step: chosen and rejected go through the policy in ONE forward pass ([2B, T]); the
+reference runs under ``no_grad`` (or its per-token log-probs come precomputed with the batch);
+per-token log-probs are gathered over response tokens; the loss comes from
+``tisdpo.losses`` and sees only per-token tensors. Metrics use TRL's names so that runs
+can be compared side by side with TRL's DPOTrainer in W&B.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import lightning as L
+import torch
+
+from tisdpo.losses.logprobs import per_position_kl, token_logps
+from tisdpo.modules.optim import configure_optimizer
+
+
+@dataclass
+class LossSpec:
+    """A configured loss: the pure function with its hyperparameters bound, and what it needs."""
+
+    name: str
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    kl_direction: str | None = None  # None | "ref_policy" (TDPO) | "policy_ref" (TIS-DPO η)
+    uses_weights: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def concat_pair(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """[B, ...] chosen and rejected tensors stacked into [2B, ...], chosen first."""
+    return torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
+
+
+class PreferenceModule(L.LightningModule):
+    def __init__(
+        self,
+        policy,
+        reference,
+        loss: LossSpec,
+        optim_cfg: Any,
+        total_steps: int | None = None,
+        logits_chunk_size: int = 256,
+        check_finite: bool = True,
+        online_weights: Callable | None = None,
+        auxiliary_loss: Callable | None = None,
+    ):
+        super().__init__()
+        self.policy = policy
+        # Kept out of the module's parameters/state_dict: the reference is frozen, never
+        # checkpointed, and must not be seen by the optimiser or by DDP's gradient sync.
+        object.__setattr__(self, "reference", reference)
+        self.loss = loss
+        self.optim_cfg = optim_cfg
+        self.total_steps = total_steps
+        self.chunk = logits_chunk_size
+        self.check_finite = check_finite
+        self.online_weights = online_weights  # TI-DPO: weights from the current policy each step
+        self.auxiliary_loss = auxiliary_loss  # TI-DPO: the triplet term
+
+    # -- forward -----------------------------------------------------------------------
+    def forward_logits(self, model, batch) -> torch.Tensor:
+        return model(
+            input_ids=concat_pair(batch, "input_ids"),
+            attention_mask=concat_pair(batch, "attention_mask"),
+            use_cache=False,
+        ).logits
+
+    def compute(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and metrics (unprefixed, TRL names) for one batch."""
+        batch_size = batch["chosen_input_ids"].shape[0]
+        labels = concat_pair(batch, "labels")
+        policy_logits = self.forward_logits(self.policy, batch)
+        policy_logps, mask = token_logps(policy_logits, labels, chunk_size=self.chunk)
+
+        reference_logits = None
+        if "chosen_reference_logps" in batch and self.loss.kl_direction is None:
+            reference_logps = concat_pair(batch, "reference_logps")[:, : policy_logps.shape[1]]
+        else:
+            with torch.no_grad():
+                reference_logits = self.forward_logits(self.reference, batch)
+                reference_logps, _ = token_logps(reference_logits, labels, chunk_size=self.chunk)
+
+        kwargs: dict[str, Any] = {}
+        if self.loss.kl_direction is not None:
+            first, second = (
+                (reference_logits, policy_logits) if self.loss.kl_direction == "ref_policy" else (policy_logits, reference_logits)
+            )
+            kl = per_position_kl(first, second, mask, chunk_size=self.chunk)
+            kwargs["chosen_kl"], kwargs["rejected_kl"] = kl[:batch_size], kl[batch_size:]
+
+        if self.loss.uses_weights:
+            if self.online_weights is not None:
+                chosen_w, rejected_w = self.online_weights(self, batch)
+                weights = torch.cat([chosen_w, rejected_w], dim=0)
+            elif "chosen_weights" in batch:
+                weights = concat_pair(batch, "weights")
+            else:
+                weights = None
+            if weights is not None:
+                weights = weights[:, 1:].to(policy_logps.dtype)  # shifted like the labels
+                kwargs["chosen_weights"], kwargs["rejected_weights"] = weights[:batch_size], weights[batch_size:]
+
+        mask = mask.to(policy_logps.dtype)
+        losses, chosen_rewards, rejected_rewards = self.loss.fn(
+            policy_logps[:batch_size], policy_logps[batch_size:],
+            reference_logps[:batch_size], reference_logps[batch_size:],
+            mask[:batch_size], mask[batch_size:],
+            **kwargs,
+        )
+        loss = losses.mean()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": (policy_logps[:batch_size] * mask[:batch_size]).sum(-1).mean().detach(),
+            "logps/rejected": (policy_logps[batch_size:] * mask[batch_size:]).sum(-1).mean().detach(),
+        }
+        if "chosen_kl" in kwargs:
+            metrics["kl/chosen"] = (kwargs["chosen_kl"] * mask[:batch_size]).sum(-1).mean().detach()
+            metrics["kl/rejected"] = (kwargs["rejected_kl"] * mask[batch_size:]).sum(-1).mean().detach()
+        if self.auxiliary_loss is not None:
+            aux, aux_metrics = self.auxiliary_loss(self, batch, policy_logps, reference_logps, mask)
+            loss = loss + aux
+            metrics.update(aux_metrics)
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    # -- Lightning hooks ---------------------------------------------------------------
+    def _log_metrics(self, split: str, metrics: dict[str, torch.Tensor], batch_size: int, on_step: bool):
+        self.log_dict(
+            {f"{split}/{k}": v for k, v in metrics.items()},
+            on_step=on_step, on_epoch=not on_step, batch_size=batch_size, sync_dist=not on_step,
+        )
+
+    def training_step(self, batch, batch_idx):
+        loss, metrics = self.compute(batch)
+        if self.check_finite and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at step {self.global_step} on examples {batch['index'].tolist()}; "
+                "the last good checkpoint is kept in the run's checkpoints/ directory"
+            )
+        self._log_metrics("train", metrics, batch["chosen_input_ids"].shape[0], on_step=True)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch["chosen_input_ids"].shape[0])
+        self._last_indices = batch["index"]
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if not self.check_finite:
+            return
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
+            raise FloatingPointError(
+                f"non-finite gradient at step {self.global_step} on examples {self._last_indices.tolist()}; "
+                "the last good checkpoint is kept in the run's checkpoints/ directory"
+            )
+
+    def validation_step(self, batch, batch_idx):
+        _, metrics = self.compute(batch)
+        self._log_metrics("val", metrics, batch["chosen_input_ids"].shape[0], on_step=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return configure_optimizer(params, self.optim_cfg, self.total_steps)
+
+    def on_fit_start(self):
+        # The reference is not a registered submodule, so Lightning does not move it.
+        self.reference.to(self.device)

@@ -1,0 +1,38 @@
+"""Supervised fine-tuning: next-token NLL on response tokens (prompt tokens masked)."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from tisdpo.modules.optim import configure_optimizer
+
+
+class SFTModule(L.LightningModule):
+    def __init__(self, model, optim_cfg: Any, total_steps: int | None = None):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim_cfg
+        self.total_steps = total_steps
+
+    def _nll(self, batch) -> torch.Tensor:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        # Position t predicts token t+1; prompt and padding carry label -100.
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100
+        )
+
+    def training_step(self, batch, batch_idx):
+        loss = self._nll(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"SFT step {self.global_step}: non-finite loss on examples {batch.get('index')}")
+        self.log("sft/train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("sft/val_loss", self._nll(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        return configure_optimizer(self.model.parameters(), self.optim_cfg, self.total_steps)

@@ -1,0 +1,117 @@
+"""Content-addressed artifact cache for pipeline stages.
+
+Each artifact is a directory ``<root>/<stage>/<key>/`` where ``key`` hashes everything that
+determines it (config slice, data fingerprint, upstream artifact keys, seed). Builds go to a
+temporary sibling directory and are renamed into place only when complete, so a killed build
+never leaves a half-written artifact behind. A ``MANIFEST.json`` records the sha256 of every
+file; a read whose hashes do not match is treated as corrupt: warned about, deleted, rebuilt.
+A file lock per key means two sweep jobs that need the same artifact build it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of a canonical JSON dump (sorted keys); the cache key of a config slice."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash_tree(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): _file_sha256(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+@dataclass
+class Artifact:
+    stage: str
+    key: str
+    path: Path
+    reused: bool
+
+
+class ArtifactCache:
+    def __init__(self, root: str | os.PathLike, enabled: bool = True):
+        self.root = Path(root).expanduser()
+        self.enabled = enabled
+        self.events: list[dict[str, Any]] = []  # what each stage did, for logs and results.json
+
+    def _dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def is_valid(self, path: Path) -> bool:
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            return False
+        try:
+            recorded = json.loads(manifest.read_text())["files"]
+        except (json.JSONDecodeError, KeyError):
+            return False
+        return recorded == _hash_tree(path)
+
+    def get_or_build(
+        self,
+        stage: str,
+        spec: dict[str, Any],
+        build: Callable[[Path], None],
+    ) -> Artifact:
+        """Return the artifact for ``spec``, building it with ``build(tmp_dir)`` if absent.
+
+        ``build`` writes its files into the directory it is given; it must not rely on the
+        final path (the directory is renamed once ``build`` returns).
+        """
+        key = stable_hash(spec)
+        final = self._dir(stage, key)
+        if not self.enabled:
+            final = self.root / "_uncached" / stage / f"{key}-{uuid.uuid4().hex[:8]}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        with FileLock(str(final) + ".lock"):
+            if self.enabled and final.exists():
+                if self.is_valid(final):
+                    log.info("stage %-10s reused  %s", stage, final)
+                    self.events.append({"stage": stage, "key": key, "reused": True, "seconds": 0.0})
+                    return Artifact(stage, key, final, reused=True)
+                log.warning("stage %s: artifact %s is corrupt or partial (hash mismatch); rebuilding", stage, final)
+                shutil.rmtree(final)
+            tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                build(tmp)
+                (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True, default=str))
+                (tmp / MANIFEST).write_text(json.dumps({"stage": stage, "key": key, "files": _hash_tree(tmp)}, indent=2))
+                os.replace(tmp, final)  # atomic on POSIX: readers see all or nothing
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        seconds = time.perf_counter() - started
+        log.info("stage %-10s built   %s (%.1fs)", stage, final, seconds)
+        self.events.append({"stage": stage, "key": key, "reused": False, "seconds": round(seconds, 2)})
+        return Artifact(stage, key, final, reused=False)

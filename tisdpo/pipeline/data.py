@@ -1,0 +1,94 @@
+"""Data stage: canonical rows for train/test/SFT and the tokenizer, from the `dataset` config."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tisdpo.data.adapters import load_preference_rows
+from tisdpo.data.errors import DropCounter
+from tisdpo.data.noise import flip_labels
+from tisdpo.models.loading import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Any
+    train_rows: list[dict]
+    test_rows: list[dict]
+    sft_rows: list[dict]  # {"prompt", "response"}
+    task: Any = None  # the SyntheticTask on the built-in task, else None
+    drops: dict[str, Any] = field(default_factory=dict)
+    n_flipped: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the training data content (not its source): the cache key of anything trained on it."""
+        return rows_fingerprint(self.train_rows)
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row["prompt"], row.get("chosen"), row.get("rejected"), row.get("response")]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _task_from_cfg(dataset_cfg: DictConfig):
+    from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
+
+    overrides = OmegaConf.to_container(dataset_cfg.get("task") or {}, resolve=True)
+    known = set(SyntheticTaskConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"dataset.task has unknown option(s) {unknown}; valid: {sorted(known)}")
+    return SyntheticTask(SyntheticTaskConfig(**overrides))
+
+
+def prepare_data(cfg: DictConfig) -> PreparedData:
+    ds = cfg.dataset
+    if ds.name == "synthetic":
+        task = _task_from_cfg(ds)
+        tokenizer = task.tokenizer() if not cfg.model.get("tokenizer") else load_tokenizer(cfg.model.tokenizer)
+        train_rows = task.preference_pairs("train")
+        test_rows = task.preference_pairs("test")
+        sft_rows = task.sft_examples()
+        drops: dict[str, Any] = {}
+    else:
+        task = None
+        tokenizer_id = cfg.model.get("tokenizer") or cfg.model.get("name_or_path")
+        if not tokenizer_id:
+            raise ValueError(f"dataset={ds.name} needs a tokenizer: set model.tokenizer or model.name_or_path")
+        tokenizer = load_tokenizer(tokenizer_id)
+        common = {k: ds[k] for k in ("preference",) if k in ds}
+        train_rows, train_drops = load_preference_rows(
+            ds.name, path=ds.get("path"), hub_id=ds.hub_id, hub_config=ds.get("hub_config"),
+            split=ds.train_split, limit=ds.get("limit"), seed=cfg.seed, **common,
+        )
+        test_path = ds.get("test_path")
+        if ds.get("path") and not test_path:
+            # One local file and no test file: hold out the last rows for validation.
+            n_test = min(int(ds.get("test_limit") or 256), max(1, len(train_rows) // 10))
+            train_rows, test_rows = train_rows[:-n_test], train_rows[-n_test:]
+            test_drops = DropCounter()
+        else:
+            test_rows, test_drops = load_preference_rows(
+                ds.name, path=test_path, hub_id=ds.hub_id, hub_config=ds.get("hub_config"),
+                split=ds.test_split, limit=ds.get("test_limit"), seed=cfg.seed, **common,
+            )
+        sft_rows = [{"prompt": r["prompt"], "response": r["chosen"]} for r in train_rows]
+        drops = {**{f"train/{k}": v for k, v in train_drops.as_dict().items()},
+                 **{f"test/{k}": v for k, v in test_drops.as_dict().items()}}
+        log.info("data: train %s", train_drops.summary())
+    n_flipped = 0
+    if float(ds.get("label_noise") or 0.0) > 0:
+        train_rows, n_flipped = flip_labels(train_rows, float(ds.label_noise), seed=cfg.seed)
+        log.info("data: flipped %d of %d training labels (dataset.label_noise=%s)", n_flipped, len(train_rows), ds.label_noise)
+    log.info("data: %d train pairs, %d test pairs, %d SFT examples", len(train_rows), len(test_rows), len(sft_rows))
+    return PreparedData(tokenizer, train_rows, test_rows, sft_rows, task, drops, n_flipped)

@@ -1,0 +1,31 @@
+"""Evaluation stage: the built-in task's true-reward metrics (real-data judges: `eval=judges`)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tisdpo.pipeline.data import PreparedData
+
+log = logging.getLogger(__name__)
+
+
+def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_dir: Path) -> dict[str, Any]:
+    if not cfg.eval.get("enabled", False):
+        return {}
+    if cfg.eval.name == "synthetic":
+        if data.task is None:
+            raise ValueError("eval=synthetic needs dataset=synthetic (the true token rewards); use eval=judges or eval=none")
+        from tisdpo.eval.synthetic_metrics import evaluate_policy
+
+        metrics = evaluate_policy(
+            data.task, policy.eval(), reference.eval(), data.tokenizer,
+            n_prompts=int(cfg.eval.n_prompts), temperatures=tuple(cfg.eval.temperatures),
+            samples_per_prompt=int(cfg.eval.samples_per_prompt), seed=cfg.seed,
+            max_new_tokens=int(cfg.eval.max_new_tokens), samples_path=output_dir / "samples.json",
+            reference_samples=cfg.eval.get("reference_samples"),
+        )
+        return metrics
+    raise ValueError(f"eval={cfg.eval.name!r} is not one of synthetic, none, judges")

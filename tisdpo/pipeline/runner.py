@@ -1,0 +1,122 @@
+"""The whole run: data -> SFT -> token weights -> preference training -> evaluation -> results.json.
+
+Each expensive stage is a cached artifact (see ``cache.py``); the log and ``results.json``
+say which stages were built and which reused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tisdpo.models.loading import frozen_copy
+from tisdpo.pipeline.cache import ArtifactCache
+from tisdpo.pipeline.data import prepare_data
+from tisdpo.pipeline.loaders import tokenize_pairs
+from tisdpo.pipeline.loggers import build_logger
+from tisdpo.pipeline.sft_stage import sft_stage
+from tisdpo.pipeline.train_stage import load_initial_policy, train_stage
+from tisdpo.pipeline.validate import validate_config
+from tisdpo.pipeline.weights_stage import weights_stage
+
+log = logging.getLogger(__name__)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+def log_run_files(logger, output_dir: Path) -> None:
+    """The token-weight page and histogram into W&B (as HTML and image), when W&B is the logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    files = {}
+    if (output_dir / "token_weights.html").is_file():
+        files["weights/token_view"] = wandb.Html((output_dir / "token_weights.html").read_text())
+    if (output_dir / "weights_hist.png").is_file():
+        files["weights/histogram"] = wandb.Image(str(output_dir / "weights_hist.png"))
+    if files:
+        logger.experiment.log(files)
+    logger.experiment.finish()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job; returns the flat results dict also written to <run dir>/results.json."""
+    started = time.perf_counter()
+    validate_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    cache = ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, t0: float) -> None:
+        timings[f"time/{stage}_s"] = round(time.perf_counter() - t0, 2)
+
+    t0 = time.perf_counter()
+    data = prepare_data(cfg)
+    timed("data", t0)
+
+    t0 = time.perf_counter()
+    sft_dir = sft_stage(cfg, data, cache)
+    timed("sft", t0)
+
+    train_examples, train_drops = tokenize_pairs(data.train_rows, data.tokenizer, cfg.dataset, "train")
+    val_examples, val_drops = tokenize_pairs(data.test_rows, data.tokenizer, cfg.dataset, "test")
+    results.update({f"data/train/{k.removeprefix('data/')}": v for k, v in train_drops.items()})
+    results.update({f"data/test/{k.removeprefix('data/')}": v for k, v in val_drops.items()})
+    results.update({f"data/source/{k}": v for k, v in data.drops.items()})
+    results["data/label_flipped"] = data.n_flipped
+
+    t0 = time.perf_counter()
+    weighted = weights_stage(cfg, data, sft_dir, cache, output_dir, train_examples)
+    results.update(weighted.metrics)
+    timed("weights", t0)
+
+    policy = load_initial_policy(cfg, sft_dir, data.tokenizer)
+    reference = frozen_copy(policy)
+    logger = build_logger(cfg, config_dict)
+
+    t0 = time.perf_counter()
+    module, val_metrics = train_stage(
+        cfg, policy=policy, reference=reference, train_examples=weighted.train_examples, val_examples=val_examples,
+        tokenizer=data.tokenizer, logger=logger, output_dir=output_dir, online_weights=weighted.online_weights,
+        auxiliary_loss=weighted.auxiliary_loss, callbacks=weighted.callbacks,
+    )
+    results.update(val_metrics)
+    timed("train", t0)
+    results["train/steps"] = int(module.global_step)
+
+    t0 = time.perf_counter()
+    from tisdpo.pipeline.eval_stage import eval_stage
+
+    results.update(eval_stage(cfg, data, module.policy, reference, output_dir))
+    timed("eval", t0)
+
+    timings["time/total_s"] = round(time.perf_counter() - started, 2)
+    results.update(timings)
+    results["stages"] = cache.events
+    if logger:
+        logger.log_metrics({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=int(module.global_step))
+        log_run_files(logger, output_dir)
+    results["config"] = config_dict
+    write_json_atomic(output_dir / "results.json", results)
+    log.info("results: %s", {k: v for k, v in results.items() if k not in ("config", "stages")})
+    log.info("wrote %s (%.1fs)", output_dir / "results.json", timings["time/total_s"])
+    return results

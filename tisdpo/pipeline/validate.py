@@ -1,0 +1,65 @@
+"""Config checks that run before any model or dataset loads: one clear line per mistake."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# Which estimators each weighted loss can use; every other loss takes no weights.
+COMPATIBLE_ESTIMATORS = {
+    "tisdpo": ("prompt", "sft_pair", "dpo_pair", "random", "uniform"),
+    "tidpo": ("gradient", "uniform", "random"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def group_choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _check_path(value, option: str) -> None:
+    if value and not Path(str(value)).expanduser().exists() and str(value).startswith((".", "/", "~")):
+        raise ConfigError(f"{option}={value!r}: no such file or directory")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    from tisdpo.losses import LOSSES
+
+    loss, estimator = cfg.loss.name, cfg.estimator.name
+    if loss not in LOSSES:
+        raise ConfigError(f"loss={loss!r} is not one of {sorted(LOSSES)}")
+    if loss in COMPATIBLE_ESTIMATORS:
+        valid = COMPATIBLE_ESTIMATORS[loss]
+        if estimator == "none":
+            raise ConfigError(f"loss={loss} needs token weights: add estimator=<one of {', '.join(valid)}>")
+        if estimator not in valid:
+            raise ConfigError(f"estimator={estimator} cannot be used with loss={loss}; valid: {', '.join(valid)}")
+    elif estimator != "none":
+        raise ConfigError(
+            f"estimator={estimator} has no effect with loss={loss}: only {', '.join(COMPATIBLE_ESTIMATORS)} use token "
+            "weights (drop the estimator, or use loss=tisdpo / loss=tidpo)"
+        )
+    ds = cfg.dataset
+    if not 0 < int(ds.max_prompt_length) < int(ds.max_length):
+        raise ConfigError(
+            f"dataset.max_prompt_length={ds.max_prompt_length} must be positive and below dataset.max_length={ds.max_length}"
+        )
+    if not 0.0 <= float(ds.get("label_noise") or 0.0) <= 1.0:
+        raise ConfigError(f"dataset.label_noise={ds.label_noise} must be a share in [0, 1]")
+    if ds.get("truncation_mode") not in ("keep_end", "keep_start"):
+        raise ConfigError(f"dataset.truncation_mode={ds.get('truncation_mode')!r} is not one of keep_end, keep_start")
+    for option in ("path", "test_path"):
+        if ds.get(option):
+            if not Path(str(ds[option])).expanduser().exists():
+                raise ConfigError(f"dataset.{option}={ds[option]!r}: no such file")
+    _check_path(cfg.model.get("name_or_path"), "model.name_or_path")
+    _check_path(cfg.model.get("tokenizer"), "model.tokenizer")
+    if cfg.dataset.name != "synthetic" and not (cfg.model.get("tokenizer") or cfg.model.get("name_or_path")):
+        raise ConfigError(f"dataset={cfg.dataset.name} needs a tokenizer: set model.tokenizer or model.name_or_path")
+    if int(cfg.train.batch_size) < 1 or int(cfg.train.max_steps) < 1:
+        raise ConfigError("train.batch_size and train.max_steps must be >= 1")
