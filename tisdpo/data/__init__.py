@@ -1,0 +1,52 @@
+"""Preference data: dataset adapters -> canonical examples -> token ids -> batches.
+
+    rows, report = load_preference_rows("pku_saferlhf", path="pairs.json")
+    rows, n = flip_labels(rows, 0.2, seed=0)                       # optional label noise
+    examples, report = tokenize_dataset(rows, tokenizer, counter=report, max_length=512)
+    batch = PreferenceCollator(pad_token_id)(examples[:8])
+    print(report.summary())                                        # dropped X of N rows: ...
+"""
+
+from .adapters import (
+    ADAPTERS,
+    HUB_DEFAULTS,
+    HubSource,
+    adapt_rows,
+    content_problem,
+    hh,
+    load_preference_rows,
+    pku_saferlhf,
+    read_raw_rows,
+    tldr,
+    ultrafeedback,
+)
+from .collate import PreferenceCollator, SFTCollator, pad_sequences
+from .errors import DataError, DropCounter, SkipRow
+from .noise import flip_labels
+from .tokenize import IGNORE_INDEX, TRUNCATION_MODES, tokenize_dataset, tokenize_example, tokenize_sft_example
+
+__all__ = [
+    "ADAPTERS",
+    "HUB_DEFAULTS",
+    "IGNORE_INDEX",
+    "TRUNCATION_MODES",
+    "DataError",
+    "DropCounter",
+    "HubSource",
+    "PreferenceCollator",
+    "SFTCollator",
+    "SkipRow",
+    "adapt_rows",
+    "content_problem",
+    "flip_labels",
+    "hh",
+    "load_preference_rows",
+    "pad_sequences",
+    "pku_saferlhf",
+    "read_raw_rows",
+    "tldr",
+    "tokenize_dataset",
+    "tokenize_example",
+    "tokenize_sft_example",
+    "ultrafeedback",
+]

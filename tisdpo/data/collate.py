@@ -1,0 +1,139 @@
+"""Collators: lists of tokenised examples -> batches of tensors.
+
+Preference batch (B examples, T = longest chosen/rejected sequence, P = longest prompt)::
+
+    chosen_input_ids, rejected_input_ids            [B, T] long   right-padded with pad_token_id
+    chosen_attention_mask, rejected_attention_mask  [B, T] long   1 on tokens, 0 on padding
+    chosen_labels, rejected_labels                  [B, T] long   -100 on prompt and padding
+    chosen_weights, rejected_weights                [B, T] float  only if every example has them;
+                                                                  1.0 on prompt, 0.0 on padding
+    prompt_input_ids, prompt_attention_mask         [B, P] long   LEFT-padded (for generation)
+    index                                           [B]    long
+
+Chosen and rejected share one T so a module can ``torch.cat`` them into one [2B, T]
+forward pass. Weight padding is 0.0 so that an unmasked weighted sum still ignores
+padding; prompt positions carry 1.0 (they are masked by the labels anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import DataError
+from .tokenize import IGNORE_INDEX
+
+__all__ = ["PreferenceCollator", "SFTCollator", "pad_sequences"]
+
+WEIGHT_PAD = 0.0
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    if not multiple:
+        return n
+    return -(-n // multiple) * multiple
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[float]],
+    length: int,
+    value: float,
+    *,
+    left: bool = False,
+    dtype: torch.dtype = torch.long,
+) -> torch.Tensor:
+    """Stack variable-length lists into ``[len(sequences), length]``, padding with ``value``."""
+    out = torch.full((len(sequences), length), value, dtype=dtype)
+    for i, seq in enumerate(sequences):
+        n = len(seq)
+        if n > length:
+            raise ValueError(f"pad_sequences: sequence {i} has {n} items, more than length {length}")
+        if n:
+            row = torch.as_tensor(list(seq), dtype=dtype)
+            if left:
+                out[i, length - n:] = row
+            else:
+                out[i, :n] = row
+    return out
+
+
+def _mask(sequences: Sequence[Sequence[Any]], length: int, *, left: bool = False) -> torch.Tensor:
+    return pad_sequences([[1] * len(s) for s in sequences], length, 0, left=left)
+
+
+def _check_pad_id(pad_token_id: Any) -> int:
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+        raise ValueError(
+            f"pad_token_id must be a non-negative integer, got {pad_token_id!r} "
+            "(tokenizers without a pad token, like GPT-2, usually pad with eos_token_id)"
+        )
+    return pad_token_id
+
+
+class PreferenceCollator:
+    """Batch tokenised preference examples (see the module docstring for keys and shapes)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = _check_pad_id(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("PreferenceCollator: empty batch")
+        sides = ("chosen", "rejected")
+        length = _round_up(
+            max(len(ex[f"{s}_input_ids"]) for ex in examples for s in sides), self.pad_to_multiple_of
+        )
+        batch: dict[str, torch.Tensor] = {}
+        for side in sides:
+            ids = [ex[f"{side}_input_ids"] for ex in examples]
+            batch[f"{side}_input_ids"] = pad_sequences(ids, length, self.pad_token_id)
+            batch[f"{side}_attention_mask"] = _mask(ids, length)
+            batch[f"{side}_labels"] = pad_sequences([ex[f"{side}_labels"] for ex in examples], length, IGNORE_INDEX)
+
+        if _weights_present(examples):
+            for side in sides:
+                batch[f"{side}_weights"] = pad_sequences(
+                    [ex[f"{side}_weights"] for ex in examples], length, WEIGHT_PAD, dtype=torch.float32
+                )
+
+        prompts = [ex["prompt_input_ids"] for ex in examples]
+        prompt_length = _round_up(max(len(p) for p in prompts), self.pad_to_multiple_of)
+        batch["prompt_input_ids"] = pad_sequences(prompts, prompt_length, self.pad_token_id, left=True)
+        batch["prompt_attention_mask"] = _mask(prompts, prompt_length, left=True)
+        batch["index"] = torch.tensor([int(ex.get("index", -1)) for ex in examples], dtype=torch.long)
+        return batch
+
+
+def _weights_present(examples: Sequence[Mapping[str, Any]]) -> bool:
+    """True if every example has weights, False if none; a mix is a bug upstream."""
+    has = [ex.get("chosen_weights") is not None and ex.get("rejected_weights") is not None for ex in examples]
+    if all(has):
+        return True
+    if any(has):
+        missing = next(ex.get("index", i) for i, ex in enumerate(examples) if not has[i])
+        raise DataError("batch", missing, "chosen_weights", "some examples in the batch have weights and this one not")
+    return False
+
+
+class SFTCollator:
+    """Batch SFT examples ``{"input_ids", "labels"[, "index"]}``: right-padded
+    ``input_ids``/``attention_mask``/``labels`` [B, T] and ``index`` [B]."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = _check_pad_id(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("SFTCollator: empty batch")
+        ids = [ex["input_ids"] for ex in examples]
+        length = _round_up(max(len(s) for s in ids), self.pad_to_multiple_of)
+        return {
+            "input_ids": pad_sequences(ids, length, self.pad_token_id),
+            "attention_mask": _mask(ids, length),
+            "labels": pad_sequences([ex["labels"] for ex in examples], length, IGNORE_INDEX),
+            "index": torch.tensor([int(ex.get("index", -1)) for ex in examples], dtype=torch.long),
+        }
