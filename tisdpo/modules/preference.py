@@ -169,3 +169,5 @@ class PreferenceModule(L.LightningModule):
     def on_fit_start(self):
         # The reference is not a registered submodule, so Lightning does not move it.
         self.reference.to(self.device)
+        # from_pretrained returns models in eval mode; Lightning keeps submodule modes as found.
+        self.policy.train()

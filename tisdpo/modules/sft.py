@@ -34,5 +34,8 @@ class SFTModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("sft/val_loss", self._nll(batch), prog_bar=True, batch_size=batch["input_ids"].shape[0])
 
+    def on_fit_start(self):
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps it as found
+
     def configure_optimizers(self):
         return configure_optimizer(self.model.parameters(), self.optim_cfg, self.total_steps)

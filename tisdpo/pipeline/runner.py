@@ -100,6 +100,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         auxiliary_loss=weighted.auxiliary_loss, callbacks=weighted.callbacks,
     )
     results.update(val_metrics)
+    for callback in weighted.callbacks:  # e.g. TI-DPO's weight quality, measured during training
+        results.update(getattr(callback, "latest", {}))
     timed("train", t0)
     results["train/steps"] = int(module.global_step)
 

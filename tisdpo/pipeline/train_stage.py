@@ -68,6 +68,8 @@ def train_stage(
         val_check_interval=min(val_every, max_steps) if val_every > 0 else None,
         check_val_every_n_epoch=None, limit_val_batches=1.0 if val_every > 0 else 0,
         accumulate_grad_batches=int(cfg.train.grad_accum),
+        # no_grad instead of inference_mode in validation: TI-DPO's attribution needs enable_grad there.
+        inference_mode=False,
     )
     ckpt_path = resume_checkpoint(cfg, output_dir)
     trainer.fit(module, train_loader, val_loader if val_every > 0 else None, ckpt_path=ckpt_path)

@@ -104,6 +104,16 @@ def _save_scores(path: Path, scores: dict[str, list[torch.Tensor]]) -> None:
 
 def weights_stage(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cache: ArtifactCache,
                   output_dir: Path, train_examples: list[dict]) -> WeightedData:
+    weighted = token_weights(cfg, data, sft_dir, cache, output_dir, train_examples)
+    if cfg.loss.name == "tidpo":
+        from tisdpo.weights.gradient import build_triplet
+
+        weighted.auxiliary_loss = build_triplet(cfg, data.tokenizer)
+    return weighted
+
+
+def token_weights(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cache: ArtifactCache,
+                  output_dir: Path, train_examples: list[dict]) -> WeightedData:
     name = cfg.estimator.name
     if name == "none":
         return WeightedData(train_examples)

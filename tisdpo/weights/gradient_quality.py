@@ -1,0 +1,38 @@
+"""Built-in task: how well TI-DPO's online gradient weights track |true token reward|, logged at intervals."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from tisdpo.data.collate import PreferenceCollator
+
+
+class GradientWeightQuality(L.Callback):
+    """Every ``every_n_steps`` (and at the end), weight a fixed probe set of training pairs with the
+    current policy and log Spearman/AUROC against |true reward| (gradient weights measure
+    importance, not sign). ``latest`` holds the last values for results.json."""
+
+    def __init__(self, weights, data, train_examples: list[dict], every_n_steps: int = 50, n_probe: int = 128):
+        self.weights, self.every = weights, every_n_steps
+        self.probe = train_examples[:n_probe]
+        self.rows = data.train_rows
+        self.collate = PreferenceCollator(data.tokenizer.pad_token_id)
+        self.latest: dict[str, float] = {}
+
+    def measure(self, pl_module) -> dict[str, float]:
+        from tisdpo.pipeline.weights_stage import SIDES, quality_metrics
+
+        batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in self.collate(self.probe).items()}
+        chosen, rejected = self.weights(pl_module, batch)
+        per_side = {}
+        for side, w in zip(SIDES, (chosen, rejected)):
+            response = batch[f"{side}_labels"] != -100
+            per_side[side] = [row[m].cpu() for row, m in zip(w.detach(), response)]
+        return quality_metrics(self.rows, self.probe, per_side, prefix="weights", target="abs")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every == 0 or step >= (trainer.max_steps or 0):
+            self.latest = self.measure(pl_module)
+            if trainer.logger:
+                trainer.logger.log_metrics(self.latest, step=step)
