@@ -1,0 +1,136 @@
+"""Score -> weight transforms and the TI-DPO prior / mixing, against hand computations."""
+import math
+
+import pytest
+import torch
+
+from tisdpo.weights import (TRANSFORMS, clamp_linear, exp_clamp, gaussian_prior,
+                            mix_importance, random_weights, rank_linear, uniform_weights)
+
+E = math.exp
+
+
+def close(x, values, atol=1e-6):
+    assert torch.allclose(x, torch.tensor(values, dtype=x.dtype), atol=atol, rtol=0), x
+
+
+def test_exp_clamp_by_hand():
+    r = torch.tensor([0.2, -1.0, 0.8])
+    close(exp_clamp(r, sign=1), [E(0.2), E(-0.5), E(0.5)])
+    close(exp_clamp(r, sign=-1), [E(-0.2), E(0.5), E(-0.5)])
+    # clamp first (to [-0.3, 0.6]), then multiply by sign·μ; k scales
+    close(exp_clamp(r, sign=-1, k=2.0, mu=0.5, lower=-0.3, upper=0.6),
+          [2 * E(-0.1), 2 * E(0.15), 2 * E(-0.3)])
+
+
+def test_exp_clamp_mask_and_rescale():
+    r = torch.tensor([[0.2, -1.0, 0.8, 9.0], [0.1, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    w = exp_clamp(r, m, sign=1, k=3.0)
+    close(w[0], [3 * E(0.2), 3 * E(-0.5), 3 * E(0.5), 0.0])
+    w = exp_clamp(r, m, sign=1, k=3.0, rescale_mean_one=True)
+    mean = (E(0.2) + E(-0.5) + E(0.5)) / 3
+    close(w[0], [E(0.2) / mean, E(-0.5) / mean, E(0.5) / mean, 0.0])
+    close(w[1], [1.0, 0.0, 0.0, 0.0])
+    assert torch.allclose(w.sum(-1) / m.sum(-1), torch.ones(2))
+
+
+def test_rank_linear_by_hand():
+    r = torch.tensor([[3.0, 1.0, 2.0, 2.0, 7.0], [5.0, 0.0, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    w = rank_linear(r, m, sign=1)
+    # ranks [3, 0, 1.5, 1.5] of 4 -> 0.7 + 0.6 * rank / 3; a 1-token response -> 1.0
+    close(w, [[1.3, 0.7, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    close(rank_linear(r, m, sign=-1)[0], [0.7, 1.3, 1.0, 1.0, 0.0])
+    close(rank_linear(torch.tensor([1.0, 1.0, 1.0]), sign=1, low=0.5, high=2.0), [1.25] * 3)
+
+
+def test_clamp_linear_by_hand():
+    r = torch.tensor([0.0, 3.0, -0.75, -2.0])
+    close(clamp_linear(r, sign=1), [1.0, 1.3, 0.85, 0.7])
+    close(clamp_linear(r, sign=-1), [1.0, 0.7, 1.15, 1.3])
+    close(clamp_linear(r, sign=1, bound=1.0, low=0.0, high=2.0), [1.0, 2.0, 0.25, 0.0])
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_sign_convention(name):
+    """π⁺-preferred tokens (r > 0) weigh more on the chosen side; π⁻-preferred (r < 0) on the
+    rejected side."""
+    r = torch.tensor([-0.4, 0.0, 0.4])
+    chosen, rejected = TRANSFORMS[name](r, sign=1), TRANSFORMS[name](r, sign=-1)
+    assert chosen[2] > chosen[1] > chosen[0]
+    assert rejected[0] > rejected[1] > rejected[2]
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_masked_zero_shapes_and_bad_sign(name):
+    r = torch.randn(3, 6)
+    m = torch.rand(3, 6) > 0.3
+    w = TRANSFORMS[name](r, m, sign=1)
+    assert w.shape == r.shape and torch.all(w[~m] == 0) and torch.all(w[m] > 0)
+    assert TRANSFORMS[name](r[0], sign=-1).shape == (6,)
+    with pytest.raises(ValueError, match="sign"):
+        TRANSFORMS[name](r, m, sign=0)
+    with pytest.raises(ValueError, match="mask"):
+        TRANSFORMS[name](r, m[:, :-1], sign=1)
+
+
+# ---- TI-DPO prior and mixing ----
+
+def test_gaussian_prior_by_hand():
+    p = gaussian_prior([4])[0]  # mu = 1.5, sigma = 1
+    raw = [E(-0.5 * (t - 1.5) ** 2) for t in range(4)]
+    close(p, [x / sum(raw) for x in raw])
+
+
+def test_gaussian_prior_sums_symmetry_peak():
+    lengths = [1, 2, 5, 8]
+    p = gaussian_prior(lengths)
+    assert p.shape == (4, 8)
+    assert torch.allclose(p.sum(-1), torch.ones(4))
+    for i, n in enumerate(lengths):
+        v = p[i, :n]
+        assert torch.allclose(v, v.flip(0))  # symmetric about the middle
+        assert torch.all(p[i, n:] == 0)
+        assert v.argmax() in ((n - 1) // 2, n // 2)  # peak in the middle
+    assert p[0, 0] == 1.0
+
+
+def test_gaussian_prior_counts_valid_tokens():
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    p = gaussian_prior(left)
+    assert torch.allclose(p[0, 2:], p[1, :3])
+    assert torch.allclose(gaussian_prior([3, 3], max_len=5), p[[1, 1]])
+    assert torch.all(gaussian_prior(torch.zeros(1, 4)) == 0)
+
+
+def test_mix_importance():
+    g = torch.Generator().manual_seed(0)
+    imp = torch.rand(3, 6, generator=g)
+    m = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [0, 1, 1, 1, 0, 0]])
+    n = m.sum(-1, keepdim=True).float()
+    i = imp * m / (imp * m).sum(-1, keepdim=True)
+    p = gaussian_prior(m)
+    w = mix_importance(imp, m, lam=0.7)
+    assert torch.allclose(w, n * (0.7 * i + 0.3 * p), atol=1e-6)
+    assert torch.allclose(w.sum(-1) / n[:, 0], torch.ones(3))  # mean weight 1
+    assert torch.all(w[m == 0] == 0)
+    assert torch.allclose(mix_importance(imp, m, lam=1.0), n * i, atol=1e-6)
+    assert torch.allclose(mix_importance(imp, m, lam=0.0), n * p, atol=1e-6)
+
+
+def test_mix_importance_zero_importance_falls_back_to_uniform():
+    m = torch.tensor([[1, 1, 1, 0]])
+    w = mix_importance(torch.zeros(1, 4), m, lam=1.0)
+    close(w, [[1.0, 1.0, 1.0, 0.0]])
+    w = mix_importance(torch.tensor([[float("nan"), 1.0, 1.0, 0.0]]), m, lam=0.5)
+    assert torch.isfinite(w).all() and torch.allclose(w.sum(), torch.tensor(3.0))
+
+
+def test_uniform_and_random_weights():
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.equal(uniform_weights(m), m.float())
+    w1 = random_weights(m, torch.Generator().manual_seed(1))
+    w2 = random_weights(m, torch.Generator().manual_seed(1))
+    assert torch.equal(w1, w2) and torch.all(w1[m == 0] == 0)
+    assert torch.all((w1[m == 1] >= 0.7) & (w1[m == 1] <= 1.3))

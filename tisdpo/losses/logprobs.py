@@ -1,0 +1,178 @@
+"""Lean per-token kernels: log-probabilities of labels and per-position KL.
+
+Both shift (logits[:, t] predicts labels[:, t+1]) and work in float32 on blocks of at most
+`chunk_size` (row, position) pairs, so the full-vocabulary float32 tensor [N, T, V] that
+`log_softmax(logits.float())` would build is never materialised. Each is a custom autograd
+Function that saves only its inputs (and a [N, T-1] statistic): backward recomputes the
+softmax block by block and writes straight into one gradient buffer of the logits' shape
+and dtype, the one full-size tensor backward cannot avoid.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+DEFAULT_CHUNK = 512  # (row, position) pairs per block: 512 x V fp32 = 65 MB at V=32k
+
+
+def _blocks(n: int, length: int, chunk_size: int):
+    """Yield (rows, cols) slices tiling [n, length], each block <= chunk_size (row, pos) pairs."""
+    cols = max(1, min(length, chunk_size))
+    rows = max(1, chunk_size // cols)
+    for r in range(0, n, rows):
+        for c in range(0, length, cols):
+            # clip to `length`: the logits have one more position (the last) than the output
+            yield slice(r, r + rows), slice(c, min(c + cols, length))
+
+
+def _compute_dtype(*tensors):
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)  # float64 stays float64 (gradcheck)
+    return dtype
+
+
+# Block helpers: temporaries die when a helper returns, so at most one block's worth of
+# float32 work space is alive at a time (plain loop variables would keep the previous
+# iteration's block alive while the next one is computed).
+
+def _logps_block(z, index, dtype):
+    """-> (logsumexp, logit of the label) for one block of logits [r, c, V]."""
+    z = z.to(dtype)
+    return torch.logsumexp(z, -1), z.gather(-1, index[..., None]).squeeze(-1)
+
+
+def _logps_grad_block(z, index, lse, g):
+    """d logp_y / d z_v = 1[v=y] − softmax_v, times the upstream grad g [r, c, 1]."""
+    d = (z - lse[..., None]).exp_().mul_(-g)  # bf16 − fp32 promotes straight to fp32
+    return d.scatter_add_(-1, index[..., None], g)
+
+
+class _TokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, index, mask, chunk_size):
+        n, t, _ = logits.shape
+        dtype = _compute_dtype(logits)
+        picked = logits.new_zeros(n, t - 1, dtype=dtype)
+        lse = logits.new_zeros(n, t - 1, dtype=dtype)
+        for rows, cols in _blocks(n, t - 1, chunk_size):
+            lse[rows, cols], picked[rows, cols] = _logps_block(
+                logits[rows, cols], index[rows, cols], dtype)
+        ctx.save_for_backward(logits, index, mask, lse)
+        ctx.chunk_size = chunk_size
+        return (picked - lse).masked_fill(~mask, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        logits, index, mask, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)  # the last position predicts nothing: stays 0
+        g = grad_out.masked_fill(~mask, 0.0)[..., None]
+        n, t, _ = logits.shape
+        for rows, cols in _blocks(n, t - 1, ctx.chunk_size):
+            grad[rows, cols] = _logps_grad_block(logits[rows, cols], index[rows, cols],
+                                                 lse[rows, cols], g[rows, cols])
+        return grad, None, None, None
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                chunk_size: int = DEFAULT_CHUNK):
+    """Per-token log-probabilities of the labels.
+
+        logps[n, t] = logits[n, t, y] − logsumexp_v logits[n, t, v],   y = labels[n, t+1]
+
+    logits [N, T, V] (any float dtype), labels [N, T] -> (logps [N, T-1] float32 (float64 for
+    float64 logits), mask [N, T-1] bool = labels[:, 1:] != ignore_index). Masked positions give
+    logp 0 and no gradient. Differentiable w.r.t. logits; peak extra memory is one
+    chunk_size x V float32 block instead of a full [N, T, V] float32 log_softmax.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [N, T, V], got {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected "
+                         f"{tuple(logits.shape[:2])} (the first two dims of logits)")
+    mask = labels[:, 1:] != ignore_index
+    index = labels[:, 1:].masked_fill(~mask, 0)  # any valid index; the value is masked out
+    return _TokenLogps.apply(logits, index, mask, chunk_size), mask
+
+
+def _dot(a, b):
+    """Σ_v a_v b_v over the last dim without materialising a ⊙ b."""
+    return (a[..., None, :] @ b[..., :, None])[..., 0, 0]
+
+
+def _kl_block(pz, qz, dtype):
+    lp, lq = torch.log_softmax(pz.to(dtype), -1), torch.log_softmax(qz.to(dtype), -1)
+    p = lp.exp()
+    return _dot(p, lp.sub_(lq))
+
+
+def _kl_grad_block(pz, qz, g, dtype, need_p, need_q):
+    """Gradients of KL(p‖q) at one block w.r.t. the p and q logits, times g [r, c, 1]."""
+    lp, lq = torch.log_softmax(pz.to(dtype), -1), torch.log_softmax(qz.to(dtype), -1)
+    p = lp.exp()
+    grad_p = grad_q = None
+    if need_p:  # dKL/dz^p_v = p_v (log p_v − log q_v − KL)
+        a = lp.sub_(lq)
+        grad_p = a.sub_(_dot(p, a)[..., None]).mul_(p).mul_(g)
+    if need_q:  # dKL/dz^q_v = q_v − p_v
+        grad_q = lq.exp_().sub_(p).mul_(g)
+    return grad_p, grad_q
+
+
+class _PositionKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p_logits, q_logits, mask, chunk_size):
+        n, t, _ = p_logits.shape
+        dtype = _compute_dtype(p_logits, q_logits)
+        kl = p_logits.new_zeros(n, t - 1, dtype=dtype)
+        for rows, cols in _blocks(n, t - 1, chunk_size):
+            kl[rows, cols] = _kl_block(p_logits[rows, cols], q_logits[rows, cols], dtype)
+        ctx.save_for_backward(p_logits, q_logits, mask)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        return kl.masked_fill(~mask, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        p_logits, q_logits, mask = ctx.saved_tensors
+        need_p, need_q = ctx.needs_input_grad[:2]
+        grad_p = torch.zeros_like(p_logits) if need_p else None
+        grad_q = torch.zeros_like(q_logits) if need_q else None
+        g = grad_out.masked_fill(~mask, 0.0)[..., None]
+        n, t, _ = p_logits.shape
+        for rows, cols in _blocks(n, t - 1, ctx.chunk_size):
+            gp, gq = _kl_grad_block(p_logits[rows, cols], q_logits[rows, cols], g[rows, cols],
+                                    ctx.dtype, need_p, need_q)
+            if need_p:
+                grad_p[rows, cols] = gp
+            if need_q:
+                grad_q[rows, cols] = gq
+            del gp, gq  # free before the next block
+        return grad_p, grad_q, None, None
+
+
+def per_position_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor,
+                    chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """KL(p‖q) of the next-token distributions at every shifted position.
+
+        kl[n, t] = Σ_v softmax(p)_v (log_softmax(p)_v − log_softmax(q)_v),  logits at position t
+
+    p_logits, q_logits [N, T, V]; mask [N, T-1] (as returned by token_logps) or [N, T]
+    aligned with the labels (then mask[:, 1:] is used) -> [N, T-1] float32, 0 where masked.
+    Differentiable w.r.t. both logits. Which direction each loss wants:
+      TDPO (and TI-DPO base=tdpo2): KL(π_ref‖π_θ) = per_position_kl(ref_logits, policy_logits)
+      TIS-DPO η:                    KL(π_θ‖π_ref) = per_position_kl(policy_logits, ref_logits)
+    """
+    if p_logits.dim() != 3:
+        raise ValueError(f"p_logits must be [N, T, V], got {tuple(p_logits.shape)}")
+    if q_logits.shape != p_logits.shape:
+        raise ValueError(f"q_logits has shape {tuple(q_logits.shape)}, expected "
+                         f"{tuple(p_logits.shape)} (the shape of p_logits)")
+    n, t, _ = p_logits.shape
+    if mask.shape == (n, t):
+        mask = mask[:, 1:]
+    elif mask.shape != (n, t - 1):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(n, t - 1)} "
+                         f"(or {(n, t)} aligned with the labels)")
+    return _PositionKL.apply(p_logits, q_logits, mask.bool(), chunk_size)
