@@ -8,7 +8,7 @@ can be compared side by side with TRL's DPOTrainer in W&B.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import lightning as L
@@ -26,7 +26,8 @@ class LossSpec:
     fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     kl_direction: str | None = None  # None | "ref_policy" (TDPO) | "policy_ref" (TIS-DPO η)
     uses_weights: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    # (module, batch) -> extra loss kwargs, e.g. KTO's mismatched-pair log-ratios
+    extra_inputs: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
 def concat_pair(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -46,6 +47,7 @@ class PreferenceModule(L.LightningModule):
         check_finite: bool = True,
         online_weights: Callable | None = None,
         auxiliary_loss: Callable | None = None,
+        pad_token_id: int = 0,
     ):
         super().__init__()
         self.policy = policy
@@ -59,6 +61,7 @@ class PreferenceModule(L.LightningModule):
         self.check_finite = check_finite
         self.online_weights = online_weights  # TI-DPO: weights from the current policy each step
         self.auxiliary_loss = auxiliary_loss  # TI-DPO: the triplet term
+        self.pad_token_id = pad_token_id
 
     # -- forward -----------------------------------------------------------------------
     def forward_logits(self, model, batch) -> torch.Tensor:
@@ -103,6 +106,8 @@ class PreferenceModule(L.LightningModule):
                 weights = weights[:, 1:].to(policy_logps.dtype)  # shifted like the labels
                 kwargs["chosen_weights"], kwargs["rejected_weights"] = weights[:batch_size], weights[batch_size:]
 
+        if self.loss.extra_inputs is not None:
+            kwargs.update(self.loss.extra_inputs(self, batch))
         mask = mask.to(policy_logps.dtype)
         losses, chosen_rewards, rejected_rewards = self.loss.fn(
             policy_logps[:batch_size], policy_logps[batch_size:],

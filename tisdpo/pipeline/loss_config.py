@@ -5,6 +5,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.losses import LOSSES, kl_direction
+from tisdpo.modules.kto_reference import mismatched_kl_logps
 from tisdpo.modules.preference import LossSpec
 
 # Keys of a loss config that describe the run rather than the loss function's arguments.
@@ -28,4 +29,5 @@ def build_loss_spec(loss_cfg: DictConfig) -> LossSpec:
     return LossSpec(
         name=name, fn=fn, kl_direction=kl_direction(name, **loss_hparams(loss_cfg)),
         uses_weights=name in WEIGHTED_LOSSES,
+        extra_inputs=mismatched_kl_logps if name == "kto" else None,
     )

@@ -51,7 +51,7 @@ def train_stage(
     module = PreferenceModule(
         policy, reference, spec, cfg.optim, total_steps=max_steps,
         logits_chunk_size=int(cfg.train.logits_chunk_size), check_finite=bool(cfg.train.check_finite),
-        online_weights=online_weights, auxiliary_loss=auxiliary_loss,
+        online_weights=online_weights, auxiliary_loss=auxiliary_loss, pad_token_id=tokenizer.pad_token_id,
     )
     train_loader = preference_loader(
         train_examples, tokenizer, int(cfg.train.batch_size), shuffle=True, seed=cfg.seed,

@@ -41,10 +41,10 @@ def tokenization_spec(cfg: DictConfig) -> dict[str, Any]:
 
 
 def apply_transform(scores: list[torch.Tensor], side: str, transform_cfg: DictConfig) -> list[torch.Tensor]:
-    params = OmegaConf.to_container(transform_cfg, resolve=True)
-    name = params.pop("name")
+    name = transform_cfg.name
     if name not in TRANSFORMS:
         raise ValueError(f"estimator.transform.name={name!r} is not one of {sorted(TRANSFORMS)}")
+    params = OmegaConf.to_container(transform_cfg.get(name) or {}, resolve=True)
     fn = TRANSFORMS[name]
     return [fn(r, sign=SIGN[side], **params) if len(r) else r for r in scores]
 

@@ -1,0 +1,43 @@
+"""KTO's reference point from mismatched in-batch pairs (x_i, y_{i+1}).
+
+z = max(0, mean_i [log pi_theta(y_{i+1}|x_i) - log pi_ref(y_{i+1}|x_i)]), detached: the KL
+estimate of Ethayarajh et al. (2024), built like TRL's KL dataset by pairing each prompt with
+the next example's chosen response. Costs one extra no-grad forward of B sequences per model.
+"""
+from __future__ import annotations
+
+import torch
+
+from tisdpo.losses.logprobs import token_logps
+
+
+def mismatched_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, labels) of prompt_i + chosen response of example (i+1) mod B."""
+    size = batch["chosen_input_ids"].shape[0]
+    sequences, label_rows = [], []
+    for i in range(size):
+        prompt = batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
+        j = (i + 1) % size
+        response = batch["chosen_input_ids"][j][batch["chosen_labels"][j] != -100].tolist()
+        sequences.append(prompt + response)
+        label_rows.append([-100] * len(prompt) + response)
+    width = max(map(len, sequences))
+    device = batch["chosen_input_ids"].device
+    ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in sequences], device=device)
+    labels = torch.tensor([s + [-100] * (width - len(s)) for s in label_rows], device=device)
+    attention = (torch.arange(width, device=device)[None] < torch.tensor([len(s) for s in sequences], device=device)[:, None]).long()
+    return ids, attention, labels
+
+
+@torch.no_grad()
+def mismatched_kl_logps(module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{"kl_logps": [B]} policy-minus-reference log-ratio sums of the mismatched pairs."""
+    if batch["chosen_input_ids"].shape[0] < 2:
+        return {}  # no mismatched pair in a batch of one: kto_loss falls back to the matched estimate
+    ids, attention, labels = mismatched_batch(batch, module.pad_token_id)
+    sums = []
+    for model in (module.policy, module.reference):
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        logps, mask = token_logps(logits, labels, chunk_size=module.chunk)
+        sums.append((logps * mask).sum(-1))
+    return {"kl_logps": sums[0] - sums[1]}
