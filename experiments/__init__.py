@@ -1,0 +1,1 @@
+"""Paper reference numbers (``paper_tables/``), run collection, reports and plots."""

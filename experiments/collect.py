@@ -1,0 +1,356 @@
+"""Collect finished and failed runs from a Hydra multirun dir or a W&B project; group seeds.
+
+A job dir is a directory holding ``.hydra/`` or ``results.json`` (or a failure marker). Its
+``results.json`` is one flat JSON object of final metrics under their logged names plus the
+composed config under ``config`` (a nested ``metrics`` object is merged too); non-numeric values
+are ignored. A job is *failed* when it has a ``failed.json`` / ``error`` / ``error.txt`` marker
+(its text is the error) or no ``results.json`` at all (crashed, killed or still running).
+
+Method identity = the job's overrides minus ignorable keys (``seed``, ``hydra.*``, ...); its
+label = ``config.label`` or ``config.experiment.label`` or results.json's ``method_label``,
+else the overrides. ``wandb:<entity>/<project>`` reads runs through ``wandb.Api()`` instead
+(the only path that touches the network).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+DEFAULT_IGNORE = ("seed", "hydra.*", "paths.*", "logger", "logger.*", "resume", "trainer.devices")
+FAILURE_MARKERS = ("failed.json", "error", "error.txt")
+_MISSING = object()
+_TEMPERATURE_SUFFIX = re.compile(r"@T([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+
+
+def canonical_metric_key(key: str) -> str:
+    """``eval/win_rate@T1.0`` and ``eval/win_rate@T1`` name the same metric."""
+    match = _TEMPERATURE_SUFFIX.search(key)
+    if not match:
+        return key
+    return key[: match.start()] + f"@T{float(match.group(1)):g}"
+
+
+def normalize_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = str(value).strip().lower()
+    return "null" if text in ("none", "null", "~") else text
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Config values compared as numbers when both are numbers, else as lower-case text."""
+    na, nb = normalize_value(a), normalize_value(b)
+    try:
+        return math.isclose(float(na), float(nb), rel_tol=1e-9, abs_tol=1e-12)
+    except ValueError:
+        return na == nb
+
+
+@dataclass
+class Run:
+    """One job: its metrics, config, overrides and whether it finished."""
+
+    run_id: str
+    status: str                      # ok | failed | running
+    metrics: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    path: Path | None = None
+    method_label: str | None = None  # results.json's own label, if any
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def seed(self) -> Any:
+        value = self.setting("seed")
+        if value is _MISSING:
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return value
+
+    def setting(self, key: str) -> Any:
+        """An override's value, else the config's at the dotted ``key`` (a group's ``name``)."""
+        if key in self.overrides:
+            return self.overrides[key]
+        node: Any = self.config
+        for part in key.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                return _MISSING
+        if isinstance(node, dict):
+            return node.get("name", _MISSING)
+        return node
+
+    def has_setting(self, key: str, value: Any) -> bool:
+        current = self.setting(key)
+        return current is not _MISSING and same_value(current, value)
+
+    def metric(self, keys: str | Sequence[str]) -> float | None:
+        """The first of ``keys`` this run logged (temperature suffixes compared as numbers)."""
+        for key in [keys] if isinstance(keys, str) else keys:
+            value = self.metrics.get(canonical_metric_key(key))
+            if value is not None:
+                return value
+        return None
+
+    @property
+    def label(self) -> str | None:
+        for path in ("label", "experiment.label"):
+            node: Any = self.config
+            for part in path.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, str) and node and "${" not in node:
+                return node
+        return self.method_label
+
+    @property
+    def scale(self) -> str | None:
+        for path in (("scale",), ("experiment", "scale")):
+            node: Any = self.config
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, str):
+                return node
+        return None
+
+
+@dataclass
+class Method:
+    """Runs that differ only in ignorable settings (seeds)."""
+
+    label: str
+    identity: tuple[tuple[str, str], ...]
+    runs: list[Run]
+
+    def values(self, keys: str | Sequence[str], where: dict[str, Any] | None = None,
+               scale: float = 1.0) -> list[float]:
+        """Finite values of a metric over this method's runs that satisfy ``where``."""
+        out = []
+        for run in self.runs:
+            if where and not all(run.has_setting(k, v) for k, v in where.items()):
+                continue
+            value = run.metric(keys)
+            if value is not None and math.isfinite(value):
+                out.append(value * scale)
+        return out
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float   # sample std over seeds (ddof=1); nan when n == 1
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Stat | None":
+        if not values:
+            return None
+        std = statistics.stdev(values) if len(values) > 1 else math.nan
+        return cls(statistics.fmean(values), std, len(values))
+
+
+# ---------------------------------------------------------------- reading runs
+
+def collect_runs(source: str | os.PathLike) -> list[Run]:
+    """All runs under a multirun dir, or of a W&B project given as ``wandb:<entity>/<project>``."""
+    text = str(source)
+    if text.startswith("wandb:"):
+        return collect_wandb_runs(text[len("wandb:"):])
+    root = Path(text).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs source {text!r} is neither a directory nor wandb:<entity>/<project>")
+    return [read_job_dir(job, root) for job in find_job_dirs(root)]
+
+
+def is_job_dir(path: Path) -> bool:
+    return ((path / ".hydra").is_dir() or (path / "results.json").is_file()
+            or any((path / marker).is_file() for marker in FAILURE_MARKERS))
+
+
+def find_job_dirs(root: Path) -> list[Path]:
+    jobs = []
+    for current, dirs, _files in os.walk(root):
+        path = Path(current)
+        if is_job_dir(path):
+            jobs.append(path)
+            dirs[:] = []          # a job's own subfolders (checkpoints, wandb, ...) are not jobs
+        else:
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(jobs, key=_natural_key)
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", str(path))]
+
+
+def parse_overrides(lines: Iterable[str]) -> dict[str, str]:
+    """Hydra override strings -> {key: value}; ``+``/``++`` dropped, ``~key`` -> '<deleted>'."""
+    out: dict[str, str] = {}
+    for raw in lines:
+        line = str(raw).strip()
+        if not line:
+            continue
+        if line.startswith("~"):
+            out[line[1:].split("=", 1)[0]] = "<deleted>"
+            continue
+        key, _, value = line.lstrip("+").partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def read_job_dir(job: Path, root: Path) -> Run:
+    run_id = str(job.relative_to(root)) if job != root else job.name
+    overrides_file = job / ".hydra" / "overrides.yaml"
+    overrides = parse_overrides(_load_yaml(overrides_file) or []) if overrides_file.is_file() else {}
+    hydra_config = job / ".hydra" / "config.yaml"
+    config = _load_yaml(hydra_config) if hydra_config.is_file() else {}
+    run = Run(run_id=run_id, status="ok", config=config if isinstance(config, dict) else {},
+              overrides=overrides, path=job)
+    results_file = job / "results.json"
+    if results_file.is_file():
+        try:
+            results = json.loads(results_file.read_text(encoding="utf-8"))
+            if not isinstance(results, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            run.status, run.error = "failed", f"{results_file}: unreadable ({error})"
+            return run
+        if isinstance(results.get("config"), dict):
+            run.config = results["config"]
+        if isinstance(results.get("method_label"), str):
+            run.method_label = results["method_label"]
+        run.metrics = numeric_metrics(results)
+    for marker in FAILURE_MARKERS:
+        if (job / marker).is_file():
+            run.status, run.error = "failed", _marker_text(job / marker)
+            return run
+    if not results_file.is_file():
+        run.status = "failed"
+        run.error = "no results.json (crashed, killed or still running)" + _log_tail(job)
+    return run
+
+
+def numeric_metrics(results: dict[str, Any]) -> dict[str, float]:
+    flat = {k: v for k, v in results.items() if k not in ("config", "metrics", "method_label")}
+    if isinstance(results.get("metrics"), dict):
+        flat.update(results["metrics"])
+    return {canonical_metric_key(str(k)): float(v) for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except yaml.YAMLError:
+        return None
+
+
+def _marker_text(path: Path) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return text or path.name
+        if isinstance(data, dict):
+            parts = [str(data[k]) for k in ("exception", "type", "error", "message") if data.get(k)]
+            if parts:
+                return ": ".join(dict.fromkeys(parts))
+        return json.dumps(data)
+    return text or path.name
+
+
+def _log_tail(job: Path) -> str:
+    """The last line of the job's Hydra log that looks like an error, if any."""
+    for log in sorted(job.glob("*.log")):
+        lines = [l.strip() for l in log.read_text(encoding="utf-8", errors="replace").splitlines() if l.strip()]
+        errors = [l for l in lines if re.search(r"(Error|Exception|Traceback)", l)]
+        if errors:
+            return f"; {log.name}: {errors[-1][:300]}"
+    return ""
+
+
+# ---------------------------------------------------------------- W&B
+
+def collect_wandb_runs(path: str) -> list[Run]:
+    if path.count("/") != 1 or not all(path.split("/")):
+        raise ValueError(f"wandb source must look like wandb:<entity>/<project>, got wandb:{path}")
+    import wandb
+
+    runs = []
+    for wb_run in wandb.Api().runs(path):
+        config = {k: v for k, v in dict(wb_run.config).items() if not str(k).startswith("_")}
+        summary = getattr(wb_run.summary, "_json_dict", None)
+        if summary is None:
+            summary = dict(wb_run.summary)
+        metrics = numeric_metrics({k: v for k, v in summary.items() if not str(k).startswith("_")})
+        raw_overrides = config.get("overrides") or config.get("hydra_overrides") or []
+        state = str(getattr(wb_run, "state", "finished"))
+        status = {"finished": "ok", "running": "running"}.get(state, "failed")
+        run = Run(run_id=f"{wb_run.id} ({wb_run.name})", status=status, metrics=metrics, config=config,
+                  overrides=parse_overrides(raw_overrides) if isinstance(raw_overrides, list) else {},
+                  error=None if status == "ok" else f"W&B state: {state}")
+        runs.append(run)
+    return runs
+
+
+# ---------------------------------------------------------------- grouping
+
+def is_ignored(key: str, ignore: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore)
+
+
+def method_identity(run: Run, ignore: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    kept = tuple(sorted((k, v) for k, v in run.overrides.items() if not is_ignored(k, ignore)))
+    if kept:
+        return kept
+    return (("label", run.label or "default"),)
+
+
+def group_methods(runs: Sequence[Run], ignore: Sequence[str] = DEFAULT_IGNORE) -> list[Method]:
+    """Finished runs grouped by identity, in order of first appearance, with unique labels."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.ok:
+            groups.setdefault(method_identity(run, ignore), []).append(run)
+    methods = []
+    for identity, members in groups.items():
+        label = members[0].label or overrides_label(identity)
+        methods.append(Method(label, identity, members))
+    _disambiguate(methods)
+    return methods
+
+
+def overrides_label(identity: tuple[tuple[str, str], ...]) -> str:
+    if identity and identity[0][0] == "label" and len(identity) == 1:
+        return identity[0][1]
+    return ", ".join(f"{k}={v}" for k, v in identity) or "default"
+
+
+def _disambiguate(methods: list[Method]) -> None:
+    by_label: dict[str, list[Method]] = {}
+    for method in methods:
+        by_label.setdefault(method.label, []).append(method)
+    for label, same in by_label.items():
+        if len(same) < 2:
+            continue
+        common = set.intersection(*(set(m.identity) for m in same))
+        for method in same:
+            extra = ", ".join(f"{k}={v}" for k, v in method.identity if (k, v) not in common)
+            method.label = f"{label} [{extra}]" if extra else label

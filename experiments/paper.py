@@ -1,0 +1,180 @@
+"""The papers' reported tables as data: ``load_paper_table(name)``, ``list_paper_tables()``.
+
+One YAML file per table in ``experiments/paper_tables/``:
+
+- ``citation`` (paper, arxiv, table or figure), ``model``, ``dataset``, optional ``notes``;
+- ``metrics``: name (the paper's column), direction (up/down), unit, ``key`` (our logged metric),
+  ``alt_keys`` (fallbacks), ``ours_scale`` (multiply ours to get the paper's unit, e.g. 100 for
+  a fraction shown in %), ``where`` (settings a run must have to count for this column, e.g.
+  {dataset.label_noise: 0.1});
+- ``rows``: method (the paper's label), ``match`` (settings that identify our runs of it, e.g.
+  {loss: tisdpo, estimator: dpo_pair}), ``values`` {metric name: number or null};
+- ``orderings``: claims checked on our numbers: ``chain: [best, ..., worst]`` or
+  ``best: method`` (optionally ``among: [...]``), for ``metric`` or each of ``metrics``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TABLES_DIR = Path(__file__).resolve().parent / "paper_tables"
+DIRECTIONS = {"up": "up", "↑": "up", "higher": "up", "down": "down", "↓": "down", "lower": "down"}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    key: str
+    direction: str = "up"
+    unit: str | None = None
+    alt_keys: tuple[str, ...] = ()
+    ours_scale: float = 1.0
+    where: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key, *self.alt_keys)
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.direction == "up" else "↓"
+
+    def better(self, a: float, b: float) -> bool:
+        """Is value ``a`` strictly better than ``b`` under this metric's direction?"""
+        return a > b if self.direction == "up" else a < b
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    method: str
+    values: dict[str, float | None]
+    match: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ordering:
+    """A claim on one metric: ``chain`` best-to-worst, or ``best`` among ``among`` (or all)."""
+
+    metric: str
+    chain: tuple[str, ...] = ()
+    best: str | None = None
+    among: tuple[str, ...] = ()
+    claim: str = ""
+
+    def describe(self, metric: MetricSpec) -> str:
+        sign = " > " if metric.direction == "up" else " < "
+        if self.chain:
+            return f"{metric.name} {metric.arrow}: " + sign.join(self.chain)
+        others = ", ".join(self.among) if self.among else "all others"
+        return f"{metric.name} {metric.arrow}: {self.best} best (vs {others})"
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    name: str
+    title: str
+    citation: dict[str, str]
+    model: str
+    dataset: str
+    metrics: tuple[MetricSpec, ...]
+    rows: tuple[PaperRow, ...]
+    orderings: tuple[Ordering, ...]
+    claims: tuple[str, ...] = ()
+    notes: str = ""
+    figure_only: bool = False
+    path: Path | None = None
+
+    def metric(self, name: str) -> MetricSpec:
+        for metric in self.metrics:
+            if metric.name == name:
+                return metric
+        raise KeyError(f"paper table {self.name!r} has no metric {name!r}")
+
+    def row(self, method: str) -> PaperRow:
+        for row in self.rows:
+            if row.method == method:
+                return row
+        raise KeyError(f"paper table {self.name!r} has no row {method!r}")
+
+    @property
+    def source(self) -> str:
+        c = self.citation
+        where = c.get("table") or c.get("figure") or ""
+        return f"{c.get('paper', '')} ({c.get('venue', '')}, arXiv {c.get('arxiv', '')}), {where}".strip()
+
+
+def list_paper_tables() -> list[str]:
+    return sorted(p.stem for p in TABLES_DIR.glob("*.yaml"))
+
+
+def load_paper_table(name: str | Path) -> PaperTable:
+    """A table by name (``tisdpo_pku_main``) or by path to a YAML file."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = TABLES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no paper table {str(name)!r}; known tables: {', '.join(list_paper_tables())}")
+    with path.open(encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    try:
+        return _parse(raw, path)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def _parse(raw: dict[str, Any], path: Path) -> PaperTable:
+    if not isinstance(raw, dict):
+        raise ValueError("the file must hold a mapping")
+    metrics = tuple(_parse_metric(m) for m in raw["metrics"])
+    names = [m.name for m in metrics]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate metric names in {names}")
+    rows = []
+    for entry in raw.get("rows") or []:
+        values = {str(k): (None if v is None else float(v)) for k, v in (entry.get("values") or {}).items()}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"row {entry['method']!r} has values for unknown metrics {unknown}")
+        rows.append(PaperRow(str(entry["method"]), values, dict(entry.get("match") or {})))
+    methods = [r.method for r in rows]
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"duplicate row methods in {methods}")
+    orderings = []
+    for entry in raw.get("orderings") or []:
+        metric_names = entry.get("metrics") or [entry["metric"]]
+        chain = tuple(str(m) for m in entry.get("chain") or ())
+        best = entry.get("best")
+        among = tuple(str(m) for m in entry.get("among") or ())
+        if bool(chain) == bool(best):
+            raise ValueError(f"ordering {entry}: give exactly one of 'chain' or 'best'")
+        if chain and len(chain) < 2:
+            raise ValueError(f"ordering {entry}: a chain needs at least two methods")
+        for method in (*chain, *([best] if best else []), *among):
+            if method not in methods:
+                raise ValueError(f"ordering {entry}: unknown method {method!r} (rows: {methods})")
+        for metric_name in metric_names:
+            if metric_name not in names:
+                raise ValueError(f"ordering {entry}: unknown metric {metric_name!r} (metrics: {names})")
+            orderings.append(Ordering(str(metric_name), chain, str(best) if best else None, among,
+                                      str(entry.get("claim", ""))))
+    return PaperTable(
+        name=str(raw.get("name") or path.stem), title=str(raw.get("title", "")),
+        citation={str(k): str(v) for k, v in (raw.get("citation") or {}).items()},
+        model=str(raw.get("model", "")), dataset=str(raw.get("dataset", "")), metrics=metrics,
+        rows=tuple(rows), orderings=tuple(orderings),
+        claims=tuple(str(c) for c in raw.get("claims") or ()), notes=str(raw.get("notes") or "").strip(),
+        figure_only=bool(raw.get("figure_only", False)), path=path)
+
+
+def _parse_metric(entry: dict[str, Any]) -> MetricSpec:
+    direction = DIRECTIONS.get(str(entry.get("direction", "up")).lower())
+    if direction is None:
+        raise ValueError(f"metric {entry.get('name')!r}: direction must be up or down, got {entry.get('direction')!r}")
+    return MetricSpec(name=str(entry["name"]), key=str(entry["key"]), direction=direction,
+                      unit=entry.get("unit"), alt_keys=tuple(entry.get("alt_keys") or ()),
+                      ours_scale=float(entry.get("ours_scale", 1.0)), where=dict(entry.get("where") or {}),
+                      description=str(entry.get("description", "")))

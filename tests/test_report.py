@@ -1,0 +1,322 @@
+"""Paper tables as data, run collection, the report CLI and its plots, on a fake multirun dir."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from experiments.collect import Stat, canonical_metric_key, collect_runs, group_methods, parse_overrides
+from experiments.paper import list_paper_tables, load_paper_table
+from experiments.report import build_report, evaluate_ordering, main
+
+PAPER_TABLES = ["tidpo_ablation", "tidpo_label_noise", "tidpo_main", "tisdpo_ablation", "tisdpo_llm_generated",
+                "tisdpo_pku_main", "tisdpo_tldr", "tisdpo_ultrafeedback"]
+
+# per method: overrides and per-seed metrics (fractions where the paper shows %)
+METHODS = {
+    "dpo": {"overrides": ["loss=dpo"], "config": {"loss": {"name": "dpo"}, "estimator": {"name": "none"}},
+            "eval/safe_rate": [0.70, 0.72, 0.74], "eval/harm": [5.0, 6.0, 7.0], "eval/help": [7.9, 8.0, 8.1],
+            "eval/mt_bench": [4.4, 4.5, 4.6], "eval/win_rate@T0.5": [0.5, 0.5, 0.5],
+            "eval/win_rate@T1.0": [0.5, 0.45, 0.55]},
+    "tis_s": {"overrides": ["loss=tisdpo", "estimator=sft_pair"],
+              "config": {"loss": {"name": "tisdpo"}, "estimator": {"name": "sft_pair"}},
+              "eval/safe_rate": [0.80, 0.82, 0.84], "eval/harm": [3.0, 3.5, 4.0], "eval/help": [7.5, 7.6, 7.7],
+              "eval/win_rate_vs_dpo": [0.60, 0.62, 0.64], "eval/win_rate@T0.5": [0.6, 0.62, 0.64],
+              "eval/win_rate@T1.0": [0.55, 0.6, 0.65]},
+    "tis_d": {"overrides": ["loss=tisdpo", "estimator=dpo_pair"],
+              "config": {"loss": {"name": "tisdpo"}, "estimator": {"name": "dpo_pair"}},
+              "eval/safe_rate": [0.90, 0.95, 1.00], "eval/harm": [0.1, 0.2, 0.3], "eval/help": [8.0, 8.0, 8.0],
+              "eval/mt_bench": [4.3, 4.3, 4.3], "eval/win_rate_vs_dpo": [0.80, 0.78, 0.82],
+              "eval/win_rate@T0.5": [0.7, 0.72, 0.74], "eval/win_rate@T1.0": [0.65, 0.7, 0.75]},
+}
+
+
+def write_job(job: Path, overrides: list[str], results: dict | None) -> Path:
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if results is not None:
+        (job / "results.json").write_text(json.dumps(results))
+    return job
+
+
+def make_multirun(root: Path, scale: str = "tiny") -> Path:
+    sweep = root / "multiruns" / "2025-01-01" / "12-00-00"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    num = 0
+    for name, spec in METHODS.items():
+        for seed in range(3):
+            metrics = {k: v[seed] for k, v in spec.items() if k.startswith("eval/")}
+            config = {**spec["config"], "label": spec["config"]["loss"]["name"], "seed": seed, "scale": scale}
+            results = {**metrics, "val/rewards/accuracies": 0.5 + 0.1 * seed, "note": "text is ignored",
+                       "config": config}
+            write_job(sweep / f"{num}_{name}_s{seed}", [*spec["overrides"], f"seed={seed}"], results)
+            num += 1
+    failed = write_job(sweep / f"{num}_kto_s0", ["loss=kto", "seed=0"], None)
+    (failed / "failed.json").write_text(json.dumps({"type": "RuntimeError", "message": "CUDA out of memory"}))
+    return sweep
+
+
+def add_training_artifacts(sweep: Path) -> None:
+    job = sweep / "6_tis_d_s0"
+    (job / "csv").mkdir()
+    pd.DataFrame({"step": [0, 1, 2, 2, 3], "epoch": [0] * 5, "train/loss": [0.69, 0.6, 0.5, None, 0.4],
+                  "val/rewards/accuracies": [None, None, None, 0.7, None]}).to_csv(job / "csv" / "metrics.csv", index=False)
+    rng = np.random.default_rng(0)
+    np.savez(job / "weights.npz", chosen_weights=rng.uniform(0.7, 1.3, (4, 5)),
+             rejected_weights=rng.uniform(0.7, 1.3, (4, 5)), chosen_mask=np.ones((4, 5)))
+    torch = pytest.importorskip("torch")
+    torch.save({"chosen_weights": [torch.ones(3), torch.full((2,), 1.2)], "rejected_weights": torch.ones(4)},
+               sweep / "3_tis_s_s0" / "weights.pt")
+
+
+@pytest.fixture()
+def sweep(tmp_path) -> Path:
+    return make_multirun(tmp_path)
+
+
+def expected(method: str, key: str, scale: float = 1.0) -> tuple[float, float]:
+    values = [v * scale for v in METHODS[method][key]]
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+# ---------------------------------------------------------------- paper tables
+
+def test_every_paper_table_loads_and_its_orderings_hold_on_the_paper_numbers():
+    assert list_paper_tables() == PAPER_TABLES
+    for name in PAPER_TABLES:
+        table = load_paper_table(name)
+        assert table.citation["arxiv"] in ("2410.04350", "2505.19653")
+        assert table.metrics and table.rows and table.orderings
+        assert all(m.key.startswith("eval/") and m.direction in ("up", "down") for m in table.metrics)
+        for ordering in table.orderings:
+            result = evaluate_ordering(ordering, table, [])
+            if table.figure_only:
+                assert result.paper_holds is None
+            else:
+                assert result.paper_holds is True, (name, ordering)
+
+
+def test_paper_numbers_are_recorded_as_printed():
+    main_table = load_paper_table("tisdpo_pku_main")
+    assert main_table.row("TIS-DPO(D)").values == {"Llama-Guard": 96.7, "Harm": 0.1, "Help": 8.0, "MT": 4.3, "Win": 79.3}
+    assert main_table.row("DPO").values["Win"] is None
+    assert main_table.metric("Llama-Guard").key == "eval/safe_rate"
+    assert main_table.metric("Harm").direction == "down" and main_table.metric("Win").ours_scale == 100
+    assert load_paper_table("tisdpo_ablation").row("random weight").values["LG"] == 21.0
+    assert load_paper_table("tidpo_main").row("TIS-DPO").values == {"Avg": 61.1}
+    noise = load_paper_table("tidpo_label_noise")
+    assert noise.metric("40%").where == {"dataset.label_noise": 0.4}
+    assert noise.row("TI-DPO").values["40%"] == 68.3
+    assert load_paper_table("tisdpo_tldr").figure_only
+
+
+def test_unknown_paper_table_names_the_known_ones(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tisdpo_pku_main"):
+        load_paper_table("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"metrics": [{"name": "X", "key": "eval/x"}],
+                                   "rows": [{"method": "A", "values": {"Y": 1}}]}))
+    with pytest.raises(ValueError, match=r"bad.yaml.*unknown metrics \['Y'\]"):
+        load_paper_table(bad)
+
+
+# ---------------------------------------------------------------- collection
+
+def test_collect_groups_seeds_and_records_the_failure(sweep):
+    runs = collect_runs(sweep)
+    assert len(runs) == 10
+    failed = [r for r in runs if not r.ok]
+    assert [r.run_id for r in failed] == ["9_kto_s0"] and "CUDA out of memory" in failed[0].error
+    methods = group_methods(runs)
+    assert [m.label for m in methods] == ["dpo", "tisdpo [estimator=sft_pair]", "tisdpo [estimator=dpo_pair]"]
+    assert [sorted(r.seed for r in m.runs) for m in methods] == [[0, 1, 2]] * 3
+    assert "note" not in runs[0].metrics and runs[0].metrics["val/rewards/accuracies"] == 0.5
+
+
+def test_job_without_results_is_a_failure_with_the_log_error(tmp_path):
+    job = write_job(tmp_path / "0", ["loss=dpo"], None)
+    (job / "run.log").write_text("[INFO] start\nValueError: dataset.path='x' does not exist\n")
+    (run,) = collect_runs(tmp_path)
+    assert run.status == "failed"
+    assert "no results.json" in run.error and "dataset.path='x' does not exist" in run.error
+
+
+def test_overrides_and_keys_are_normalised():
+    assert parse_overrides(["+experiment=pku/main", "++loss.beta=0.2", "~logger", "seed=1"]) == \
+        {"experiment": "pku/main", "loss.beta": "0.2", "logger": "<deleted>", "seed": "1"}
+    assert canonical_metric_key("eval/win_rate@T1.0") == canonical_metric_key("eval/win_rate@T1") == "eval/win_rate@T1"
+    assert canonical_metric_key("eval/win_rate@T0.50") == "eval/win_rate@T0.5"
+    assert Stat.of([1.0]).n == 1 and math.isnan(Stat.of([1.0]).std) and Stat.of([]) is None
+
+
+def test_explicit_labels_and_results_method_label(tmp_path):
+    write_job(tmp_path / "a", ["loss=tisdpo", "seed=0"], {"eval/x": 1.0, "config": {"experiment": {"label": "TIS-DPO(D)"}}})
+    write_job(tmp_path / "b", ["loss=ipo", "seed=0"], {"eval/x": 2.0, "method_label": "IPO", "config": {}})
+    write_job(tmp_path / "c", ["loss=kto", "seed=0"], {"eval/x": 3.0, "config": {"label": "${loss.name}"}})
+    assert [m.label for m in group_methods(collect_runs(tmp_path))] == ["TIS-DPO(D)", "IPO", "loss=kto"]
+
+
+class FakeSummary:
+    def __init__(self, data):
+        self._json_dict = data
+
+
+class FakeWandbRun:
+    def __init__(self, run_id, state, config, summary):
+        self.id, self.name, self.state, self.config, self.summary = run_id, f"name-{run_id}", state, config, FakeSummary(summary)
+
+
+def test_wandb_source_uses_the_api_and_only_then(monkeypatch, sweep):
+    wandb = pytest.importorskip("wandb")
+    calls = []
+
+    class FakeApi:
+        def __init__(self, *args, **kwargs):
+            calls.append("init")
+
+        def runs(self, path):
+            calls.append(path)
+            return [FakeWandbRun("r1", "finished", {"label": "dpo", "seed": 0, "_wandb": {}},
+                                 {"eval/safe_rate": 0.7, "_step": 10, "_runtime": 3.0, "text": "x"}),
+                    FakeWandbRun("r2", "finished", {"label": "dpo", "seed": 1}, {"eval/safe_rate": 0.8}),
+                    FakeWandbRun("r3", "crashed", {"label": "kto", "seed": 0}, {})]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    runs = collect_runs("wandb:my-team/tisdpo")
+    assert calls == ["init", "my-team/tisdpo"]
+    assert [r.status for r in runs] == ["ok", "ok", "failed"] and "crashed" in runs[2].error
+    assert runs[0].metrics == {"eval/safe_rate": 0.7} and "_wandb" not in runs[0].config
+    (method,) = group_methods(runs)
+    assert method.label == "dpo" and len(method.runs) == 2
+    calls.clear()
+    collect_runs(sweep)  # a directory never touches W&B
+    assert calls == []
+    with pytest.raises(ValueError, match="wandb:<entity>/<project>"):
+        collect_runs("wandb:just-a-project")
+
+
+# ---------------------------------------------------------------- the report CLI
+
+def test_report_cli_writes_the_paper_layout_with_exact_numbers(sweep, tmp_path):
+    add_training_artifacts(sweep)
+    out = tmp_path / "report"
+    assert main([str(sweep), "--table", "tisdpo_pku_main", "--out", str(out)]) == 0
+
+    table = pd.read_csv(out / "table.csv").set_index("method")
+    assert list(table.index) == ["DPO", "PPO", "IPO", "TDPO", "KTO", "TIS-DPO(P)", "TIS-DPO(S)", "TIS-DPO(D)"]
+    for row, method in (("DPO", "dpo"), ("TIS-DPO(S)", "tis_s"), ("TIS-DPO(D)", "tis_d")):
+        for name, key, scale in (("Llama-Guard", "eval/safe_rate", 100), ("Harm", "eval/harm", 1),
+                                 ("Help", "eval/help", 1)):
+            mean, std = expected(method, key, scale)
+            assert table.loc[row, f"{name} mean"] == pytest.approx(mean, abs=1e-9)
+            assert table.loc[row, f"{name} std"] == pytest.approx(std, abs=1e-9)
+            assert table.loc[row, f"{name} n"] == 3
+        assert table.loc[row, "runs"] == 3
+    assert table.loc["TIS-DPO(D)", "Win mean"] == pytest.approx(80.0) and table.loc["TIS-DPO(D)", "Win std"] == pytest.approx(2.0)
+    assert table.loc["TIS-DPO(S)", "MT n"] == 0 and math.isnan(table.loc["TIS-DPO(S)", "MT mean"])
+    assert table.loc["TIS-DPO(D)", "Llama-Guard paper"] == 96.7 and table.loc["KTO", "runs"] == 0
+
+    markdown = (out / "table.md").read_text()
+    assert "| TIS-DPO(D) | 3 | 95.00 ± 5.00 | 0.20 ± 0.10 | 8.00 ± 0.00 | 4.30 ± 0.00 | 80.00 ± 2.00 |" in markdown
+    assert "Llama-Guard ↑ (%) (paper, ref.)" in markdown and "| 96.7 |" in markdown
+    assert "95.00 $\\pm$ 5.00" in (out / "table.tex").read_text()
+    assert "\\begin{tabular}" in (out / "table.tex").read_text()
+
+    orderings = pd.read_csv(out / "orderings.csv")
+    assert list(orderings["ours"]) == ["reproduced", "reproduced", "reproduced", "reproduced", "reproduced",
+                                       "not reproduced"]
+    assert (orderings["paper holds"] == "yes").all()
+    assert "✗ DPO 4.5" in orderings["detail"].iloc[-1]
+
+    report = (out / "report.md").read_text()
+    assert "5 reproduced, 1 not reproduced, 0 not evaluated (of 6)" in report
+    assert "9_kto_s0" in report and "RuntimeError: CUDA out of memory" in report
+    assert "for reference, not comparison" in report
+
+    plots = out / "plots"
+    for png in ("win_rate_vs_temperature.png", "curve_train_loss.png", "curve_val_rewards_accuracies.png",
+                "weights_TIS-DPO_D_s0.png"):
+        assert (plots / png).stat().st_size > 1000, png
+    assert (plots / "weights_TIS-DPO_S_s0.png").is_file()
+
+
+def test_report_with_paper_scale_puts_the_paper_beside_ours(tmp_path):
+    sweep = make_multirun(tmp_path / "runs", scale="paper")
+    out = tmp_path / "out"
+    assert main([str(sweep), "--table", "tisdpo_pku_main", "--out", str(out), "--no-plots"]) == 0
+    header = (out / "table.md").read_text().splitlines()[0]
+    assert "| Llama-Guard ↑ (%) ours | Llama-Guard ↑ (%) paper | Harm ↓ ours | Harm ↓ paper |" in header
+    assert not (out / "plots").exists()
+
+
+def test_report_without_a_table_lists_every_metric(sweep, capsys):
+    assert main([str(sweep), "--no-plots"]) == 0
+    assert "report in" in capsys.readouterr().out
+    table = pd.read_csv(sweep / "report" / "table.csv").set_index("method")
+    mean, std = expected("tis_d", "eval/safe_rate")
+    assert table.loc["tisdpo [estimator=dpo_pair]", "eval/safe_rate mean"] == pytest.approx(mean)
+    assert table.loc["dpo", "val/rewards/accuracies mean"] == pytest.approx(0.6)
+    assert table.loc["dpo", "eval/win_rate@T1 std"] == pytest.approx(0.05)
+    assert "## Orderings" not in (sweep / "report" / "report.md").read_text()
+
+
+def test_orderings_are_not_evaluated_without_the_methods(sweep, tmp_path):
+    assert main([str(sweep), "--table", "tisdpo_ablation", "--out", str(tmp_path), "--no-plots"]) == 0
+    orderings = pd.read_csv(tmp_path / "orderings.csv")
+    assert set(orderings["ours"]) == {"not evaluated"}
+    assert "w/o η (no result)" in orderings["detail"].iloc[0]
+
+
+def test_label_noise_columns_come_from_where_settings(tmp_path):
+    for method, acc in (("dpo", {0.0: [0.70, 0.72], 0.4: [0.60, 0.62]}), ("tidpo", {0.0: [0.73, 0.75], 0.4: [0.68, 0.70]})):
+        for noise, values in acc.items():
+            for seed, value in enumerate(values):
+                write_job(tmp_path / f"{method}_{noise}_{seed}",
+                          [f"loss={method}", f"dataset.label_noise={noise}", f"seed={seed}"],
+                          {"eval/gsm8k": value, "config": {"label": method}})
+    report = build_report(str(tmp_path), collect_runs(tmp_path), load_paper_table("tidpo_label_noise"))
+    rows = {r.label: r for r in report.rows}
+    assert set(rows) == {"DPO", "TPO", "TI-DPO"}
+    assert rows["TI-DPO"].ours["0%"].mean == pytest.approx(74.0) and rows["TI-DPO"].ours["0%"].n == 2
+    assert rows["DPO"].ours["40%"].mean == pytest.approx(61.0) and rows["DPO"].ours["10%"] is None
+    status = [(o.ordering.metric, o.ordering.chain, o.status) for o in report.orderings]
+    assert ("0%", ("TI-DPO", "DPO"), "reproduced") in status and ("40%", ("TI-DPO", "DPO"), "reproduced") in status
+    assert ("10%", ("TI-DPO", "DPO"), "not evaluated") in status
+
+
+def test_more_specific_paper_rows_win(tmp_path):
+    write_job(tmp_path / "a", ["loss=tisdpo", "estimator=dpo_pair", "loss.use_eta=false", "seed=0"],
+              {"eval/safe_rate": 0.9, "config": {"label": "tisdpo"}})
+    write_job(tmp_path / "b", ["loss=tisdpo", "estimator=dpo_pair", "seed=0"],
+              {"eval/safe_rate": 0.95, "config": {"label": "tisdpo", "loss": {"name": "tisdpo", "use_eta": True}}})
+    report = build_report(str(tmp_path), collect_runs(tmp_path), load_paper_table("tisdpo_ablation"))
+    by_row = {r.paper_method: r.ours["LG"].mean for r in report.rows if r.method}
+    assert by_row == {"TIS-DPO(D)": pytest.approx(95.0), "w/o η": pytest.approx(90.0)}
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "neither a directory" in capsys.readouterr().err
+    assert main([str(tmp_path)]) == 2
+    assert "no job dirs" in capsys.readouterr().err
+    write_job(tmp_path / "0", ["loss=dpo"], {"eval/x": 1.0, "config": {}})
+    assert main([str(tmp_path), "--table", "nope"]) == 2
+    assert "--table" in capsys.readouterr().err
+
+
+def test_module_runs_as_a_script(sweep):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "experiments.report", str(sweep), "--no-plots",
+                             "--table", "tisdpo_pku_main"], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "orderings reproduced 5/6" in result.stdout
