@@ -50,5 +50,5 @@ def naive_response_logps(model, example: dict) -> tuple[torch.Tensor, torch.Tens
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
         positions = [t for t in range(1, len(labels)) if labels[t] != -100]
-        out.append(torch.tensor([logp[t - 1, labels[t]].item() for t in positions]))
+        out.append(torch.tensor([logp[t - 1, labels[t]].item() for t in positions], dtype=torch.float64))
     return out[0], out[1]

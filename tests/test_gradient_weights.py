@@ -1,0 +1,147 @@
+"""TI-DPO: gradient attribution, prior mixing, no gradient leaks, triplet term on policy anchors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import compose_config
+from tisdpo.data.collate import PreferenceCollator
+from tisdpo.models.loading import build_model, frozen_copy
+from tisdpo.modules.preference import PreferenceModule
+from tisdpo.pipeline.loaders import tokenize_pairs
+from tisdpo.pipeline.loss_config import build_loss_spec
+from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
+from tisdpo.weights.gradient import GradientWeights, TripletTerm, embedding_attribution
+
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    task = SyntheticTask(SyntheticTaskConfig(n_sft=16, n_train_pairs=16, n_test_pairs=8))
+    tokenizer = task.tokenizer()
+    examples, _ = tokenize_pairs(task.preference_pairs("train"), tokenizer, compose_config([], tiny=False).dataset, "train")
+    batch = PreferenceCollator(tokenizer.pad_token_id)(examples[:6])
+    policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=1)
+    return tokenizer, batch, policy
+
+
+def _explicit_attribution(model, ids: list[int]) -> torch.Tensor:
+    """One sequence, no padding: d max_v logits[-1, v] / d e_t, L1 over the embedding dim."""
+    embeddings = model.get_input_embeddings()(torch.tensor([ids])).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeddings).logits[0, -1]
+    logits.max().backward()
+    return embeddings.grad[0].abs().sum(-1)
+
+
+def test_attribution_equals_explicit_per_sequence_autograd(setup):
+    _, batch, policy = setup
+    ids, attention = batch["chosen_input_ids"], batch["chosen_attention_mask"]
+    batched = embedding_attribution(policy, ids, attention)
+    assert all(p.grad is None for p in policy.parameters()), "attribution leaked gradients into parameters"
+    for row in range(ids.shape[0]):
+        n = int(attention[row].sum())
+        expected = _explicit_attribution(policy, ids[row, :n].tolist())
+        torch.testing.assert_close(batched[row, :n], expected, atol=1e-5, rtol=1e-4)
+        assert torch.all(batched[row, n:] == 0)
+    policy.zero_grad(set_to_none=True)
+
+
+class _Holder:
+    def __init__(self, policy):
+        self.policy = policy
+
+
+def test_weights_mean_one_on_response_and_one_on_prompt(setup):
+    _, batch, policy = setup
+    chosen, rejected = GradientWeights(lam=0.7)(_Holder(policy), batch)
+    for weights, labels in ((chosen, batch["chosen_labels"]), (rejected, batch["rejected_labels"])):
+        response = labels != -100
+        means = (weights * response).sum(-1) / response.sum(-1)
+        torch.testing.assert_close(means, torch.ones_like(means))
+        assert torch.all(weights[~response] == 1.0)
+        assert not weights.requires_grad
+
+
+def test_prior_only_and_importance_only(setup):
+    _, batch, policy = setup
+    response = batch["chosen_labels"] != -100
+    prior_only, _ = GradientWeights(lam=0.0)(_Holder(policy), batch)
+    row = prior_only[0][response[0]]
+    n = len(row)
+    t = torch.arange(n, dtype=torch.float)
+    prior = torch.exp(-0.5 * ((t - (n - 1) / 2) / (n / 4)) ** 2)
+    torch.testing.assert_close(row, n * prior / prior.sum())
+    importance_only, _ = GradientWeights(lam=1.0)(_Holder(policy), batch)
+    attribution = embedding_attribution(policy, batch["chosen_input_ids"], batch["chosen_attention_mask"])[0][response[0]]
+    torch.testing.assert_close(importance_only[0][response[0]], n * attribution / attribution.sum())
+
+
+def _tidpo_module(tokenizer, policy, gamma=0.1):
+    cfg = compose_config(["loss=tidpo"], tiny=False)
+    optim = OmegaConf.create({"lr": 1e-3, "warmup_steps": 0, "schedule": "constant",
+                              "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}})
+    triplet = TripletTerm(tokenizer, gamma=gamma, margin=0.1, max_new_tokens=6)
+    return PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss), optim,
+                            online_weights=GradientWeights(), auxiliary_loss=triplet, pad_token_id=tokenizer.pad_token_id)
+
+
+def test_triplet_gradients_reach_the_policy_through_anchor_chosen_and_rejected(setup):
+    tokenizer, batch, policy = setup
+    policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=2)
+    module = _tidpo_module(tokenizer, policy)
+    # Move the policy off the reference so that the implicit rewards are non-zero.
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.manual_seed(0)
+    ids, attention, labels = module.auxiliary_loss.anchor_batch(module, batch)
+    assert (labels != -100).any(dim=1).all(), "every example has an anchor response"
+    from tisdpo.losses import triplet_loss
+    from tisdpo.losses.logprobs import token_logps
+
+    def logps(model, ids_, attention_, labels_):
+        lp, mask = token_logps(model(input_ids=ids_, attention_mask=attention_).logits, labels_)
+        return lp, mask.float()
+
+    anchor_p, anchor_m = logps(module.policy, ids, attention, labels)
+    with torch.no_grad():
+        anchor_r, _ = logps(module.reference, ids, attention, labels)
+    chosen_p, chosen_m = logps(module.policy, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+    rejected_p, rejected_m = logps(module.policy, batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["rejected_labels"])
+    with torch.no_grad():
+        chosen_r, _ = logps(module.reference, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+        rejected_r, _ = logps(module.reference, batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["rejected_labels"])
+    for p in (anchor_p, chosen_p, rejected_p):
+        p.retain_grad()
+    loss = triplet_loss(anchor_p, anchor_r, anchor_m, chosen_p, chosen_r, chosen_m, rejected_p, rejected_r, rejected_m,
+                        margin=10.0)  # a large margin keeps every hinge active
+    loss.backward()
+    for name, p in (("anchor", anchor_p), ("chosen", chosen_p), ("rejected", rejected_p)):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_tidpo_step_trains_policy_and_leaves_reference(setup):
+    tokenizer, batch, _ = setup
+    policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=4)
+    module = _tidpo_module(tokenizer, policy)
+    before = [p.detach().clone() for p in module.reference.parameters()]
+    loss, metrics = module.compute(batch)
+    loss.backward()
+    assert "triplet/loss" in metrics
+    assert sum(p.grad.abs().sum() for p in module.policy.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in module.reference.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, module.reference.parameters()))
+
+
+def test_anchors_are_resampled_only_when_stale(setup):
+    tokenizer, batch, _ = setup
+    policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=5)
+    module = _tidpo_module(tokenizer, policy)
+    module.auxiliary_loss.anchor_every = 3
+    module.auxiliary_loss.anchor_batch(module, batch)
+    first = dict(module.auxiliary_loss.anchors)
+    module.auxiliary_loss.anchor_batch(module, batch)  # same step: reuse
+    assert module.auxiliary_loss.anchors == first

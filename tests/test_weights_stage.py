@@ -1,0 +1,116 @@
+"""TIS-DPO weights: batched scorer vs naive, transforms applied per side, alignment, cache behaviour."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import compose_config
+from tisdpo.models.loading import build_model
+from tisdpo.pipeline.cache import ArtifactCache
+from tisdpo.pipeline.loaders import tokenize_pairs
+from tisdpo.pipeline.weights_stage import apply_transform, attach_weights, true_token_rewards
+from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
+from tisdpo.weights.estimators import _difference, swap_pair
+from tisdpo.weights.scoring import naive_response_logps, response_logps
+
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def task_data():
+    task = SyntheticTask(SyntheticTaskConfig(n_sft=16, n_train_pairs=24, n_test_pairs=8))
+    tokenizer = task.tokenizer()
+    rows = task.preference_pairs("train")
+    examples, _ = tokenize_pairs(rows, tokenizer, compose_config([], tiny=False).dataset, "train")
+    return task, tokenizer, rows, examples
+
+
+def test_batched_scorer_equals_naive_per_example(task_data):
+    _, tokenizer, _, examples = task_data
+    model = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=3)
+    chosen, rejected = response_logps(model, examples, tokenizer.pad_token_id, batch_size=7)
+    for i, example in enumerate(examples):
+        naive_chosen, naive_rejected = naive_response_logps(model, example)
+        torch.testing.assert_close(chosen[i].double(), naive_chosen, atol=1e-5, rtol=0)
+        torch.testing.assert_close(rejected[i].double(), naive_rejected, atol=1e-5, rtol=0)
+
+
+def test_scores_align_with_true_rewards_token_by_token(task_data):
+    _, tokenizer, rows, examples = task_data
+    truth = true_token_rewards(rows, examples, "chosen")
+    for example, rewards in zip(examples, truth):
+        response = [t for t, label in zip(example["chosen_input_ids"], example["chosen_labels"]) if label != -100]
+        words = rows[example["index"]]["chosen"].split()
+        assert len(response) == len(words) + 1 == len(rewards) + 1  # + EOS
+        assert tokenizer.convert_ids_to_tokens(response[:-1]) == words
+
+
+def test_sign_convention_rejected_tokens_that_pi_minus_prefers_weigh_more():
+    cfg = OmegaConf.create({"name": "exp_clamp", "exp_clamp": {"k": 1.0, "mu": 1.0, "lower": -0.5, "upper": 0.5,
+                                                                "rescale_mean_one": False}})
+    scores = [torch.tensor([0.4, -0.4, 0.0])]  # r > 0: pi+ prefers the token; r < 0: pi- prefers it
+    chosen = apply_transform(scores, "chosen", cfg)[0]
+    rejected = apply_transform(scores, "rejected", cfg)[0]
+    assert chosen[0] > 1 > chosen[1] and chosen[2] == 1
+    assert rejected[1] > 1 > rejected[0] and rejected[2] == 1
+    torch.testing.assert_close(rejected, torch.exp(-scores[0]))
+
+
+def test_attach_weights_puts_one_on_prompt_and_weights_on_response(task_data):
+    _, _, _, examples = task_data
+    weights = {side: [torch.arange(1, 1 + sum(l != -100 for l in e[f"{side}_labels"]), dtype=torch.float)
+                      for e in examples[:3]] for side in ("chosen", "rejected")}
+    attached = attach_weights(examples[:3], weights)
+    for example, out in zip(examples, attached):
+        labels = example["chosen_labels"]
+        w = out["chosen_weights"]
+        assert len(w) == len(labels)
+        assert all(v == 1.0 for v, label in zip(w, labels) if label == -100)
+        assert [v for v, label in zip(w, labels) if label != -100] == list(range(1, 1 + sum(l != -100 for l in labels)))
+
+
+def test_prompt_estimator_difference_pads_missing_tail_with_zero():
+    scores = _difference([torch.tensor([1.0, 2.0])], [torch.tensor([0.5, 0.5, 9.0])], [4])
+    torch.testing.assert_close(scores[0], torch.tensor([0.5, 1.5, 0.0, 0.0]))
+
+
+def test_swap_pair_exchanges_sides():
+    example = {"chosen_input_ids": [1], "rejected_input_ids": [2], "chosen_labels": [3], "rejected_labels": [4], "index": 0}
+    swapped = swap_pair(example)
+    assert (swapped["chosen_input_ids"], swapped["rejected_input_ids"]) == ([2], [1])
+    assert (swapped["chosen_labels"], swapped["rejected_labels"]) == ([4], [3])
+
+
+def test_cache_hit_skips_the_build_and_corruption_rebuilds(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    calls = []
+
+    def build(out):
+        calls.append(1)
+        (out / "x.txt").write_text("payload")
+
+    first = cache.get_or_build("stage", {"a": 1}, build)
+    second = cache.get_or_build("stage", {"a": 1}, build)
+    assert (first.reused, second.reused, len(calls)) == (False, True, 1)
+    assert first.path == second.path
+    (first.path / "x.txt").write_text("tampered")  # a corrupt artifact is detected and rebuilt
+    third = cache.get_or_build("stage", {"a": 1}, build)
+    assert (third.reused, len(calls)) == (False, 2)
+    assert (third.path / "x.txt").read_text() == "payload"
+    other = cache.get_or_build("stage", {"a": 2}, build)
+    assert other.path != first.path and len(calls) == 3
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path):
+    cache = ArtifactCache(tmp_path)
+
+    def build(out):
+        (out / "half.txt").write_text("partial")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_build("stage", {"a": 1}, build)
+    leftovers = [p for p in (tmp_path / "stage").iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []
