@@ -6,6 +6,8 @@ Composes conf/config.yaml with the overrides, then runs the pipeline
 import hydra
 from omegaconf import DictConfig
 
+import tisdpo.resolvers  # noqa: F401  (registers ${slug:...} used in conf/hydra)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:

@@ -51,13 +51,38 @@ def _task_from_cfg(dataset_cfg: DictConfig):
     return SyntheticTask(SyntheticTaskConfig(**overrides))
 
 
+def contrastive_pairs(task, split: str, n: int, seed: int) -> list[dict]:
+    """RLCD-style "LLM-generated" pairs on the built-in task: chosen sampled under the <harmless>
+    prefix, rejected under <harmful> (both shown without the prefix), true token rewards in meta."""
+    import numpy as np
+
+    rows = []
+    for i in range(n):
+        prompt = task.prompt_text(i, split=split)
+        topic = task.topic_of(prompt)
+        rng = np.random.default_rng([seed, 7, i])
+        chosen, rejected = task.sample_response(topic, "harmless", rng), task.sample_response(topic, "harmful", rng)
+        chosen_r, rejected_r = task.token_rewards(topic, chosen), task.token_rewards(topic, rejected)
+        rows.append({"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected),
+                     "meta": {"topic": topic, "chosen_token_rewards": chosen_r, "rejected_token_rewards": rejected_r,
+                              "chosen_reward": sum(chosen_r), "rejected_reward": sum(rejected_r)}})
+    return rows
+
+
 def prepare_data(cfg: DictConfig) -> PreparedData:
     ds = cfg.dataset
     if ds.name == "synthetic":
         task = _task_from_cfg(ds)
         tokenizer = task.tokenizer() if not cfg.model.get("tokenizer") else load_tokenizer(cfg.model.tokenizer)
-        train_rows = task.preference_pairs("train")
-        test_rows = task.preference_pairs("test")
+        pairs = ds.get("pairs", "human")
+        if pairs == "human":  # Bradley-Terry labels on two samples of the SFT distribution
+            train_rows, test_rows = task.preference_pairs("train"), task.preference_pairs("test")
+        elif pairs == "contrastive":
+            c = task.config
+            train_rows = contrastive_pairs(task, "train", c.n_train_pairs, c.seed)
+            test_rows = contrastive_pairs(task, "test", c.n_test_pairs, c.seed)
+        else:
+            raise ValueError(f"dataset.pairs={pairs!r} is not one of human, contrastive")
         sft_rows = task.sft_examples()
         drops: dict[str, Any] = {}
     else:

@@ -28,4 +28,9 @@ def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_di
             reference_samples=cfg.eval.get("reference_samples"),
         )
         return metrics
+    if cfg.eval.name == "judges":
+        from tisdpo.eval.run_judges import evaluate_with_judges
+
+        prompts = [row["prompt"] for row in data.test_rows]
+        return evaluate_with_judges(cfg.eval, policy.eval(), data.tokenizer, prompts, cfg.seed, output_dir)
     raise ValueError(f"eval={cfg.eval.name!r} is not one of synthetic, none, judges")
