@@ -1,0 +1,188 @@
+"""Batched sampling and sequence log-probabilities for any causal LM + tokenizer.
+
+Conventions (shared with the training collator): prompts are tokenised with
+``add_special_tokens=True`` (a no-op for the synthetic task's tokenizer, BOS for Llama-style ones),
+responses with ``add_special_tokens=False``; a finished response ends with EOS.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    for x in (eos, tokenizer.eos_token_id):
+        if x is None:
+            continue
+        if isinstance(x, (list, tuple)):
+            ids.update(int(i) for i in x)
+        else:
+            ids.add(int(x))
+    return ids
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return 0
+
+
+@torch.no_grad()
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+    return_finished: bool = False,
+):
+    """Sample one response per prompt with ``model.generate`` (left padding).
+
+    Returns ``list[list[int]]``: only the new tokens, cut at the first EOS, EOS and padding
+    excluded. With ``return_finished=True`` returns ``(responses, finished)`` where
+    ``finished[i]`` says whether response i ended with EOS (before ``max_new_tokens``).
+    ``temperature <= 0`` means greedy decoding. Sampling is reproducible from ``seed`` and does
+    not disturb the global RNG state.
+    """
+    device = _model_device(model)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer)
+    do_sample = temperature is not None and temperature > 0
+    gen_kwargs = dict(
+        max_new_tokens=int(max_new_tokens),
+        do_sample=do_sample,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids) if eos_ids else None,
+    )
+    if do_sample:
+        gen_kwargs["temperature"] = float(temperature)
+        gen_kwargs["top_k"] = int(top_k) if top_k else 0  # 0 disables HF's default top_k=50
+        if top_p is not None:
+            gen_kwargs["top_p"] = float(top_p)
+    else:
+        gen_kwargs.update(temperature=None, top_k=None, top_p=None)
+
+    old_side = getattr(tokenizer, "padding_side", "right")
+    responses: list[list[int]] = []
+    finished: list[bool] = []
+    fork_devices = [device] if device.type == "cuda" else []
+    try:
+        tokenizer.padding_side = "left"
+        with _eval_mode(model), torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(prompts[start : start + batch_size])
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=True)
+                input_ids = enc["input_ids"].to(device)
+                attn = enc["attention_mask"].to(device)
+                out = model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
+                if not torch.is_tensor(out):  # GenerateOutput
+                    out = out.sequences
+                new = out[:, input_ids.shape[1] :].tolist()
+                for row in new:
+                    toks: list[int] = []
+                    done = False
+                    for t in row:
+                        if t in eos_ids:
+                            done = True
+                            break
+                        toks.append(int(t))
+                    responses.append(toks)
+                    finished.append(done)
+    finally:
+        tokenizer.padding_side = old_side
+    if return_finished:
+        return responses, finished
+    return responses
+
+
+@torch.no_grad()
+def sequence_logps(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses_ids: Sequence[Sequence[int]],
+    batch_size: int = 64,
+    *,
+    append_eos: bool | Sequence[bool] = False,
+    per_token: bool = False,
+):
+    """Summed log-prob of each response given its prompt: ``log π(y|x) = Σ_t log π(y_t|x,y_<t)``.
+
+    ``append_eos`` (one bool, or one per sample) adds an EOS token to the response before
+    scoring (use the ``finished`` flags of :func:`sample_responses` for an exact sequence
+    log-prob). Returns a list of floats, or with ``per_token=True`` a list of per-token lists.
+    """
+    n = len(prompts)
+    if len(responses_ids) != n:
+        raise ValueError("prompts and responses_ids differ in length")
+    if isinstance(append_eos, bool):
+        append_eos = [append_eos] * n
+    device = _model_device(model)
+    pad_id = _pad_id(tokenizer)
+    eos_id = tokenizer.eos_token_id
+    out_sum: list[float] = []
+    out_tok: list[list[float]] = []
+    with _eval_mode(model):
+        for start in range(0, n, batch_size):
+            p_chunk = list(prompts[start : start + batch_size])
+            p_ids = tokenizer(p_chunk, add_special_tokens=True)["input_ids"]
+            seqs, spans = [], []
+            for j, pids in enumerate(p_ids):
+                if len(pids) == 0:
+                    raise ValueError(f"empty prompt at index {start + j}: nothing to condition on")
+                r = list(responses_ids[start + j])
+                if append_eos[start + j]:
+                    r = r + [eos_id]
+                seqs.append(list(pids) + r)
+                spans.append((len(pids), len(r)))
+            T = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(seqs), T), dtype=torch.long)
+            for j, s in enumerate(seqs):
+                ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
+                attn[j, : len(s)] = 1
+            ids, attn = ids.to(device), attn.to(device)
+            logits = model(input_ids=ids, attention_mask=attn).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+            for j, (pl, rl) in enumerate(spans):
+                vals = tok_logp[j, pl - 1 : pl - 1 + rl] if rl > 0 else tok_logp[j, :0]
+                if per_token:
+                    out_tok.append(vals.tolist())
+                else:
+                    out_sum.append(float(vals.sum()))
+    return out_tok if per_token else out_sum
+
+
+__all__ = ["sample_responses", "sequence_logps"]
