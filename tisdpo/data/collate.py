@@ -7,6 +7,9 @@ Preference batch (B examples, T = longest chosen/rejected sequence, P = longest 
     chosen_labels, rejected_labels                  [B, T] long   -100 on prompt and padding
     chosen_weights, rejected_weights                [B, T] float  only if every example has them;
                                                                   1.0 on prompt, 0.0 on padding
+    chosen_reference_logps, rejected_reference_logps [B, T-1] float only if every example has them
+                                                                  (cached reference log-probs, shifted
+                                                                  like the labels); 0.0 on padding
     prompt_input_ids, prompt_attention_mask         [B, P] long   LEFT-padded (for generation)
     index                                           [B]    long
 
@@ -25,7 +28,7 @@ import torch
 from .errors import DataError
 from .tokenize import IGNORE_INDEX
 
-__all__ = ["PreferenceCollator", "SFTCollator", "pad_sequences"]
+__all__ = ["LengthGroupedSampler", "PreferenceCollator", "SFTCollator", "pad_sequences"]
 
 WEIGHT_PAD = 0.0
 
@@ -99,12 +102,82 @@ class PreferenceCollator:
                     [ex[f"{side}_weights"] for ex in examples], length, WEIGHT_PAD, dtype=torch.float32
                 )
 
+        if _present(examples, "reference_logps"):  # cached reference log-probs, shifted like the labels
+            for side in sides:
+                batch[f"{side}_reference_logps"] = _pad_floats(
+                    [ex[f"{side}_reference_logps"] for ex in examples], length - 1)
+
         prompts = [ex["prompt_input_ids"] for ex in examples]
         prompt_length = _round_up(max(len(p) for p in prompts), self.pad_to_multiple_of)
         batch["prompt_input_ids"] = pad_sequences(prompts, prompt_length, self.pad_token_id, left=True)
         batch["prompt_attention_mask"] = _mask(prompts, prompt_length, left=True)
         batch["index"] = torch.tensor([int(ex.get("index", -1)) for ex in examples], dtype=torch.long)
         return batch
+
+
+def _pad_floats(rows: Sequence[Any], length: int) -> torch.Tensor:
+    """Right-pad 1-D float tensors (or lists) with 0.0 into a float32 [len(rows), length]."""
+    out = torch.zeros(len(rows), length, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        row = torch.as_tensor(row, dtype=torch.float32)
+        if len(row) > length:
+            raise ValueError(f"_pad_floats: row {i} has {len(row)} values, more than length {length}")
+        out[i, : len(row)] = row
+    return out
+
+
+def _present(examples: Sequence[Mapping[str, Any]], key: str) -> bool:
+    """True if every example has ``chosen_<key>`` and ``rejected_<key>``, False if none; a mix is a bug."""
+    has = [ex.get(f"chosen_{key}") is not None and ex.get(f"rejected_{key}") is not None for ex in examples]
+    if all(has):
+        return True
+    if any(has):
+        missing = next(ex.get("index", i) for i, ex in enumerate(examples) if not has[i])
+        raise DataError("batch", missing, f"chosen_{key}", f"some examples in the batch have {key} and this one not")
+    return False
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Indices in an order whose consecutive ``batch_size`` runs have similar lengths (less padding).
+
+    Each epoch: a seeded permutation, cut into mega-batches of ``batch_size * mega``; each
+    mega-batch sorted by length (longest first), cut into batches; the batches shuffled, with
+    the longest one first (an out-of-memory error shows on the first step, not hours in).
+    Deterministic given (seed, epoch); Lightning calls ``set_epoch`` and, under DDP, wraps it
+    so that each rank takes every world_size-th index (neighbours, so still similar lengths).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega: int = 50):
+        self.lengths = list(lengths)
+        self.batch_size = max(1, int(batch_size))
+        self.seed, self.mega, self.epoch = seed, max(1, int(mega)), 0
+
+    @classmethod
+    def for_pairs(cls, examples: Sequence[Mapping[str, Any]], batch_size: int, seed: int = 0, mega: int = 50):
+        lengths = [max(len(ex["chosen_input_ids"]), len(ex["rejected_input_ids"])) for ex in examples]
+        return cls(lengths, batch_size, seed, mega)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        size = self.batch_size * self.mega
+        batches = []
+        for start in range(0, len(order), size):
+            block = sorted(order[start: start + size], key=lambda i: -self.lengths[i])
+            batches += [block[i: i + self.batch_size] for i in range(0, len(block), self.batch_size)]
+        if not batches:
+            return iter([])
+        longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+        batches[0], batches[longest] = batches[longest], batches[0]
+        rest = torch.randperm(len(batches) - 1, generator=generator).tolist()
+        batches = [batches[0]] + [batches[1 + j] for j in rest]
+        return iter([i for batch in batches for i in batch])
 
 
 def _weights_present(examples: Sequence[Mapping[str, Any]]) -> bool:

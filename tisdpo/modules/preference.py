@@ -1,13 +1,15 @@
 """Preference optimisation: a trainable policy against a frozen reference.
 
-One step: chosen and rejected go through the policy in ONE forward pass ([2B, T]); the
-reference runs under ``no_grad`` (or its per-token log-probs come precomputed with the batch);
+One step: chosen and rejected go through the policy in ONE forward pass ([2B, T]; for losses
+that need only log-probs, optionally one packed row per pair so the prompt runs once, see
+``tisdpo.modules.shared_prefix``); the reference runs under ``no_grad`` (or its per-token log-probs come precomputed with the batch);
 per-token log-probs are gathered over response tokens; the loss comes from
 ``tisdpo.losses`` and sees only per-token tensors. Metrics use TRL's names so that runs
 can be compared side by side with TRL's DPOTrainer in W&B.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,6 +18,9 @@ import torch
 
 from tisdpo.losses.logprobs import per_position_kl, token_logps
 from tisdpo.modules.optim import configure_optimizer
+from tisdpo.modules.shared_prefix import PackedPairs, pack_pairs, packed_logps, packing_matches, packing_supported
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +53,7 @@ class PreferenceModule(L.LightningModule):
         online_weights: Callable | None = None,
         auxiliary_loss: Callable | None = None,
         pad_token_id: int = 0,
+        shared_prefix: bool = False,
     ):
         super().__init__()
         self.policy = policy
@@ -62,6 +68,10 @@ class PreferenceModule(L.LightningModule):
         self.online_weights = online_weights  # TI-DPO: weights from the current policy each step
         self.auxiliary_loss = auxiliary_loss  # TI-DPO: the triplet term
         self.pad_token_id = pad_token_id
+        # Log-prob-only losses: chosen and rejected packed into one row per pair, the prompt run
+        # once (tisdpo.modules.shared_prefix); checked against the standard forward on first use.
+        self.shared_prefix = shared_prefix
+        self._packing_checked = False
 
     # -- forward -----------------------------------------------------------------------
     def forward_logits(self, model, batch) -> torch.Tensor:
@@ -71,20 +81,52 @@ class PreferenceModule(L.LightningModule):
             use_cache=False,
         ).logits
 
+    def packed_pairs(self, batch: dict[str, torch.Tensor]) -> PackedPairs | None:
+        """The batch packed for the shared-prefix forward; None when off, for KL losses (they need
+        full logits), when a pair's prompts differ, or when the model failed the first-use check."""
+        if not self.shared_prefix or self.loss.kl_direction is not None:
+            return None
+        packed = pack_pairs(batch, self.pad_token_id)
+        if packed is not None and not self._packing_checked:
+            self._packing_checked = True
+            was_training = self.policy.training
+            self.policy.eval()  # no dropout in the comparison
+            try:
+                ok, why = packing_supported(self.policy), "flash attention or a sliding window"
+                if ok:
+                    ok, diff = packing_matches(self.policy, batch, packed, self.chunk)
+                    why = f"packed log-probs differ from the standard forward by {diff:.3g}"
+            except Exception as error:  # noqa: BLE001 (a model that rejects the packed inputs)
+                ok, why = False, f"{type(error).__name__}: {error}"
+            finally:
+                self.policy.train(was_training)
+            if not ok:
+                log.warning("shared-prefix packing is off for this model (%s); using the standard forward", why)
+                self.shared_prefix = False
+                return None
+        return packed
+
     def compute(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and metrics (unprefixed, TRL names) for one batch."""
         batch_size = batch["chosen_input_ids"].shape[0]
         labels = concat_pair(batch, "labels")
-        policy_logits = self.forward_logits(self.policy, batch)
-        policy_logps, mask = token_logps(policy_logits, labels, chunk_size=self.chunk)
+        packed = self.packed_pairs(batch)
+        if packed is not None:  # no full logits needed: the prompt once per pair
+            policy_logits, policy_logps, mask = None, packed_logps(self.policy, packed, self.chunk), packed.mask
+        else:
+            policy_logits = self.forward_logits(self.policy, batch)
+            policy_logps, mask = token_logps(policy_logits, labels, chunk_size=self.chunk)
 
         reference_logits = None
         if "chosen_reference_logps" in batch and self.loss.kl_direction is None:
             reference_logps = concat_pair(batch, "reference_logps")[:, : policy_logps.shape[1]]
         else:
             with torch.no_grad():
-                reference_logits = self.forward_logits(self.reference, batch)
-                reference_logps, _ = token_logps(reference_logits, labels, chunk_size=self.chunk)
+                if packed is not None:
+                    reference_logps = packed_logps(self.reference, packed, self.chunk)
+                else:
+                    reference_logits = self.forward_logits(self.reference, batch)
+                    reference_logps, _ = token_logps(reference_logits, labels, chunk_size=self.chunk)
 
         kwargs: dict[str, Any] = {}
         if self.loss.kl_direction is not None:
@@ -148,10 +190,23 @@ class PreferenceModule(L.LightningModule):
                 f"non-finite loss {loss.item()} at step {self.global_step} on examples {batch['index'].tolist()}; "
                 "the last good checkpoint is kept in the run's checkpoints/ directory"
             )
-        self._log_metrics("train", metrics, batch["chosen_input_ids"].shape[0], on_step=True)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch["chosen_input_ids"].shape[0])
+        # Lightning writes step metrics every trainer.log_every_n_steps steps; each self.log costs
+        # ~1 ms of Python, so the metrics are handed over only on those steps.
+        if self._logs_this_step():
+            self._log_metrics("train", metrics, batch["chosen_input_ids"].shape[0], on_step=True)
+        if self._trainer is None or self.trainer.progress_bar_callback is not None:
+            self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch["chosen_input_ids"].shape[0])
         self._last_indices = batch["index"]
         return loss
+
+    def _logs_this_step(self) -> bool:
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        try:
+            return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+        except AttributeError:  # a Lightning without this (private) property: log every step
+            return True
 
     def on_before_optimizer_step(self, optimizer):
         if not self.check_finite:
@@ -172,7 +227,9 @@ class PreferenceModule(L.LightningModule):
         return configure_optimizer(params, self.optim_cfg, self.total_steps)
 
     def on_fit_start(self):
-        # The reference is not a registered submodule, so Lightning does not move it.
-        self.reference.to(self.device)
+        # The reference is not a registered submodule, so Lightning does not move it. None: the
+        # reference log-probs come cached with every batch (and no loss here needs the model).
+        if self.reference is not None:
+            self.reference.to(self.device)
         # from_pretrained returns models in eval mode; Lightning keeps submodule modes as found.
         self.policy.train()

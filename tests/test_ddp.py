@@ -1,0 +1,124 @@
+"""Real 2-process DDP on the CPU (gloo), through conf/trainer/ddp_cpu.yaml and the Lightning Trainer:
+the per-step loss and the parameters after N steps match a single-process run with the same
+global batch (2 ranks x 4 pairs = 1 process x 8 pairs)."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+
+from tests.conftest import compose_config
+from tisdpo.models.loading import build_model, frozen_copy
+from tisdpo.modules.preference import PreferenceModule
+from tisdpo.pipeline.loaders import build_trainer, preference_loader, tokenize_pairs
+from tisdpo.pipeline.loss_config import build_loss_spec
+from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
+
+STEPS, PER_DEVICE, WORLD = 3, 4, 2
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=64)
+OPTIM = {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant",
+         "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.0}}
+
+
+def _setup():
+    task = SyntheticTask(SyntheticTaskConfig(n_sft=16, n_train_pairs=WORLD * PER_DEVICE * STEPS, n_test_pairs=4))
+    tokenizer = task.tokenizer()
+    cfg = compose_config([], tiny=False)
+    examples, _ = tokenize_pairs(task.preference_pairs("train"), tokenizer, cfg.dataset, "train")
+    examples = examples[: WORLD * PER_DEVICE * STEPS]
+    policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=0)
+    return tokenizer, examples, policy
+
+
+def ddp_order(n: int) -> list[int]:
+    """The example order whose consecutive 8-pair batches are DDP's global batches.
+
+    Lightning always shuffles a training loader under DDP, with DistributedSampler(seed=PL_GLOBAL_SEED);
+    rank r takes every WORLD-th index of that permutation, PER_DEVICE at a time.
+    """
+    from torch.utils.data import DistributedSampler
+
+    shards = [list(DistributedSampler(range(n), num_replicas=WORLD, rank=r, shuffle=True, seed=0)) for r in range(WORLD)]
+    return [i for k in range(STEPS) for r in range(WORLD) for i in shards[r][k * PER_DEVICE: (k + 1) * PER_DEVICE]]
+
+
+def _fit(trainer_name: str, batch_size: int, order: list[int] | None = None):
+    """Train STEPS steps of DPO; returns (this rank's per-step losses and example indices, final weights, world size)."""
+    tokenizer, examples, policy = _setup()
+    if order is not None:
+        examples = [examples[i] for i in order]
+    cfg = compose_config([f"trainer={trainer_name}", "loss=dpo"], tiny=False)
+    module = PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss), OmegaConf.create(OPTIM),
+                              total_steps=STEPS, pad_token_id=tokenizer.pad_token_id)
+
+    class Losses(Callback):
+        values: list[float] = []
+        indices: list[list[int]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values.append(float(outputs["loss"]))
+            self.indices.append(batch["index"].tolist())
+
+    losses = Losses()
+    trainer = build_trainer(cfg.trainer, max_steps=STEPS, logger=False, callbacks=[losses], enable_checkpointing=False,
+                            enable_progress_bar=False, limit_val_batches=0, inference_mode=False)
+    trainer.fit(module, preference_loader(examples, tokenizer, batch_size, shuffle=False, seed=0))
+    state = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
+    L.seed_everything(0, verbose=False)
+    return (losses.values, losses.indices), state, trainer.world_size
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    # Launched the way torchrun would: Lightning sees LOCAL_RANK and joins instead of spawning.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0", WANDB_MODE="disabled", PL_GLOBAL_SEED="0")
+    torch.set_num_threads(1)
+    (losses, indices), state, world = _fit("ddp_cpu", PER_DEVICE)
+    torch.save({"losses": losses, "indices": indices, "state": state, "world": world}, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_two_process_ddp_matches_single_process(tmp_path):
+    cfg = compose_config(["trainer=ddp_cpu"], tiny=False)
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2 and cfg.trainer.accelerator == "cpu"
+
+    # fork where there is one: the workers start with everything imported (spawn re-imports torch,
+    # Lightning and transformers in each); one intra-op thread each, so no OpenMP pool crosses the fork
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method=method)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert all(r["world"] == WORLD for r in ranks)
+    # DDP all-reduced the gradients: both ranks hold the same weights
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+
+    n = WORLD * PER_DEVICE * STEPS
+    (single_losses, single_indices), single_state, world = _fit("cpu", WORLD * PER_DEVICE, order=ddp_order(n))
+    assert world == 1 and len(single_losses) == STEPS
+    for step in range(STEPS):  # the same pairs in every global step
+        assert sorted(ranks[0]["indices"][step] + ranks[1]["indices"][step]) == sorted(single_indices[step])
+    # equal-size shards: the global-batch loss is the mean of the two ranks' losses
+    ddp_losses = [sum(r["losses"][i] for r in ranks) / WORLD for i in range(STEPS)]
+    assert ddp_losses == pytest.approx(single_losses, abs=1e-5)
+    assert ranks[0]["losses"] != pytest.approx(ranks[1]["losses"], abs=1e-4)  # the ranks saw different pairs
+    moved = 0.0
+    initial = _setup()[2].state_dict()
+    for key, value in single_state.items():
+        assert torch.allclose(ranks[0]["state"][key], value, atol=1e-5), key
+        moved = max(moved, (value - initial[key]).abs().max().item())
+    assert moved > 1e-4  # training changed the weights: the comparison is not vacuous

@@ -1,0 +1,217 @@
+"""Reference per-token log-probs, computed once per (data, reference model, tokenisation) and cached.
+
+The reference is frozen, so log π_ref(y_t | x, y_<t) of every training token is a constant of
+the run: one batched no-grad pass computes it, an artifact stores it (keyed by the tokenised
+examples, the reference model's identity and the precision of the pass), and every later
+step, and every later job of a sweep, reads it instead of running the reference forward.
+
+Valid only for losses that need nothing of the reference but those log-probs
+(``LossSpec.kl_direction is None``: DPO, cDPO, IPO, KTO, TIS-DPO without η, TI-DPO with
+base=dpo). TDPO and TIS-DPO's η need the reference's full next-token distribution, so they keep
+running the reference forward.
+
+Layout on the examples: ``chosen_reference_logps`` / ``rejected_reference_logps``, a 1-D
+float32 tensor of ``len(input_ids) - 1`` values shifted like the labels (value t is
+log p(ids[t+1] | ids[:t+1]), 0.0 where ``labels[t+1] == -100``); the collator pads them with 0.0
+into [B, T-1]. Tensors rather than lists of Python floats: 4 bytes a token instead of ~32.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tisdpo.data.collate import PreferenceCollator
+from tisdpo.losses.logprobs import token_logps
+from tisdpo.modules.shared_prefix import pack_pairs, packed_logps, packing_matches, packing_supported
+
+log = logging.getLogger(__name__)
+SIDES = ("chosen", "rejected")
+KEYS = tuple(f"{side}_reference_logps" for side in SIDES)
+
+
+def cache_applies(loss_spec) -> bool:
+    """True when the loss needs only the reference's per-token log-probs (no full distribution)."""
+    return getattr(loss_spec, "kl_direction", None) is None
+
+
+def examples_fingerprint(examples: list[dict]) -> str:
+    """Hash of the tokenised examples (ids and labels, in order): data + tokenisation in one key."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for side in SIDES:
+            digest.update(np.asarray(example[f"{side}_input_ids"], dtype=np.int64).tobytes())
+            digest.update(np.asarray(example[f"{side}_labels"], dtype=np.int64).tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()[:16]
+
+
+def autocast_context(device: torch.device | str, precision: str | None):
+    """The autocast a Lightning ``precision`` implies for the reference forward (none for 32/64/true)."""
+    precision = str(precision or "32")
+    device_type = torch.device(device).type
+    if precision in ("bf16-mixed", "bf16"):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision in ("16-mixed", "16") and device_type == "cuda":
+        return torch.autocast(device_type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model,
+    examples: list[dict],
+    pad_token_id: int,
+    *,
+    batch_size: int = 64,
+    chunk_size: int = 256,
+    precision: str | None = None,
+    device: torch.device | str | None = None,
+    shared_prefix: bool = True,
+) -> dict[str, list[torch.Tensor]]:
+    """{"chosen": [...], "rejected": [...]}: one float32 tensor [len(input_ids) - 1] per example, in order.
+
+    One no-grad forward per batch, batches formed from examples sorted by length so that little
+    padding is computed: with ``shared_prefix`` one packed row per pair (the prompt once, see
+    ``tisdpo.modules.shared_prefix``; checked against the standard forward on the first batch),
+    else chosen and rejected concatenated. ``model`` is any callable returning ``.logits`` (a
+    frozen copy, or a LoRA policy's disabled-adapter view).
+    """
+    parameters = getattr(model, "parameters", None)
+    home = next(parameters()).device if parameters is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else home
+    moved = False
+    if device != home and hasattr(model, "to"):
+        model.to(device)
+        moved = parameters is None or next(parameters()).device == device
+        if not moved:  # a view that cannot move (the LoRA reference): compute where it lives
+            device = home
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    collate = PreferenceCollator(pad_token_id)
+    order = sorted(range(len(examples)), key=lambda i: -max(len(examples[i][f"{s}_input_ids"]) for s in SIDES))
+    out: dict[str, list[torch.Tensor | None]] = {side: [None] * len(examples) for side in SIDES}
+    try:
+        for start in range(0, len(order), batch_size):
+            indices = order[start: start + batch_size]
+            batch = collate([examples[i] for i in indices])
+            size = len(indices)
+            ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).to(device)
+            attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]).to(device)
+            labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]]).to(device)
+            packed = pack_pairs({k: v.to(device) for k, v in batch.items()}, pad_token_id) if shared_prefix else None
+            with autocast_context(device, precision):
+                if packed is not None and start == 0:  # first use: packing must reproduce the plain forward
+                    shared_prefix = packing_supported(model) and packing_matches(
+                        model, {k: v.to(device) for k, v in batch.items()}, packed, chunk_size)[0]
+                    if not shared_prefix:
+                        log.warning("reference cache: shared-prefix packing is off for this model")
+                        packed = None
+                if packed is not None:
+                    logps = packed_logps(model, packed, chunk_size)
+                else:
+                    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                    logps, _ = token_logps(logits, labels, chunk_size=chunk_size)
+                    del logits
+            logps = logps.float().cpu()
+            for row, i in enumerate(indices):
+                for s, side in enumerate(SIDES):
+                    n = len(examples[i][f"{side}_input_ids"]) - 1
+                    out[side][i] = logps[s * size + row, :n].clone()
+    finally:
+        if moved:
+            model.to(home)
+        if hasattr(model, "train"):
+            model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def save_reference_logps(path: Path, logps: dict[str, list[torch.Tensor]]) -> None:
+    """One flat tensor and the offsets per side (fast to save and load, no per-example objects)."""
+    blob = {}
+    for side in SIDES:
+        lengths = torch.tensor([len(t) for t in logps[side]], dtype=torch.long)
+        blob[f"{side}_values"] = torch.cat(logps[side]) if logps[side] else torch.zeros(0)
+        blob[f"{side}_offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    torch.save(blob, path)
+
+
+def load_reference_logps(path: Path) -> dict[str, list[torch.Tensor]]:
+    blob = torch.load(path)
+    out = {}
+    for side in SIDES:
+        values, offsets = blob[f"{side}_values"], blob[f"{side}_offsets"].tolist()
+        out[side] = [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return out
+
+
+def attach_reference_logps(examples: list[dict], logps: dict[str, list[torch.Tensor]]) -> list[dict]:
+    """Copies of the examples with ``{chosen,rejected}_reference_logps``; checks the alignment."""
+    if any(len(logps[side]) != len(examples) for side in SIDES):
+        raise ValueError(f"reference log-probs for {len(logps['chosen'])} examples, got {len(examples)} examples")
+    out = []
+    for i, example in enumerate(examples):
+        example = dict(example)
+        for side in SIDES:
+            values = logps[side][i]
+            if len(values) != len(example[f"{side}_input_ids"]) - 1:
+                raise ValueError(f"example {i}: {len(values)} cached reference log-probs for "
+                                 f"{len(example[f'{side}_input_ids'])} {side} tokens (expected one fewer)")
+            example[f"{side}_reference_logps"] = values
+        out.append(example)
+    return out
+
+
+def reference_logps_spec(*, examples: list[dict] | dict[str, list[dict]], reference_id: Any,
+                         precision: str | None, extra: dict | None = None) -> dict[str, Any]:
+    """The cache key: the tokenised data of every split (ids + labels), the reference model, the
+    precision of the pass. ``examples``: one list, or {split name: list} (one artifact for all)."""
+    splits = examples if isinstance(examples, dict) else {"train": examples}
+    return {
+        "examples": {name: examples_fingerprint(split) for name, split in splits.items()},
+        "n_examples": {name: len(split) for name, split in splits.items()},
+        "reference": reference_id,
+        "precision": str(precision or "32-true"),
+        **(extra or {}),
+    }
+
+
+def with_reference_logps(
+    examples: list[dict] | dict[str, list[dict]],
+    *,
+    reference,
+    cache,
+    spec: dict[str, Any],
+    pad_token_id: int,
+    batch_size: int = 64,
+    chunk_size: int = 256,
+    precision: str | None = None,
+    device: torch.device | str | None = None,
+) -> list[dict] | dict[str, list[dict]]:
+    """The examples with cached reference log-probs attached, computing (and storing) them if absent.
+
+    ``examples``: one list, or {split name: list}; the splits share one artifact (one pass, one
+    stage event) and come back in the same form.
+    """
+    splits = examples if isinstance(examples, dict) else {"train": examples}
+
+    def build(out: Path) -> None:
+        for name, split in splits.items():
+            if split:
+                logps = compute_reference_logps(reference, split, pad_token_id, batch_size=batch_size,
+                                                chunk_size=chunk_size, precision=precision, device=device)
+                save_reference_logps(out / f"reference_logps_{name}.pt", logps)
+
+    artifact = cache.get_or_build("reference_logps", spec, build)
+    attached = {
+        name: attach_reference_logps(split, load_reference_logps(artifact.path / f"reference_logps_{name}.pt"))
+        if split else split
+        for name, split in splits.items()
+    }
+    return attached if isinstance(examples, dict) else attached["train"]
