@@ -11,9 +11,11 @@ import tisdpo.resolvers  # noqa: F401  (registers ${slug:...} used in conf/hydra
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from tisdpo.pipeline.runner import run  # imported late: `--help` and `--cfg` stay instant
+    # Imported late: `--help` and `--cfg` stay instant. A failure leaves failed.json in the run dir
+    # (then propagates: Hydra marks the job failed and a sweep's other jobs still run).
+    from tisdpo.pipeline.failures import run_recorded
 
-    results = run(cfg)
+    results = run_recorded(cfg)
     # The returned value is what Hydra sweepers (e.g. Optuna) optimise.
     return results.get("val/rewards/accuracies")
 

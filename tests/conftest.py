@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import tisdpo.resolvers  # noqa: F401
@@ -14,6 +15,9 @@ CONF = ROOT / "conf"
 SHARED_DATA = ROOT / ".." / "shared" / "data"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Tiny models are fastest single-threaded; two threads on a loaded 2-core machine cost 10-80x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 # A model and task small enough that a whole pipeline run takes seconds on 2 CPU cores.
 TINY = [

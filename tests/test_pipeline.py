@@ -27,7 +27,8 @@ def test_default_run_writes_results_and_reuses_sft(tmp_path):
         assert key in on_disk, key
     assert on_disk["config"]["loss"]["name"] == "dpo"
     assert on_disk["train/steps"] == 6
-    assert [e["stage"] for e in on_disk["stages"]] == ["sft"] and not on_disk["stages"][0]["reused"]
+    assert [e["stage"] for e in on_disk["stages"]] == ["sft", "reference_logps"]
+    assert not any(e["reused"] for e in on_disk["stages"])
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert (out / "samples.json").is_file()
     again, _ = _run(tmp_path)

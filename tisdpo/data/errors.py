@@ -93,6 +93,7 @@ class DropCounter:
         self.strict = bool(strict)
         self.dropped: Counter[str] = Counter()
         self.examples: dict[str, list[int]] = {}
+        self.truncated: Counter[str] = Counter()  # kept rows cut to fit: "prompt", "response"
 
     # -- recording -------------------------------------------------------------------
     def add(self, n: int = 1) -> None:
@@ -117,6 +118,10 @@ class DropCounter:
             if len(seen) < self.MAX_EXAMPLES:
                 seen.append(index)
 
+    def note_truncated(self, what: str) -> None:
+        """Count a kept row whose ``what`` (prompt/response) was cut to the length limits."""
+        self.truncated[what] += 1
+
     # -- reading ---------------------------------------------------------------------
     @property
     def n_dropped(self) -> int:
@@ -136,11 +141,14 @@ class DropCounter:
         line = f"dropped {self.n_dropped} of {self.total} rows"
         if self.dropped:
             line += ": " + self._reasons_text()
+        if self.truncated:
+            line += "; kept rows truncated to fit: " + ", ".join(f"{n} {w}" for w, n in sorted(self.truncated.items()))
         return line
 
     def as_dict(self, prefix: str = "data") -> dict[str, int]:
         """Flat dict for results.json: ``data/dropped/<reason>``, ``data/kept``, ``data/total``."""
         out = {f"{prefix}/dropped/{reason}": n for reason, n in sorted(self.dropped.items())}
+        out.update({f"{prefix}/truncated/{what}": n for what, n in sorted(self.truncated.items())})
         out[f"{prefix}/kept"] = self.kept
         out[f"{prefix}/total"] = self.total
         return out

@@ -123,6 +123,7 @@ class _Encoded:
     prompt: list[int]
     responses: list[list[int]]  # after truncation
     full_lengths: list[int]  # response lengths (EOS included) before truncation
+    full_prompt_length: int = -1  # prompt length before truncation
 
 
 def _encode(
@@ -138,13 +139,14 @@ def _encode(
 ) -> _Encoded:
     bos = [] if use_chat_template else _bos_prefix(tokenizer)
     prompt_ids = _prompt_ids(tokenizer, prompt, use_chat_template, bos)
+    full_prompt_length = len(prompt_ids)
     eos = _eos(tokenizer, add_eos)
     full = [_ids(tokenizer, text) + eos for text in responses]
     longest = max(len(r) for r in full)
     if len(prompt_ids) + longest > max_length:
         prompt_ids = _truncate_prompt(prompt_ids, max_prompt_length, truncation_mode, len(bos))
     budget = max(0, max_length - len(prompt_ids))
-    return _Encoded(prompt_ids, [r[:budget] for r in full], [len(r) for r in full])
+    return _Encoded(prompt_ids, [r[:budget] for r in full], [len(r) for r in full], full_prompt_length)
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,6 +262,11 @@ def tokenize_example(
         if not enc.responses[i]:
             return _drop(counter, "response_fully_truncated", index, key)
 
+    if counter is not None:  # kept, but cut to fit: counted so the summary line shows it
+        if len(enc.prompt) < enc.full_prompt_length:
+            counter.note_truncated("prompt")
+        if any(len(enc.responses[i]) < enc.full_lengths[i] for i in sides.values()):
+            counter.note_truncated("response")
     out: dict[str, Any] = {"prompt_input_ids": list(enc.prompt)}
     n_prompt = len(enc.prompt)
     for key, i in sides.items():

@@ -2,9 +2,10 @@
 
 Each artifact is a directory ``<root>/<stage>/<key>/`` where ``key`` hashes everything that
 determines it (config slice, data fingerprint, upstream artifact keys, seed). Builds go to a
-temporary sibling directory and are renamed into place only when complete, so a killed build
-never leaves a half-written artifact behind. A ``MANIFEST.json`` records the sha256 of every
-file; a read whose hashes do not match is treated as corrupt: warned about, deleted, rebuilt.
+sibling build directory (``.build-<key>``) and are renamed into place only when complete, so a
+killed build never leaves a half-written artifact behind; the build directory is stable, so the
+next request resumes a killed build from the checkpoints it left in ``<build dir>/_resume``.
+A ``MANIFEST.json`` records the sha256 of every file; a read whose hashes do not match is treated as corrupt: warned about, deleted, rebuilt.
 A file lock per key means two sweep jobs that need the same artifact build it once.
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from filelock import FileLock
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
+# Builders keep in-progress training checkpoints under <build dir>/_resume; removed before sealing.
+RESUME_SUBDIR = "_resume"
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -101,17 +104,26 @@ class ArtifactCache:
                     return Artifact(stage, key, final, reused=True)
                 log.warning("stage %s: artifact %s is corrupt or partial (hash mismatch); rebuilding", stage, final)
                 shutil.rmtree(final)
-            tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir(parents=True)
+            # A stable build dir per key: a build killed mid-way (SIGKILL, preemption) leaves its
+            # checkpoints there and the next request resumes it (we hold the lock: no one else is in it).
+            tmp = final.parent / (f".build-{key}" if self.enabled else f".tmp-{key}-{uuid.uuid4().hex[:8]}")
+            resumed = tmp.exists()
+            if resumed:
+                log.warning("stage %s: resuming the interrupted build in %s", stage, tmp)
+            tmp.mkdir(parents=True, exist_ok=True)
             try:
                 build(tmp)
+                shutil.rmtree(tmp / RESUME_SUBDIR, ignore_errors=True)
                 (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True, default=str))
                 (tmp / MANIFEST).write_text(json.dumps({"stage": stage, "key": key, "files": _hash_tree(tmp)}, indent=2))
                 os.replace(tmp, final)  # atomic on POSIX: readers see all or nothing
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+            except Exception:  # a failed build starts over next time; an interrupted one (killed) resumes
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         seconds = time.perf_counter() - started
         log.info("stage %-10s built   %s (%.1fs)", stage, final, seconds)
-        self.events.append({"stage": stage, "key": key, "reused": False, "seconds": round(seconds, 2)})
+        event = {"stage": stage, "key": key, "reused": False, "seconds": round(seconds, 2)}
+        if resumed:
+            event["resumed_build"] = True
+        self.events.append(event)
         return Artifact(stage, key, final, reused=False)

@@ -108,8 +108,8 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
                 split=ds.test_split, limit=ds.get("test_limit"), seed=cfg.seed, **common,
             )
         sft_rows = [{"prompt": r["prompt"], "response": r["chosen"]} for r in train_rows]
-        drops = {**{f"train/{k}": v for k, v in train_drops.as_dict().items()},
-                 **{f"test/{k}": v for k, v in test_drops.as_dict().items()}}
+        # -> results.json "data/source/train/dropped/<reason>", "data/source/train/kept", ...
+        drops = {**train_drops.as_dict(prefix="train"), **test_drops.as_dict(prefix="test")}
         log.info("data: train %s", train_drops.summary())
     n_flipped = 0
     if float(ds.get("label_noise") or 0.0) > 0:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from tisdpo.data.collate import PreferenceCollator, SFTCollator
 from tisdpo.data.tokenize import tokenize_dataset, tokenize_sft_example
+from tisdpo.pipeline.resume import ResumableDataLoader
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def tokenize_sft(rows: list[dict], tokenizer, dataset_cfg: DictConfig, max_lengt
 def preference_loader(examples, tokenizer, batch_size: int, *, shuffle: bool, seed: int, num_workers: int = 0,
                       pad_to_multiple_of: int | None = None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
+    # Resumable: a checkpoint records the position in the epoch, so a resumed run sees the same batches.
+    return ResumableDataLoader(
         examples, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
         collate_fn=PreferenceCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of),
         drop_last=shuffle and len(examples) >= batch_size,
@@ -53,7 +55,7 @@ def preference_loader(examples, tokenizer, batch_size: int, *, shuffle: bool, se
 
 def sft_loader(examples, tokenizer, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
+    return ResumableDataLoader(
         examples, batch_size=batch_size, shuffle=shuffle, generator=generator,
         collate_fn=SFTCollator(tokenizer.pad_token_id), drop_last=shuffle and len(examples) >= batch_size,
     )

@@ -16,13 +16,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tisdpo.models.loading import frozen_copy
+from tisdpo.models.lora import policy_and_reference
 from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.data import prepare_data
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.loggers import build_logger
+from tisdpo.pipeline.resume import begin_run, prepare_run_dir
 from tisdpo.pipeline.sft_stage import sft_stage
-from tisdpo.pipeline.train_stage import load_initial_policy, train_stage
+from tisdpo.pipeline.train_stage import load_initial_policy, single_process_config, train_stage
 from tisdpo.pipeline.validate import validate_config
 from tisdpo.pipeline.weights_stage import weights_stage
 
@@ -57,11 +58,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; returns the flat results dict also written to <run dir>/results.json."""
     started = time.perf_counter()
     validate_config(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_run_dir(cfg)  # resume=<run dir> continues that run in place
     config_dict = OmegaConf.to_container(cfg, resolve=True)
+    finished = begin_run(cfg, output_dir, config_dict)  # run_config.json; a resumed, finished run returns as is
+    if finished is not None:
+        return finished
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     cache = ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -73,8 +78,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = prepare_data(cfg)
     timed("data", t0)
 
+    # The upstream stages train on one device: under DDP, Lightning starts the other ranks at the
+    # first multi-device fit, and they re-run this script; were that fit inside an artifact's
+    # build (SFT, estimators), they would wait on its lock while rank 0 waits for them.
+    upstream_cfg = single_process_config(cfg)
+
     t0 = time.perf_counter()
-    sft_dir = sft_stage(cfg, data, cache)
+    sft_dir = sft_stage(upstream_cfg, data, cache)
     timed("sft", t0)
 
     train_examples, train_drops = tokenize_pairs(data.train_rows, data.tokenizer, cfg.dataset, "train")
@@ -85,19 +95,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["data/label_flipped"] = data.n_flipped
 
     t0 = time.perf_counter()
-    weighted = weights_stage(cfg, data, sft_dir, cache, output_dir, train_examples)
+    weighted = weights_stage(upstream_cfg, data, sft_dir, cache, output_dir, train_examples)
     results.update(weighted.metrics)
     timed("weights", t0)
 
     policy = load_initial_policy(cfg, sft_dir, data.tokenizer)
-    reference = frozen_copy(policy)
+    # Full fine-tuning: a frozen deep copy. LoRA (model.lora): the policy with its adapters disabled.
+    policy, reference = policy_and_reference(policy, cfg.model.get("lora"))
     logger = build_logger(cfg, config_dict)
 
     t0 = time.perf_counter()
     module, val_metrics = train_stage(
         cfg, policy=policy, reference=reference, train_examples=weighted.train_examples, val_examples=val_examples,
         tokenizer=data.tokenizer, logger=logger, output_dir=output_dir, online_weights=weighted.online_weights,
-        auxiliary_loss=weighted.auxiliary_loss, callbacks=weighted.callbacks,
+        auxiliary_loss=weighted.auxiliary_loss, callbacks=weighted.callbacks, cache=cache, sft_dir=sft_dir,
     )
     results.update(val_metrics)
     for callback in weighted.callbacks:  # e.g. TI-DPO's weight quality, measured during training

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.models.loading import build_model
 from tisdpo.modules.sft import SFTModule
-from tisdpo.pipeline.cache import ArtifactCache
+from tisdpo.pipeline.cache import RESUME_SUBDIR, ArtifactCache
 from tisdpo.pipeline.data import PreparedData, rows_fingerprint
 from tisdpo.pipeline.loaders import build_trainer, sft_loader, tokenize_sft
 
@@ -36,15 +36,23 @@ def base_model(cfg: DictConfig, tokenizer):
     )
 
 
-def train_sft(model, examples, tokenizer, cfg: DictConfig, *, max_steps: int, seed: int):
-    """Plain next-token SFT with Lightning; returns the trained model (in place)."""
+def train_sft(model, examples, tokenizer, cfg: DictConfig, *, max_steps: int, seed: int,
+              checkpoint_dir: Path | None = None):
+    """Plain next-token SFT with Lightning; returns the trained model (in place).
+
+    With ``checkpoint_dir`` (inside an artifact's build dir) it checkpoints there and resumes from
+    what a killed earlier attempt left."""
+    from tisdpo.pipeline.resume import stage_checkpointing, stage_every_n_steps
+
     L.seed_everything(seed, workers=True, verbose=False)
     module = SFTModule(model, cfg.sft.optim, total_steps=max_steps)
+    callbacks, resume_from = stage_checkpointing(checkpoint_dir, stage_every_n_steps(cfg))
     trainer = build_trainer(
-        cfg.trainer, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        cfg.trainer, max_steps=max_steps, logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks,
         limit_val_batches=0, enable_model_summary=False,
     )
-    trainer.fit(module, sft_loader(examples, tokenizer, int(cfg.sft.batch_size), shuffle=True, seed=seed))
+    trainer.fit(module, sft_loader(examples, tokenizer, int(cfg.sft.batch_size), shuffle=True, seed=seed),
+                ckpt_path=resume_from)
     return model
 
 
@@ -66,7 +74,8 @@ def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path
     def build(out: Path) -> None:
         model = base_model(cfg, data.tokenizer)
         examples = tokenize_sft(data.sft_rows, data.tokenizer, cfg.dataset, int(cfg.sft.max_length))
-        train_sft(model, examples, data.tokenizer, cfg, max_steps=int(cfg.sft.max_steps), seed=cfg.seed)
+        train_sft(model, examples, data.tokenizer, cfg, max_steps=int(cfg.sft.max_steps), seed=cfg.seed,
+                  checkpoint_dir=out / RESUME_SUBDIR / "sft")
         model.save_pretrained(out)
         data.tokenizer.save_pretrained(out)
 

@@ -1,6 +1,7 @@
 """Preference training stage: policy initialised from the SFT model against a frozen copy of it."""
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -8,12 +9,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.pipeline.loaders import build_trainer, preference_loader
+from tisdpo.pipeline.resume import RNGStateCallback
+from tisdpo.pipeline.reference_cache import cache_applies, reference_logps_spec, with_reference_logps
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +46,44 @@ def train_stage(
     online_weights=None,
     auxiliary_loss=None,
     callbacks: list | None = None,
+    cache=None,
+    sft_dir: Path | None = None,
 ) -> tuple[PreferenceModule, dict[str, float]]:
     """Fit the preference module; returns it and the final validation metrics (val/...)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     spec = build_loss_spec(cfg.loss)
+    if cfg.train.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(policy)
+    module_reference = reference
+    if cfg.train.get("reference_cache"):
+        train_examples, val_examples = cached_reference_logps(
+            cfg, spec, reference, tokenizer, cache, sft_dir, train=train_examples, val=val_examples)
+        if cache_applies(spec) and spec.extra_inputs is None and auxiliary_loss is None:
+            # every batch carries its reference log-probs and nothing else runs the reference:
+            # the module goes without it (never moved to the accelerator; the caller keeps it for eval)
+            module_reference = None
     max_steps = int(cfg.train.max_steps)
     module = PreferenceModule(
-        policy, reference, spec, cfg.optim, total_steps=max_steps,
+        policy, module_reference, spec, cfg.optim, total_steps=max_steps,
         logits_chunk_size=int(cfg.train.logits_chunk_size), check_finite=bool(cfg.train.check_finite),
         online_weights=online_weights, auxiliary_loss=auxiliary_loss, pad_token_id=tokenizer.pad_token_id,
+        shared_prefix=bool(cfg.train.get("shared_prefix", False)),
     )
     train_loader = preference_loader(
         train_examples, tokenizer, int(cfg.train.batch_size), shuffle=True, seed=cfg.seed,
         num_workers=int(cfg.train.num_workers), pad_to_multiple_of=cfg.train.get("pad_to_multiple_of"),
     )
-    val_loader = preference_loader(val_examples, tokenizer, int(cfg.train.eval_batch_size), shuffle=False, seed=cfg.seed)
+    if cfg.train.get("group_by_length"):
+        train_loader = length_grouped(train_loader, int(cfg.train.batch_size), cfg.seed)
+    val_loader = preference_loader(val_examples, tokenizer, int(cfg.train.eval_batch_size), shuffle=False, seed=cfg.seed,
+                                   pad_to_multiple_of=cfg.train.get("pad_to_multiple_of"))
     checkpoint = ModelCheckpoint(
         dirpath=output_dir / "checkpoints", every_n_train_steps=int(cfg.checkpoint.every_n_steps),
         save_last=True, save_top_k=-1 if cfg.checkpoint.get("keep_all") else 1, save_weights_only=False,
     )
     val_every = int(cfg.train.val_every_n_steps)
     trainer = build_trainer(
-        cfg.trainer, max_steps=max_steps, logger=logger, callbacks=[checkpoint, *(callbacks or [])],
+        cfg.trainer, max_steps=max_steps, logger=logger, callbacks=[checkpoint, RNGStateCallback(), *(callbacks or [])],
         val_check_interval=min(val_every, max_steps) if val_every > 0 else None,
         check_val_every_n_epoch=None, limit_val_batches=1.0 if val_every > 0 else 0,
         accumulate_grad_batches=int(cfg.train.grad_accum),
@@ -77,18 +96,87 @@ def train_stage(
     return module, metrics_to_floats(final[0] if final else {})
 
 
+def single_process_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with a one-device trainer when ``cfg.trainer`` spans several processes (ddp, fsdp,
+    deepspeed, devices > 1, num_nodes > 1); ``cfg`` itself otherwise. For the stages before
+    preference training, whose artifacts are built by one process under a file lock."""
+    trainer = cfg.trainer
+    strategy = trainer.get("strategy", "auto")
+    devices = trainer.get("devices", "auto")
+    multi = (
+        not (isinstance(strategy, str) and strategy in ("auto", "single_device"))
+        or int(trainer.get("num_nodes", 1) or 1) > 1
+        or devices in ("auto", -1, "-1")
+        or (isinstance(devices, int) and devices > 1)
+        or (not isinstance(devices, (int, str)) and len(devices) > 1)
+    )
+    if not multi:
+        return cfg
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.trainer.strategy, out.trainer.devices, out.trainer.num_nodes = "auto", 1, 1
+    return out
+
+
+def enable_gradient_checkpointing(policy) -> None:
+    """Recompute activations in backward (non-reentrant: works with frozen inputs, LoRA and no_grad references)."""
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(policy, "config", None) is not None:
+        policy.config.use_cache = False
+
+
+def length_grouped(loader, batch_size: int, seed: int):
+    """The same loader with a LengthGroupedSampler: batches of similar lengths, less padding."""
+    from tisdpo.data.collate import LengthGroupedSampler
+    from tisdpo.pipeline.resume import ResumableDataLoader
+
+    examples = loader.dataset
+    return ResumableDataLoader(
+        examples, batch_size=batch_size, sampler=LengthGroupedSampler.for_pairs(examples, batch_size, seed=seed),
+        collate_fn=loader.collate_fn, num_workers=loader.num_workers, drop_last=loader.drop_last,
+    )
+
+
+def reference_identity(cfg: DictConfig, sft_dir: Path | None) -> dict[str, Any]:
+    """What determines the reference's weights: the SFT artifact (content-addressed) or the base model."""
+    if sft_dir is not None:
+        return {"sft": Path(sft_dir).name}
+    from tisdpo.pipeline.sft_stage import model_identity
+
+    return {"model": model_identity(cfg)}
+
+
+def cached_reference_logps(cfg: DictConfig, spec, reference, tokenizer, cache, sft_dir: Path | None,
+                           **splits: list[dict]) -> tuple[list[dict], ...]:
+    """The splits with reference log-probs attached from the artifact cache (built on first use).
+
+    Skipped (examples returned as they are) for losses that need the reference's full
+    distribution: TDPO and TIS-DPO's eta still run the reference forward every step.
+    """
+    if not cache_applies(spec):
+        log.info("reference cache: off for loss=%s (it needs the reference's full next-token distribution)", spec.name)
+        return tuple(splits.values())
+    if cache is None:
+        from tisdpo.pipeline.cache import ArtifactCache
+
+        cache = ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+    precision = cfg.trainer.get("precision")
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    device = "cuda" if torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto") else "cpu"
+    identity = {**reference_identity(cfg, sft_dir), "dtype": cfg.model.get("dtype")}
+    key = reference_logps_spec(examples=splits, reference_id=identity, precision=precision)
+    out = with_reference_logps(
+        splits, reference=reference, cache=cache, spec=key, pad_token_id=tokenizer.pad_token_id,
+        batch_size=int(cfg.train.eval_batch_size), chunk_size=int(cfg.train.logits_chunk_size),
+        precision=precision, device=device,
+    )
+    log.info("reference cache: %s pairs carry their reference log-probs",
+             ", ".join(f"{len(v)} {k}" for k, v in out.items()))
+    return tuple(out.values())
+
+
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`resume=true` continues from <run dir>/checkpoints/last.ckpt; `resume=<path>` from a run dir or file."""
-    resume = cfg.get("resume")
-    if not resume:
-        return None
-    candidate = output_dir if resume is True else Path(str(resume))
-    if candidate.is_dir():
-        candidate = candidate / "checkpoints" / "last.ckpt"
-    if not candidate.is_file():
-        if resume is True:
-            log.info("resume=true but no checkpoint at %s yet: starting from scratch", candidate)
-            return None
-        raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {candidate}")
-    log.info("resuming from %s", candidate)
-    return str(candidate)
+    """With `resume` set: the newest readable checkpoint in <run dir>/checkpoints (see pipeline/resume.py)."""
+    from tisdpo.pipeline.resume import train_checkpoint
+
+    return train_checkpoint(cfg, output_dir)

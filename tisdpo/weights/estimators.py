@@ -39,9 +39,12 @@ def swap_pair(example: dict) -> dict:
     return swapped
 
 
-def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], tokenizer, *, seed: int):
-    """A DPO model trained from ``init_dir`` on ``examples`` with the estimator's settings."""
+def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], tokenizer, *, seed: int,
+                    checkpoint_dir: Path | None = None):
+    """A DPO model trained from ``init_dir`` on ``examples`` with the estimator's settings
+    (checkpointed in, and resumed from, ``checkpoint_dir`` when given)."""
     from tisdpo.pipeline.loaders import build_trainer, preference_loader
+    from tisdpo.pipeline.resume import stage_checkpointing, stage_every_n_steps
 
     est = cfg.estimator
     L.seed_everything(seed, workers=True, verbose=False)
@@ -49,13 +52,17 @@ def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], token
     spec = LossSpec("dpo", functools.partial(dpo_loss, beta=float(est.beta)))
     module = PreferenceModule(policy, frozen_copy(policy), spec, est.optim, total_steps=int(est.max_steps),
                               logits_chunk_size=int(cfg.train.logits_chunk_size))
-    trainer = build_trainer(cfg.trainer, max_steps=int(est.max_steps), logger=False, enable_checkpointing=False,
+    callbacks, resume_from = stage_checkpointing(checkpoint_dir, stage_every_n_steps(cfg))
+    trainer = build_trainer(cfg.trainer, max_steps=int(est.max_steps), logger=False,
+                            enable_checkpointing=bool(callbacks), callbacks=callbacks,
                             limit_val_batches=0, enable_model_summary=False)
-    trainer.fit(module, preference_loader(examples, tokenizer, int(est.batch_size), shuffle=True, seed=seed))
+    trainer.fit(module, preference_loader(examples, tokenizer, int(est.batch_size), shuffle=True, seed=seed),
+                ckpt_path=resume_from)
     return policy
 
 
-def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed: int):
+def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed: int,
+                    checkpoint_dir: Path | None = None):
     """An SFT model trained from ``init`` on {prompt, response} rows with the estimator's settings."""
     from tisdpo.pipeline.loaders import tokenize_sft
     from tisdpo.pipeline.sft_stage import train_sft
@@ -64,19 +71,28 @@ def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed:
     sft_cfg = OmegaConf.merge(cfg, {"sft": {"optim": OmegaConf.to_container(est.optim, resolve=True),
                                             "batch_size": int(est.batch_size)}})
     examples = tokenize_sft(rows, tokenizer, cfg.dataset, int(cfg.sft.max_length))
-    return train_sft(init, examples, tokenizer, sft_cfg, max_steps=int(est.max_steps), seed=seed)
+    return train_sft(init, examples, tokenizer, sft_cfg, max_steps=int(est.max_steps), seed=seed,
+                     checkpoint_dir=checkpoint_dir)
 
 
 def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: list[dict],
                train_examples: list[dict], tokenizer) -> None:
-    """Write pi+ to out/positive and pi- to out/negative."""
+    """Write pi+ to out/positive and pi- to out/negative.
+
+    ``out`` is the artifact's stable build dir: each model checkpoints in out/_resume/<side> and is
+    marked done once saved, so a killed build resumes where it stopped (pi+ is not trained again)."""
+    from tisdpo.pipeline.cache import RESUME_SUBDIR
+
     name = cfg.estimator.name
+    work = out / RESUME_SUBDIR
     if name == "dpo_pair":
         if sft_dir is None:
             raise ValueError("estimator=dpo_pair starts from an SFT model: the SFT stage was skipped and no checkpoint is on disk")
-        models = {
-            "positive": train_dpo_model(cfg, sft_dir, train_examples, tokenizer, seed=cfg.seed),
-            "negative": train_dpo_model(cfg, sft_dir, [swap_pair(e) for e in train_examples], tokenizer, seed=cfg.seed + 1),
+        trainers = {
+            "positive": lambda: train_dpo_model(cfg, sft_dir, train_examples, tokenizer, seed=cfg.seed,
+                                                checkpoint_dir=work / "positive"),
+            "negative": lambda: train_dpo_model(cfg, sft_dir, [swap_pair(e) for e in train_examples], tokenizer,
+                                                seed=cfg.seed + 1, checkpoint_dir=work / "negative"),
         }
     elif name == "sft_pair":
         from tisdpo.pipeline.sft_stage import base_model
@@ -86,15 +102,23 @@ def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: 
                 return build_model(name_or_path=str(sft_dir), dtype=cfg.model.get("dtype"))
             return base_model(cfg, tokenizer)
 
-        models = {
-            side: train_sft_model(cfg, init(), [{"prompt": r["prompt"], "response": r[key]} for r in train_rows],
-                                  tokenizer, seed=cfg.seed + offset)
-            for side, key, offset in (("positive", "chosen", 0), ("negative", "rejected", 1))
-        }
+        def sft_side(side: str, key: str, offset: int):
+            rows = [{"prompt": r["prompt"], "response": r[key]} for r in train_rows]
+            return lambda: train_sft_model(cfg, init(), rows, tokenizer, seed=cfg.seed + offset,
+                                           checkpoint_dir=work / side)
+
+        trainers = {side: sft_side(side, key, offset)
+                    for side, key, offset in (("positive", "chosen", 0), ("negative", "rejected", 1))}
     else:
         raise ValueError(f"estimator={name} trains no model pair")
-    for side, model in models.items():
-        model.save_pretrained(out / side)
+    for side, train in trainers.items():
+        done = work / f"{side}.done"
+        if done.is_file():
+            log.info("estimator %s: pi %s already trained by the interrupted build", name, side)
+            continue
+        train().save_pretrained(out / side)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.touch()
 
 
 def _difference(positive: list[torch.Tensor], negative: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:

@@ -1,0 +1,90 @@
+"""Hydra callbacks (``hydra.callbacks`` in conf/hydra/default.yaml).
+
+:class:`SweepSummary` keeps ``<multirun dir>/sweep_summary.json`` up to date: one entry per job
+(dir, overrides, status, error), rewritten as each job ends. It is written per job and not only at
+the end because Hydra skips ``on_multirun_end`` when a job failed (the basic sweeper re-raises the
+first failure once every job of the batch has run). Jobs running in parallel (joblib launcher)
+update it under a file lock. Light imports only: Hydra instantiates callbacks for every run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+SUMMARY = "sweep_summary.json"
+
+
+def _is_multirun(config: DictConfig) -> bool:
+    try:
+        from hydra.types import RunMode
+
+        return config.hydra.mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _update(sweep_dir: Path, change) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / SUMMARY
+    with FileLock(str(path) + ".lock"):
+        try:
+            summary = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            summary = {}
+        summary.setdefault("sweep_dir", str(sweep_dir))
+        summary.setdefault("jobs", [])
+        change(summary)
+        jobs = summary["jobs"]
+        summary["counts"] = {"jobs": len(jobs), "ok": sum(j["status"] == "ok" for j in jobs),
+                             "failed": sum(j["status"] == "failed" for j in jobs)}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, path)
+
+
+class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        def start(summary: dict) -> None:
+            summary["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            summary["finished"] = None
+
+        _update(Path(config.hydra.sweep.dir), start)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if not _is_multirun(config):
+            return
+        from hydra.core.utils import JobStatus
+
+        failed = job_return.status != JobStatus.COMPLETED
+        error = getattr(job_return, "_return_value", None) if failed else None  # return_value would raise
+        job_dir = Path(config.hydra.runtime.output_dir)
+        entry = {
+            "num": int(config.hydra.job.num),
+            "dir": job_dir.name,
+            "overrides": list(job_return.overrides or []),
+            "status": "failed" if failed else "ok",
+            "error": f"{type(error).__name__}: {error}" if error is not None else None,
+            "failed_json": str(job_dir / "failed.json") if (job_dir / "failed.json").is_file() else None,
+            "results_json": str(job_dir / "results.json") if (job_dir / "results.json").is_file() else None,
+            "ended": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+
+        def add(summary: dict) -> None:
+            summary["jobs"] = sorted([j for j in summary["jobs"] if j.get("num") != entry["num"]] + [entry],
+                                     key=lambda j: j["num"])
+
+        _update(Path(config.hydra.sweep.dir), add)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # Reached only when every job succeeded (see the module docstring).
+        def finish(summary: dict) -> None:
+            summary["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+
+        _update(Path(config.hydra.sweep.dir), finish)
