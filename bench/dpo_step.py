@@ -19,8 +19,9 @@ Contenders, all on the same model init, the same batches, the same precision, op
 
 Step time = start-to-start time of consecutive optimiser steps (data loading, logging, callbacks
 included), median over the steps after warm-up. Contenders run in rounds, in a rotated order each
-round, and every ratio is the median over rounds of the per-round ratio, so a machine shared with
-other jobs biases no contender. Peak memory: each contender again in a fresh subprocess (CUDA: peak
+round; a contender's step time is that median in its quietest round (on a machine shared with
+other jobs, bursts of load slow whole rounds several-fold), and the ratios are ratios of those.
+The per-round table and the median of per-round ratios are printed too. Peak memory: each contender again in a fresh subprocess (CUDA: peak
 allocated; CPU: peak RSS above the process before its models were built, sampled every ms).
 Also: estimator scoring throughput (tisdpo.weights.scoring.response_logps) vs a bare no-grad forward,
 and the one-off cost of the reference-cache pass. The last line is machine-readable:
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-length", type=int, default=None, help="default length // 2")
     p.add_argument("--steps", type=int, default=8, help="timed steps per contender and round")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--precision", default="auto", help="auto (bf16-mixed where supported, else 32-true) | 32-true | bf16-mixed")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing for every contender")
     p.add_argument("--lr", type=float, default=1e-5)
@@ -508,8 +509,20 @@ def quiet():
         pass
 
 
+def best_round(results, name: str) -> float | None:
+    """A contender's step time: its median step time in its quietest round (the smallest round median)."""
+    times = [r[name] for r in results if name in r]
+    return min(times) if times else None
+
+
 def ratio(results, a: str, b: str) -> float | None:
-    """Median over rounds of the per-round ratio of median step times."""
+    """Ratio of the two contenders' quietest-round median step times."""
+    x, y = best_round(results, a), best_round(results, b)
+    return x / y if x is not None and y is not None else None
+
+
+def ratio_per_round(results, a: str, b: str) -> float | None:
+    """Median over rounds of the per-round ratio (a cross-check; less robust to bursts of load)."""
     pairs = [r[a] / r[b] for r in results if a in r and b in r]
     return statistics.median(pairs) if pairs else None
 
@@ -558,11 +571,13 @@ def main(argv=None) -> dict:
         print(f"round {r + 1}: " + "  ".join(f"{k} {row[k]:.3f}s" for k in contenders))
     report["rounds"] = results
 
-    print("\nstep time (median over rounds) and throughput")
+    print("\nstep time (median step of each contender's quietest round) and throughput")
     for name in contenders:
-        t = statistics.median(r[name] for r in results)
+        t = best_round(results, name)
+        spread = max(r[name] for r in results) / t
         report[f"step_s/{name}"] = t
-        print(f"  {name:12s} {t:8.3f} s/step   {tokens_per_step / t:9.0f} tokens/s")
+        print(f"  {name:13s} {t:8.3f} s/step   {tokens_per_step / t:9.0f} tokens/s"
+              + (f"   (rounds spread x{spread:.1f}: the machine was busy)" if spread > 1.3 else ""))
     ratios = {
         "ours/trl": ratio(results, "ours", "trl"),
         "ours/bare": ratio(results, "ours", "bare"),
@@ -575,10 +590,14 @@ def main(argv=None) -> dict:
         "bare_lean/bare": ratio(results, "bare_lean", "bare"),
     }
     report.update(ratios)
-    print("ratios (median of per-round ratios; < 1 = first is faster)")
+    names = {"ours": "ours", "cached": "ours_cached", "trl": "trl", "bare": "bare", "bare_lean": "bare_lean",
+             "standard": "ours_standard"}
+    per_round = {k: ratio_per_round(results, *(names[x] for x in k.split("/"))) for k in ratios}
+    report.update({f"{k} (median of per-round ratios)": v for k, v in per_round.items()})
+    print("ratios of those step times (< 1 = first is faster); in brackets the median of per-round ratios")
     for k, v in ratios.items():
         if v is not None:
-            print(f"  {k:15s} {v:.3f}")
+            print(f"  {k:15s} {v:.3f}   [{per_round[k]:.3f}]")
     saved = report.get("step_s/ours", 0) - report.get("step_s/ours_cached", 0)
     print(f"reference cache: one pass over {len(examples)} pairs took {ref_seconds:.2f}s "
           f"({2 * len(examples) * args.length / ref_seconds:.0f} tokens/s)"

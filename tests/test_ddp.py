@@ -122,3 +122,48 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         assert torch.allclose(ranks[0]["state"][key], value, atol=1e-5), key
         moved = max(moved, (value - initial[key]).abs().max().item())
     assert moved > 1e-4  # training changed the weights: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("launcher, target", [
+    ("joblib_local", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])
+def test_sweep_launcher_configs_compose(launcher, target):
+    pytest.importorskip(target.rsplit(".", 2)[0])
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    node = cfg.hydra.launcher
+    assert node._target_ == target
+    if launcher == "slurm":
+        assert node.tasks_per_node == node.gpus_per_node == 1 and node.timeout_min == 1440
+    else:
+        assert int(node.n_jobs) >= 1 and node.backend == "loky"
+
+
+def test_upstream_stages_run_on_one_device():
+    """Under a multi-process trainer the SFT/estimator stages get a one-device trainer (no DDP
+    launch inside an artifact build, where the other ranks would wait on its lock)."""
+    from tisdpo.pipeline.train_stage import single_process_config
+
+    for name in ("cpu", "gpu"):
+        cfg = compose_config([f"trainer={name}"], tiny=False)
+        assert single_process_config(cfg) is cfg
+    for name in ("ddp", "ddp_cpu", "fsdp", "deepspeed"):
+        cfg = compose_config([f"trainer={name}"], tiny=False)
+        single = single_process_config(cfg)
+        assert single.trainer.devices == 1 and single.trainer.strategy == "auto"
+        assert cfg.trainer.devices != 1 or cfg.trainer.strategy != "auto"  # the original is untouched
+
+
+def test_fsdp_strategy_wraps_decoder_layers():
+    from hydra.utils import instantiate
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    strategy = instantiate(compose_config(["trainer=fsdp"], tiny=False).trainer.strategy, _convert_="all")
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy) and LlamaDecoderLayer in policy._module_classes
