@@ -7,17 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import compose_config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def metrics(results_file: Path) -> dict[str, float]:

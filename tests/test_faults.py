@@ -23,14 +23,6 @@ from tisdpo.pipeline.validate import ConfigError, validate_config
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------
 # 2. bad data: every listed case, through the public API
 # ---------------------------------------------------------------------------------------

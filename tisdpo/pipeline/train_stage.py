@@ -9,10 +9,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from tisdpo.pipeline.loss_config import build_loss_spec
-from tisdpo.models.loading import build_model, frozen_copy
+from tisdpo.models.loading import build_model
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.pipeline.loaders import build_trainer, preference_loader
 from tisdpo.pipeline.resume import RNGStateCallback
