@@ -19,6 +19,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+# The smallest Llama the unit tests build directly (vocabulary taken from the tokenizer).
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=128)
+
 # A model and task small enough that a whole pipeline run takes seconds on 2 CPU cores.
 TINY = [
     "model.config.hidden_size=32",

@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import compose_config
+from tests.conftest import TINY_MODEL, compose_config
 from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
@@ -14,8 +14,6 @@ from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 from tisdpo.weights.gradient import GradientWeights, TripletTerm, embedding_attribution
 
-TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=2, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import compose_config
+from tests.conftest import TINY_MODEL, compose_config
 from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
@@ -15,8 +15,6 @@ from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
-TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=2, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")

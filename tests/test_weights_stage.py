@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import compose_config
+from tests.conftest import TINY_MODEL, compose_config
 from tisdpo.models.loading import build_model
 from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.loaders import tokenize_pairs
@@ -14,8 +14,6 @@ from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 from tisdpo.weights.estimators import _difference, swap_pair
 from tisdpo.weights.scoring import naive_response_logps, response_logps
 
-TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=2, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")
