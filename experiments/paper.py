@@ -6,7 +6,9 @@ One YAML file per table in ``experiments/paper_tables/``:
 - ``metrics``: name (the paper's column), direction (up/down), unit, ``key`` (our logged metric),
   ``alt_keys`` (fallbacks), ``ours_scale`` (multiply ours to get the paper's unit, e.g. 100 for
   a fraction shown in %), ``where`` (settings a run must have to count for this column, e.g.
-  {dataset.label_noise: 0.1});
+  {dataset.label_noise: 0.1}), ``stand_in`` (optional: ``{key, label, scale}``, the built-in task's
+  metric that measures the same property, used by reports of runs below the paper's scale when
+  none of the metric's own keys was logged, e.g. true reward for MT-Bench);
 - ``rows``: method (the paper's label), ``match`` (settings that identify our runs of it, e.g.
   {loss: tisdpo, estimator: dpo_pair}), ``values`` {metric name: number or null};
 - ``orderings``: claims checked on our numbers: ``chain: [best, ..., worst]`` or
@@ -14,7 +16,7 @@ One YAML file per table in ``experiments/paper_tables/``:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,15 @@ import yaml
 
 TABLES_DIR = Path(__file__).resolve().parent / "paper_tables"
 DIRECTIONS = {"up": "up", "↑": "up", "higher": "up", "down": "down", "↓": "down", "lower": "down"}
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """A built-in task metric that measures what a paper metric measures (same direction)."""
+
+    key: str
+    label: str
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -34,10 +45,20 @@ class MetricSpec:
     ours_scale: float = 1.0
     where: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    stand_in: StandIn | None = None
+    standing_in: bool = False   # True: this spec reads the stand-in key instead of the paper's metric
 
     @property
     def keys(self) -> tuple[str, ...]:
         return (self.key, *self.alt_keys)
+
+    def with_stand_in(self) -> MetricSpec:
+        """The same column (name, direction, ``where``) read from the built-in task's stand-in metric."""
+        if self.stand_in is None:
+            raise ValueError(f"metric {self.name!r} has no stand_in")
+        return replace(self, key=self.stand_in.key, alt_keys=(), ours_scale=self.stand_in.scale,
+                       unit="%" if self.unit == "%" and self.stand_in.scale == 100 else None,
+                       standing_in=True)
 
     @property
     def arrow(self) -> str:
@@ -177,4 +198,13 @@ def _parse_metric(entry: dict[str, Any]) -> MetricSpec:
     return MetricSpec(name=str(entry["name"]), key=str(entry["key"]), direction=direction,
                       unit=entry.get("unit"), alt_keys=tuple(entry.get("alt_keys") or ()),
                       ours_scale=float(entry.get("ours_scale", 1.0)), where=dict(entry.get("where") or {}),
-                      description=str(entry.get("description", "")))
+                      description=str(entry.get("description", "")), stand_in=_parse_stand_in(entry))
+
+
+def _parse_stand_in(entry: dict[str, Any]) -> StandIn | None:
+    raw = entry.get("stand_in")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or "key" not in raw:
+        raise ValueError(f"metric {entry.get('name')!r}: stand_in must be a mapping with a 'key', got {raw!r}")
+    return StandIn(key=str(raw["key"]), label=str(raw.get("label") or raw["key"]), scale=float(raw.get("scale", 1.0)))

@@ -108,7 +108,11 @@ def build_report(source: str, runs: list[Run], table: PaperTable | None,
         # a column's `where` setting (e.g. the label-noise level) is not part of a method's identity
         ignore += [k for metric in table.metrics for k in metric.where]
     methods = group_methods(runs, ignore)
+    ok_runs = [r for r in runs if r.ok]
+    paper_scale = bool(ok_runs) and all(r.scale == "paper" for r in ok_runs)
     metrics = list(table.metrics) if table else discover_metrics(methods)
+    if table is not None and not paper_scale:
+        metrics = [effective_metric(m, methods) for m in metrics]
 
     def ours(method: Method) -> dict[str, Stat | None]:
         return {m.name: Stat.of(method.values(m.keys, m.where, m.ours_scale)) for m in metrics}
@@ -127,19 +131,31 @@ def build_report(source: str, runs: list[Run], table: PaperTable | None,
                 rows.append(ReportRow(label, paper_row.method, method, ours(method), dict(paper_row.values)))
         rows += [ReportRow(methods[i].label, None, methods[i], ours(methods[i]))
                  for i, name in assigned.items() if name is None]
-    ok_runs = [r for r in runs if r.ok]
-    paper_scale = bool(ok_runs) and all(r.scale == "paper" for r in ok_runs)
     report = Report(source, runs, methods, metrics, rows, table, paper_scale)
     if table is not None:
-        report.orderings = [evaluate_ordering(o, table, rows) for o in table.orderings]
+        by_name = {m.name: m for m in metrics}
+        report.orderings = [evaluate_ordering(o, table, rows, by_name[o.metric]) for o in table.orderings]
     return report
+
+
+def effective_metric(metric: MetricSpec, methods: Sequence[Method]) -> MetricSpec:
+    """Below the paper's scale, a paper metric none of our runs logged is read from its stand-in.
+
+    The built-in task has no MT-Bench or GSM8K; a table may name the built-in metric that measures
+    the same property (``stand_in``), so the paper's orderings can still be checked on it.
+    """
+    if metric.stand_in is None or any(m.values(metric.keys, metric.where) for m in methods):
+        return metric
+    return metric.with_stand_in()
 
 
 # ---------------------------------------------------------------- orderings
 
 
-def evaluate_ordering(ordering: Ordering, table: PaperTable, rows: Sequence[ReportRow]) -> OrderingResult:
-    metric = table.metric(ordering.metric)
+def evaluate_ordering(ordering: Ordering, table: PaperTable, rows: Sequence[ReportRow],
+                      metric: MetricSpec | None = None) -> OrderingResult:
+    """Check one claim on our means; ``metric`` is the column as the report reads it (maybe a stand-in)."""
+    metric = metric or table.metric(ordering.metric)
     paper_values = {row.method: row.values.get(metric.name) for row in table.rows}
     ours_by_row: dict[str, list[ReportRow]] = {}
     for row in rows:
@@ -217,11 +233,15 @@ def format_paper(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def metric_header(metric: MetricSpec, table: PaperTable | None) -> str:
+def metric_header(metric: MetricSpec, table: PaperTable | None, ours: bool = True) -> str:
+    """Column header; our column of a stand-in metric names the stand-in in [brackets]."""
     if table is None:
         return metric.name
+    if not ours and metric.standing_in:
+        metric = table.metric(metric.name)
     unit = f" ({metric.unit})" if metric.unit == "%" else ""
-    return f"{metric.name} {metric.arrow}{unit}"
+    stand_in = f" [{metric.stand_in.label}]" if metric.standing_in else ""
+    return f"{metric.name} {metric.arrow}{unit}{stand_in}"
 
 
 def display_frame(report: Report, digits: int = 2, pm: str = "±") -> pd.DataFrame:
@@ -239,7 +259,7 @@ def display_frame(report: Report, digits: int = 2, pm: str = "±") -> pd.DataFra
                 record[header] = ours_cell
         if report.table is not None and not report.paper_scale:
             for metric in report.metrics:
-                record[f"{metric_header(metric, report.table)} (paper, ref.)"] = format_paper(row.paper.get(metric.name))
+                record[f"{metric_header(metric, report.table, ours=False)} (paper, ref.)"] = format_paper(row.paper.get(metric.name))
         records.append(record)
     return pd.DataFrame.from_records(records)
 
@@ -304,9 +324,17 @@ def orderings_frame(report: Report) -> pd.DataFrame:
     records = []
     for result in report.orderings:
         records.append({"claim": result.ordering.describe(result.metric), "ours": result.status,
+                        "measured by": measured_by(result.metric),
                         "paper holds": {True: "yes", False: "NO", None: "n/a"}[result.paper_holds],
                         "detail": result.detail, "note": result.ordering.claim})
-    return pd.DataFrame.from_records(records, columns=["claim", "ours", "paper holds", "detail", "note"])
+    return pd.DataFrame.from_records(records, columns=["claim", "ours", "measured by", "paper holds", "detail", "note"])
+
+
+def measured_by(metric: MetricSpec) -> str:
+    if metric.standing_in:
+        return f"built-in stand-in: {metric.stand_in.label} (`{metric.key}`)"
+    return "the paper's metric"
+
 
 
 def failures_frame(report: Report) -> pd.DataFrame:
@@ -347,7 +375,14 @@ def render_markdown(report: Report, digits: int = 2) -> str:
     if report.table is not None:
         lines += ["", "Metric keys: " + "; ".join(
             f"{m.name} = `{'` or `'.join(m.keys)}`" + (f" ×{m.ours_scale:g}" if m.ours_scale != 1 else "")
-            + (f" where {m.where}" if m.where else "") for m in report.metrics)]
+            + (f" where {m.where}" if m.where else "")
+            + (f" (built-in task stand-in: {m.stand_in.label})" if m.standing_in else "") for m in report.metrics)]
+        stand_ins = [m for m in report.metrics if m.standing_in]
+        if stand_ins:
+            lines += ["", "Stand-ins: no run logged " + ", ".join(m.name for m in stand_ins) + ", so those columns "
+                      "and the orderings on them read the built-in task's metric named in [brackets], which "
+                      "measures the same property (same direction). The paper's numbers beside them are on the "
+                      "paper's own scale and are not comparable in value, only in order."]
         lines += ["", "## Orderings claimed by the paper", ""]
         if report.orderings:
             counts = {s: sum(r.status == s for r in report.orderings)

@@ -302,6 +302,65 @@ def test_more_specific_paper_rows_win(tmp_path):
     assert by_row == {"TIS-DPO(D)": pytest.approx(95.0), "w/o η": pytest.approx(90.0)}
 
 
+def write_builtin_task_runs(root: Path, scale: str) -> Path:
+    """Runs that logged only the built-in task's metrics (no MT-Bench, no reward-model judges)."""
+    builtin = {"dpo": (["loss=dpo"], {"eval/true_reward": [9.0, 10.0], "eval/win_rate": [0.90, 0.92],
+                                      "eval/harmful_rate": [0.010, 0.012], "eval/helpfulness": [6.0, 6.0]}),
+               "tis_d": (["loss=tisdpo", "estimator=dpo_pair"],
+                         {"eval/true_reward": [11.0, 12.0], "eval/win_rate": [0.96, 0.98],
+                          "eval/harmful_rate": [0.004, 0.006], "eval/helpfulness": [7.0, 7.0]})}
+    for name, (overrides, metrics) in builtin.items():
+        for seed in range(2):
+            write_job(root / f"{name}_{seed}", [*overrides, f"seed={seed}"],
+                      {**{k: v[seed] for k, v in metrics.items()}, "eval/safe_rate": 0.9,
+                       "config": {"label": name, "scale": scale}})
+    return root
+
+
+def test_below_paper_scale_unlogged_metrics_read_their_built_in_stand_ins(tmp_path):
+    runs = write_builtin_task_runs(tmp_path / "runs", scale="tiny")
+    out = tmp_path / "out"
+    assert main([str(runs), "--table", "tisdpo_pku_main", "--out", str(out), "--no-plots"]) == 0
+    table = pd.read_csv(out / "table.csv").set_index("method")
+    assert table.loc["TIS-DPO(D)", "MT mean"] == pytest.approx(11.5)        # eval/true_reward
+    assert table.loc["TIS-DPO(D)", "Win mean"] == pytest.approx(97.0)       # eval/win_rate x100
+    assert table.loc["DPO", "Harm mean"] == pytest.approx(1.1)              # eval/harmful_rate in %
+    assert table.loc["TIS-DPO(D)", "MT paper"] == 4.3                       # the paper's value, untouched
+    header = (out / "table.md").read_text().splitlines()[0]
+    assert "MT ↑ [true reward]" in header and "MT ↑ (paper, ref.)" in header
+    orderings = pd.read_csv(out / "orderings.csv")
+    mt = orderings[orderings["claim"] == "MT ↑: TIS-DPO(D) > DPO"].iloc[0]
+    assert mt["ours"] == "reproduced" and "true reward (`eval/true_reward`)" in mt["measured by"]
+    harm = orderings[orderings["claim"] == "Harm ↓: TIS-DPO(D) < TIS-DPO(S) < DPO"].iloc[0]
+    assert harm["ours"] == "not evaluated"                                  # no TIS-DPO(S) runs
+    assert (orderings[orderings["claim"].str.startswith("Llama-Guard")]["measured by"] == "the paper's metric").all()
+    assert "Stand-ins: no run logged Harm, Help, MT, Win" in (out / "report.md").read_text()
+
+
+def test_at_paper_scale_stand_ins_are_never_used(tmp_path):
+    runs = write_builtin_task_runs(tmp_path / "runs", scale="paper")
+    report = build_report(str(runs), collect_runs(runs), load_paper_table("tisdpo_pku_main"))
+    assert not any(m.standing_in for m in report.metrics)
+    assert {o.status for o in report.orderings if o.ordering.metric == "MT"} == {"not evaluated"}
+
+
+def test_a_logged_paper_metric_wins_over_its_stand_in(tmp_path):
+    runs = write_builtin_task_runs(tmp_path / "runs", scale="tiny")
+    write_job(runs / "judged", ["loss=dpo", "seed=9"], {"eval/mt_bench": 4.0, "config": {"label": "dpo", "scale": "tiny"}})
+    report = build_report(str(runs), collect_runs(runs), load_paper_table("tisdpo_pku_main"))
+    metrics = {m.name: m for m in report.metrics}
+    assert not metrics["MT"].standing_in and metrics["Win"].standing_in
+
+
+def test_a_malformed_stand_in_names_the_metric(tmp_path):
+    table = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments/paper_tables/tisdpo_ablation.yaml").read_text())
+    table["metrics"][3]["stand_in"] = "eval/true_reward"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(table))
+    with pytest.raises(ValueError, match="metric 'MT': stand_in must be a mapping"):
+        load_paper_table(path)
+
+
 def test_cli_errors(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert "neither a directory" in capsys.readouterr().err
