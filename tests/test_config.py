@@ -29,10 +29,25 @@ def test_every_group_choice_composes(tmp_path, group, choice):
     assert cfg[group] is not None
 
 
-@pytest.mark.parametrize("experiment", _choices("experiment"))
-def test_every_experiment_composes(tmp_path, experiment):
-    cfg = compose_config([f"experiment={experiment}"], tmp_path, tiny=False)
-    OmegaConf.to_container(cfg, resolve=True)
+def _swept_methods(experiment: str) -> list[str]:
+    params = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
+    return str(params.method).split(",")
+
+
+EXPERIMENT_CASES = [(e, s) for e in _choices("experiment") for s in ("tiny", "paper")]
+
+
+@pytest.mark.parametrize("experiment,scale", EXPERIMENT_CASES, ids=[f"{e}-{s}" for e, s in EXPERIMENT_CASES])
+def test_every_experiment_composes_at_both_scales_for_every_swept_method(tmp_path, experiment, scale):
+    for method in _swept_methods(experiment):
+        cfg = compose_config([f"experiment={experiment}", f"scale={scale}", f"method={method}"], tmp_path, tiny=False)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert resolved["scale"] == scale and resolved["paper_table"], (experiment, method)
+        if scale == "tiny":
+            assert cfg.dataset.name == "synthetic" and cfg.model.name_or_path is None
+            validate_config(cfg)   # the tiny sweep is the one that runs here: it must pass validation
+        else:
+            assert cfg.model.name_or_path and cfg.dataset.name != "synthetic", (experiment, method)
 
 
 def test_defaults_are_the_builtin_task_with_dpo(tmp_path):
