@@ -12,7 +12,9 @@ One YAML file per table in ``experiments/paper_tables/``:
 - ``rows``: method (the paper's label), ``match`` (settings that identify our runs of it, e.g.
   {loss: tisdpo, estimator: dpo_pair}), ``values`` {metric name: number or null};
 - ``orderings``: claims checked on our numbers: ``chain: [best, ..., worst]`` or
-  ``best: method`` (optionally ``among: [...]``), for ``metric`` or each of ``metrics``.
+  ``best: method`` (optionally ``among: [...]``), for ``metric`` or each of ``metrics``; or, with
+  ``drop: [from metric, to metric]``, on how much each method loses between two columns (less is
+  better for an "up" metric), e.g. accuracy lost from 0% to 40% label noise.
 """
 from __future__ import annotations
 
@@ -85,8 +87,17 @@ class Ordering:
     best: str | None = None
     among: tuple[str, ...] = ()
     claim: str = ""
+    drop_from: str | None = None   # rank methods by how much they lose from this column to ``metric``
+
+    def judged_metric(self, metric: MetricSpec) -> MetricSpec:
+        """The quantity the claim ranks: ``metric`` itself, or the loss from ``drop_from`` to it."""
+        if self.drop_from is None:
+            return metric
+        return replace(metric, name=f"drop {self.drop_from}→{metric.name}",
+                       direction="down" if metric.direction == "up" else "up")
 
     def describe(self, metric: MetricSpec) -> str:
+        metric = self.judged_metric(metric)
         sign = " > " if metric.direction == "up" else " < "
         if self.chain:
             return f"{metric.name} {metric.arrow}: " + sign.join(self.chain)
@@ -166,7 +177,12 @@ def _parse(raw: dict[str, Any], path: Path) -> PaperTable:
         raise ValueError(f"duplicate row methods in {methods}")
     orderings = []
     for entry in raw.get("orderings") or []:
-        metric_names = entry.get("metrics") or [entry["metric"]]
+        drop = entry.get("drop")
+        if drop is not None and (not isinstance(drop, list) or len(drop) != 2):
+            raise ValueError(f"ordering {entry}: 'drop' must be [from metric, to metric]")
+        metric_names = [drop[1]] if drop else entry.get("metrics") or [entry["metric"]]
+        if drop and drop[0] not in names:
+            raise ValueError(f"ordering {entry}: unknown metric {drop[0]!r} (metrics: {names})")
         chain = tuple(str(m) for m in entry.get("chain") or ())
         best = entry.get("best")
         among = tuple(str(m) for m in entry.get("among") or ())
@@ -181,7 +197,7 @@ def _parse(raw: dict[str, Any], path: Path) -> PaperTable:
             if metric_name not in names:
                 raise ValueError(f"ordering {entry}: unknown metric {metric_name!r} (metrics: {names})")
             orderings.append(Ordering(str(metric_name), chain, str(best) if best else None, among,
-                                      str(entry.get("claim", ""))))
+                                      str(entry.get("claim", "")), str(drop[0]) if drop else None))
     return PaperTable(
         name=str(raw.get("name") or path.stem), title=str(raw.get("title", "")),
         citation={str(k): str(v) for k, v in (raw.get("citation") or {}).items()},

@@ -155,8 +155,18 @@ def effective_metric(metric: MetricSpec, methods: Sequence[Method]) -> MetricSpe
 def evaluate_ordering(ordering: Ordering, table: PaperTable, rows: Sequence[ReportRow],
                       metric: MetricSpec | None = None) -> OrderingResult:
     """Check one claim on our means; ``metric`` is the column as the report reads it (maybe a stand-in)."""
-    metric = metric or table.metric(ordering.metric)
-    paper_values = {row.method: row.values.get(metric.name) for row in table.rows}
+    column = metric or table.metric(ordering.metric)
+    metric = ordering.judged_metric(column)
+    start = ordering.drop_from
+
+    def judged(values: dict[str, Any]) -> float | None:
+        """The ranked quantity from one row's column values (paper numbers or our means)."""
+        end = values.get(column.name)
+        if start is None or end is None:
+            return end
+        return None if values.get(start) is None else values[start] - end
+
+    paper_values = {row.method: judged(row.values) for row in table.rows}
     ours_by_row: dict[str, list[ReportRow]] = {}
     for row in rows:
         if row.paper_method and row.method is not None:
@@ -166,8 +176,7 @@ def evaluate_ordering(ordering: Ordering, table: PaperTable, rows: Sequence[Repo
         found = ours_by_row.get(name, [])
         if len(found) > 1:
             return "ambiguous"
-        stat = found[0].ours.get(metric.name) if found else None
-        return stat.mean if stat else None
+        return judged({k: v.mean for k, v in found[0].ours.items() if v is not None}) if found else None
 
     paper_holds = _holds(ordering, metric, paper_values, table)
     ours = {name: our_value(name) for name in (r.method for r in table.rows)}
@@ -179,12 +188,12 @@ def evaluate_ordering(ordering: Ordering, table: PaperTable, rows: Sequence[Repo
     missing = [m for m in needed if not isinstance(ours[m], float)]
     if missing or len(needed) < 2:
         why = ", ".join(f"{m} ({'several runs match' if ours[m] == 'ambiguous' else 'no result'})" for m in missing)
-        return OrderingResult(ordering, metric, "not evaluated", why or "no other method to compare with",
+        return OrderingResult(ordering, column, "not evaluated", why or "no other method to compare with",
                               paper_holds)
     values = {m: ours[m] for m in needed}
     holds = _holds(ordering, metric, values, table, among=needed)
     detail = _detail(ordering, metric, values, needed)
-    return OrderingResult(ordering, metric, "reproduced" if holds else "not reproduced", detail, paper_holds)
+    return OrderingResult(ordering, column, "reproduced" if holds else "not reproduced", detail, paper_holds)
 
 
 def _holds(ordering: Ordering, metric: MetricSpec, values: dict[str, Any], table: PaperTable,

@@ -290,6 +290,30 @@ def test_label_noise_columns_come_from_where_settings(tmp_path):
     status = [(o.ordering.metric, o.ordering.chain, o.status) for o in report.orderings]
     assert ("0%", ("TI-DPO", "DPO"), "reproduced") in status and ("40%", ("TI-DPO", "DPO"), "reproduced") in status
     assert ("10%", ("TI-DPO", "DPO"), "not evaluated") in status
+    drop = next(o for o in report.orderings if o.ordering.drop_from == "0%" and o.ordering.chain == ("TI-DPO", "DPO"))
+    # DPO loses 71 -> 61 = 10 points, TI-DPO 74 -> 69 = 5: TI-DPO degrades less
+    assert (drop.status, drop.paper_holds) == ("reproduced", True)
+    assert drop.detail == "TI-DPO 5 ✓ DPO 10" and drop.ordering.describe(drop.metric) == "drop 0%→40% ↓: TI-DPO < DPO"
+
+
+def test_a_drop_ordering_fails_when_the_method_loses_more(tmp_path):
+    for method, (clean, noisy) in (("dpo", (0.70, 0.65)), ("tidpo", (0.90, 0.70))):
+        for noise, value in ((0.0, clean), (0.4, noisy)):
+            write_job(tmp_path / f"{method}_{noise}", [f"loss={method}", f"dataset.label_noise={noise}", "seed=0"],
+                      {"eval/gsm8k": value, "config": {"label": method}})
+    report = build_report(str(tmp_path), collect_runs(tmp_path), load_paper_table("tidpo_label_noise"))
+    results = {(o.ordering.drop_from, o.ordering.metric, o.ordering.chain): o.status for o in report.orderings}
+    assert results[("0%", "40%", ("TI-DPO", "DPO"))] == "not reproduced"     # ahead at 0% and 40%, but lost more
+    assert results[(None, "40%", ("TI-DPO", "DPO"))] == "reproduced"
+
+
+def test_a_malformed_drop_ordering_is_refused(tmp_path):
+    table = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments/paper_tables/tidpo_label_noise.yaml").read_text())
+    table["orderings"].append({"drop": ["0%", "90%"], "chain": ["TI-DPO", "DPO"]})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(table))
+    with pytest.raises(ValueError, match="unknown metric '90%'"):
+        load_paper_table(path)
 
 
 def test_more_specific_paper_rows_win(tmp_path):
