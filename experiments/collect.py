@@ -25,7 +25,8 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-DEFAULT_IGNORE = ("seed", "hydra.*", "paths.*", "logger", "logger.*", "resume", "trainer.devices")
+DEFAULT_IGNORE = ("seed", "hydra.*", "paths.*", "cache.*", "logger", "logger.*", "resume", "trainer.devices",
+                  "trainer.enable_progress_bar")
 FAILURE_MARKERS = ("failed.json", "error", "error.txt")
 _MISSING = object()
 _TEMPERATURE_SUFFIX = re.compile(r"@T([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
