@@ -385,6 +385,22 @@ def test_a_malformed_stand_in_names_the_metric(tmp_path):
         load_paper_table(path)
 
 
+def test_tidpo_ablation_rows_are_told_apart_by_their_settings(tmp_path):
+    def config(label, lam=0.7, gamma=0.1, estimator="gradient"):
+        return {"label": label, "loss": {"name": "tidpo", "triplet": {"gamma": gamma}},
+                "estimator": {"name": estimator, "lam": lam}}
+
+    for name, cfg in (("full", config("TI-DPO")), ("prior_only", config("prior only", lam=0.0)),
+                      ("no_prior", config("w/o Gaussian prior", lam=1.0)),
+                      ("no_triplet", config("w/o triplet loss", gamma=0.0)),
+                      ("uniform", config("uniform weights", estimator="uniform"))):
+        write_job(tmp_path / name, [f"method={name}", "seed=0"], {"eval/true_reward": 1.0, "config": cfg})
+    report = build_report(str(tmp_path), collect_runs(tmp_path), load_paper_table("tidpo_ablation"))
+    rows = {r.method.label: r.paper_method for r in report.rows if r.method}
+    assert rows == {"TI-DPO": "full TI-DPO", "prior only": None, "w/o Gaussian prior": "w/o Gaussian prior",
+                    "w/o triplet loss": "w/o triplet loss", "uniform weights": "uniform weights"}
+
+
 def test_cli_errors(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert "neither a directory" in capsys.readouterr().err
