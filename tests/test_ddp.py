@@ -167,3 +167,27 @@ def test_fsdp_strategy_wraps_decoder_layers():
     strategy = instantiate(compose_config(["trainer=fsdp"], tiny=False).trainer.strategy, _convert_="all")
     policy = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy) and LlamaDecoderLayer in policy._module_classes
+
+
+def test_run_py_under_two_process_ddp_writes_one_results_file(tmp_path):
+    """The whole pipeline through `python run.py trainer=ddp_cpu`: Lightning re-launches run.py for
+    rank 1 in the same run dir; only rank 0 evaluates and writes results.json."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TINY
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "run.py"), *TINY, "trainer=ddp_cpu", "train.max_steps=4",
+           "train.batch_size=4", f"paths.root_dir={tmp_path}", f"cache.dir={tmp_path / 'cache'}",
+           f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["train/steps"] == 4 and results["config"]["trainer"]["strategy"] == "ddp"
+    assert "eval/true_reward" in results
+    output = done.stdout + done.stderr   # both ranks log to the console
+    assert output.count("results.json (") == 1, "only rank 0 writes results.json"   # "wrote <path> (<secs>s)"
+    assert "rank 1: training done; evaluation and results.json are rank 0's" in output

@@ -115,6 +115,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results.update(getattr(callback, "latest", {}))
     timed("train", t0)
     results["train/steps"] = int(module.global_step)
+    if module.global_rank != 0:
+        # Under DDP every rank runs this script (Lightning re-launches it) and ends training with
+        # the same weights; evaluating again and writing the same results.json would only race rank 0.
+        log.info("rank %d: training done; evaluation and results.json are rank 0's", module.global_rank)
+        return results
 
     t0 = time.perf_counter()
     from tisdpo.pipeline.eval_stage import eval_stage
