@@ -29,6 +29,8 @@ from .paper import MetricSpec, Ordering, PaperTable, list_paper_tables, load_pap
 
 # ---------------------------------------------------------------- the table model
 
+SEPARATION = 2.0   # a link is "clear of seed noise" when its gap exceeds this many standard errors
+
 
 @dataclass
 class ReportRow:
@@ -50,6 +52,14 @@ class OrderingResult:
     status: str              # reproduced | not reproduced | not evaluated
     detail: str
     paper_holds: bool | None
+    # The claimed link our numbers support least: (better, worse, gap in standard errors of the
+    # difference of means; negative = the wrong way round). None when not evaluated or n == 1.
+    weakest_link: tuple[str, str, float] | None = None
+
+    @property
+    def clear_of_noise(self) -> bool:
+        """Every link holds by more than 2 standard errors (descriptive, not a significance test)."""
+        return self.weakest_link is not None and self.weakest_link[2] > SEPARATION
 
 
 @dataclass
@@ -178,6 +188,12 @@ def evaluate_ordering(ordering: Ordering, table: PaperTable, rows: Sequence[Repo
             return "ambiguous"
         return judged({k: v.mean for k, v in found[0].ours.items() if v is not None}) if found else None
 
+    def our_standard_error(name: str) -> float:
+        """Standard error of the ranked mean (a drop: of the difference of two independent means)."""
+        stats = ours_by_row[name][0].ours
+        used = [column.name] + ([start] if start else [])
+        return math.sqrt(sum(stats[c].std ** 2 / stats[c].n for c in used))
+
     paper_holds = _holds(ordering, metric, paper_values, table)
     ours = {name: our_value(name) for name in (r.method for r in table.rows)}
     if ordering.chain:
@@ -193,7 +209,22 @@ def evaluate_ordering(ordering: Ordering, table: PaperTable, rows: Sequence[Repo
     values = {m: ours[m] for m in needed}
     holds = _holds(ordering, metric, values, table, among=needed)
     detail = _detail(ordering, metric, values, needed)
-    return OrderingResult(ordering, column, "reproduced" if holds else "not reproduced", detail, paper_holds)
+    links = (list(zip(ordering.chain, ordering.chain[1:])) if ordering.chain
+             else [(ordering.best, m) for m in needed if m != ordering.best])
+    separations = []
+    for better, worse in links:
+        gap = values[better] - values[worse] if metric.direction == "up" else values[worse] - values[better]
+        se = math.hypot(our_standard_error(better), our_standard_error(worse))
+        if math.isnan(se):   # a single seed: no spread to compare the gap with
+            separations = []
+            break
+        if se > 0:
+            separation = gap / se
+        else:   # identical values in every seed: any gap is exact
+            separation = 0.0 if gap == 0 else math.copysign(math.inf, gap)
+        separations.append((better, worse, separation))
+    weakest = min(separations, key=lambda link: link[2]) if separations else None
+    return OrderingResult(ordering, column, "reproduced" if holds else "not reproduced", detail, paper_holds, weakest)
 
 
 def _holds(ordering: Ordering, metric: MetricSpec, values: dict[str, Any], table: PaperTable,
@@ -333,10 +364,19 @@ def orderings_frame(report: Report) -> pd.DataFrame:
     records = []
     for result in report.orderings:
         records.append({"claim": result.ordering.describe(result.metric), "ours": result.status,
+                        "weakest link": format_link(result.weakest_link),
                         "measured by": measured_by(result.metric),
                         "paper holds": {True: "yes", False: "NO", None: "n/a"}[result.paper_holds],
                         "detail": result.detail, "note": result.ordering.claim})
-    return pd.DataFrame.from_records(records, columns=["claim", "ours", "measured by", "paper holds", "detail", "note"])
+    return pd.DataFrame.from_records(records, columns=["claim", "ours", "weakest link", "measured by", "paper holds",
+                                                       "detail", "note"])
+
+
+def format_link(link: tuple[str, str, float] | None) -> str:
+    if link is None:
+        return "-"
+    better, worse, separation = link
+    return f"{better} vs {worse}: {separation:+.1f} SE"
 
 
 def measured_by(metric: MetricSpec) -> str:
@@ -396,9 +436,15 @@ def render_markdown(report: Report, digits: int = 2) -> str:
         if report.orderings:
             counts = {s: sum(r.status == s for r in report.orderings)
                       for s in ("reproduced", "not reproduced", "not evaluated")}
-            lines += [f"{counts['reproduced']} reproduced, {counts['not reproduced']} not reproduced, "
+            clear = sum(r.status == "reproduced" and r.clear_of_noise for r in report.orderings)
+            lines += [f"{counts['reproduced']} reproduced ({clear} with every link more than {SEPARATION:g} standard "
+                      f"errors apart), {counts['not reproduced']} not reproduced, "
                       f"{counts['not evaluated']} not evaluated (of {len(report.orderings)}).", "",
-                      to_markdown(orderings_frame(report))]
+                      to_markdown(orderings_frame(report)), "",
+                      "Reproduced: every link of the claim holds on our means. Weakest link: the claimed "
+                      "comparison our runs support least, as the gap between the two means in standard errors "
+                      "of their difference (negative: the other way round); a description of seed noise, not a "
+                      "significance test."]
         else:
             lines.append("The table records no orderings.")
         if report.table.claims:

@@ -17,9 +17,10 @@ export WANDB_MODE=${WANDB_MODE:-disabled}
 mkdir -p "$OUT/sweeps" "$OUT/reports" "$OUT/logs"
 
 # Longest first (jobs x seconds per job), so the two lanes finish close together.
+# (tisdpo_llm_generated trains its own SFT model and estimators on the contrastive pairs: not last.)
 EXPERIMENTS=(
-  tidpo_label_noise tidpo_ablation tisdpo_comparison tisdpo_pku_main tisdpo_tldr
-  tisdpo_ultrafeedback tidpo_main tisdpo_ablation tisdpo_llm_generated
+  tidpo_label_noise tidpo_ablation tisdpo_comparison tisdpo_pku_main tisdpo_llm_generated
+  tidpo_main tisdpo_tldr tisdpo_ultrafeedback tisdpo_ablation
 )
 
 sweep() {  # one table: the multirun, then its report; appends "name  seconds  rc" to timing.tsv

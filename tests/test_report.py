@@ -237,7 +237,11 @@ def test_report_cli_writes_the_paper_layout_with_exact_numbers(sweep, tmp_path):
     assert "✗ DPO 4.5" in orderings["detail"].iloc[-1]
 
     report = (out / "report.md").read_text()
-    assert "5 reproduced, 1 not reproduced, 0 not evaluated (of 6)" in report
+    assert "5 reproduced (5 with every link more than 2 standard errors apart), 1 not reproduced" in report
+    # weakest link = gap / sqrt(sd_a^2/n_a + sd_b^2/n_b): LG D vs S (95-82)/sqrt(25/3+4/3) = 4.18;
+    # Harm S vs DPO (6-3.5)/sqrt(.25/3+1/3) = 3.87; MT D vs DPO (4.3-4.5)/sqrt(0+.01/3) = -3.46
+    assert list(orderings["weakest link"].iloc[[0, 2, 5]]) == [
+        "TIS-DPO(D) vs TIS-DPO(S): +4.2 SE", "TIS-DPO(S) vs DPO: +3.9 SE", "TIS-DPO(D) vs DPO: -3.5 SE"]
     assert "9_kto_s0" in report and "RuntimeError: CUDA out of memory" in report
     assert "for reference, not comparison" in report
 
@@ -399,6 +403,23 @@ def test_tidpo_ablation_rows_are_told_apart_by_their_settings(tmp_path):
     rows = {r.method.label: r.paper_method for r in report.rows if r.method}
     assert rows == {"TI-DPO": "full TI-DPO", "prior only": None, "w/o Gaussian prior": "w/o Gaussian prior",
                     "w/o triplet loss": "w/o triplet loss", "uniform weights": "uniform weights"}
+
+
+def test_weakest_link_needs_a_spread_and_handles_exact_ties(tmp_path):
+    def safe_rate_orderings(root, with_single_seed_method):
+        methods = [("dpo", ["loss=dpo"], [0.5, 0.5]), ("tis_d", ["loss=tisdpo", "estimator=dpo_pair"], [0.5, 0.5])]
+        if with_single_seed_method:
+            methods.append(("tis_s", ["loss=tisdpo", "estimator=sft_pair"], [0.4]))
+        for name, overrides, values in methods:
+            for seed, value in enumerate(values):
+                write_job(root / f"{name}_{seed}", [*overrides, f"seed={seed}"], {"eval/safe_rate": value, "config": {}})
+        report = build_report(str(root), collect_runs(root), load_paper_table("tisdpo_pku_main"))
+        return {(o.ordering.chain, o.ordering.best): o for o in report.orderings if o.ordering.metric == "Llama-Guard"}
+
+    chain = safe_rate_orderings(tmp_path / "a", True)[(("TIS-DPO(D)", "TIS-DPO(S)", "DPO"), None)]
+    assert chain.status == "not reproduced" and chain.weakest_link is None      # TIS-DPO(S) has one seed
+    best = safe_rate_orderings(tmp_path / "b", False)[((), "TIS-DPO(D)")]
+    assert best.status == "not reproduced" and best.weakest_link == ("TIS-DPO(D)", "DPO", 0.0)   # an exact tie
 
 
 def test_cli_errors(tmp_path, capsys):
