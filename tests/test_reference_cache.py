@@ -14,7 +14,8 @@ from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.pipeline.reference_cache import (
-    attach_reference_logps, cache_applies, compute_reference_logps, reference_logps_spec, with_reference_logps,
+    attach_reference_logps, cache_applies, compute_reference_logps, move_to, reference_logps_spec,
+    with_reference_logps,
 )
 from tisdpo.pipeline.train_stage import cached_reference_logps
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
@@ -171,3 +172,35 @@ def test_pipeline_cache_on_and_off_give_the_same_run(tmp_path):
     assert off["val/rewards/margins"] == pytest.approx(on["val/rewards/margins"], abs=1e-6)
     again = run(compose_config(["eval=none"], tmp_path))
     assert [e["reused"] for e in again["stages"] if e["stage"] == "reference_logps"] == [True]
+
+
+class _ReportedParameter:
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+
+class _ModelThatReportsItsDevice:
+    """Moves like a real model: ``.to("cuda")`` leaves parameters that report cuda:0 (no GPU needed)."""
+
+    def __init__(self, movable: bool = True):
+        self.parameter, self.movable = _ReportedParameter("cpu"), movable
+
+    def parameters(self):
+        yield self.parameter
+
+    def to(self, device):
+        device = torch.device(device)
+        if self.movable:
+            index = device.index if device.index is not None or device.type == "cpu" else 0
+            self.parameter = _ReportedParameter(torch.device(device.type, index) if index is not None else device)
+        return self
+
+
+def test_inputs_follow_the_parameters_not_the_requested_device_name():
+    # Regression (seen on an H200): "cuda" != "cuda:0" made the cache think the reference had not
+    # moved, so it sent the inputs to the CPU while the model was on the GPU.
+    model = _ModelThatReportsItsDevice()
+    assert move_to(model, "cuda") == (torch.device("cuda", 0), torch.device("cpu"))
+    assert move_to(model, "cuda") == (torch.device("cuda", 0), torch.device("cuda", 0))  # already there
+    assert move_to(_ModelThatReportsItsDevice(movable=False), "cuda") == (torch.device("cpu"),) * 2  # LoRA view
+    assert move_to(_ModelThatReportsItsDevice(), None) == (torch.device("cpu"),) * 2

@@ -62,6 +62,21 @@ def autocast_context(device: torch.device | str, precision: str | None):
     return contextlib.nullcontext()
 
 
+def move_to(model, device: torch.device | str | None) -> tuple[torch.device, torch.device]:
+    """(where the model now is, where it was): moves ``model`` to ``device`` where it can move.
+
+    Inputs must go where the parameters *are*, not where they were asked to go: "cuda" puts them
+    on "cuda:0", and torch.device("cuda") != torch.device("cuda:0"); a view that cannot move (the
+    LoRA reference) stays where it lives.
+    """
+    parameters = getattr(model, "parameters", None)
+    home = next(parameters()).device if parameters is not None else torch.device("cpu")
+    if device is None or torch.device(device) == home or not hasattr(model, "to"):
+        return home, home
+    model.to(device)
+    return (next(parameters()).device if parameters is not None else torch.device(device)), home
+
+
 @torch.no_grad()
 def compute_reference_logps(
     model,
@@ -82,15 +97,8 @@ def compute_reference_logps(
     else chosen and rejected concatenated. ``model`` is any callable returning ``.logits`` (a
     frozen copy, or a LoRA policy's disabled-adapter view).
     """
-    parameters = getattr(model, "parameters", None)
-    home = next(parameters()).device if parameters is not None else torch.device("cpu")
-    device = torch.device(device) if device is not None else home
-    moved = False
-    if device != home and hasattr(model, "to"):
-        model.to(device)
-        moved = parameters is None or next(parameters()).device == device
-        if not moved:  # a view that cannot move (the LoRA reference): compute where it lives
-            device = home
+    device, home = move_to(model, device)
+    moved = device != home
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
