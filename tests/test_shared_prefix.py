@@ -3,6 +3,8 @@ gradients; KL losses and pairs without a common prompt fall back; a model that i
 packing's mask is caught on first use."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -129,6 +131,33 @@ class IgnoresPositions(torch.nn.Module):
 
     def forward(self, *args, position_ids=None, **kwargs):
         return self.model(*args, **kwargs)
+
+
+class SlicesLikeOldTransformers(torch.nn.Module):
+    """A causal LM that slices ``hidden_states[:, logits_to_keep, :]`` as transformers < 5.21 does:
+    an IndexError for the [B, L] boolean mask (seen on an H200 image with transformers 5.17)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0):
+        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=use_cache).last_hidden_state
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return SimpleNamespace(logits=self.model.lm_head(hidden[:, kept, :]))
+
+
+def test_models_without_a_boolean_logits_to_keep_get_every_position_and_the_same_values():
+    batch = PreferenceCollator(0)(_examples(seed=3))
+    packed = pack_pairs(batch)
+    model = _model()
+    old = SlicesLikeOldTransformers(model)
+    with pytest.raises(IndexError):  # what the packed forward used to hit
+        old(packed.input_ids, packed.attention_mask, packed.position_ids, logits_to_keep=packed.keep)
+    assert torch.equal(packed_logps(old, packed), packed_logps(model, packed))
+    ok, diff = packing_matches(old, batch, packed)
+    assert ok and diff < 1e-5
 
 
 def test_a_model_that_breaks_packing_is_caught_on_first_use(caplog):

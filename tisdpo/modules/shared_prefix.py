@@ -17,8 +17,9 @@ needs only log-probs (DPO, cDPO, IPO, KTO, TIS-DPO without η, TI-DPO base=dpo) 
 With a prompt as long as the responses the backbone sees 3/4 of the tokens and the LM head half.
 Losses with a per-position KL (TDPO, TIS-DPO's η) need full logits and keep the standard forward.
 
-Relies on the model honouring a 4D boolean ``attention_mask``, ``position_ids`` and a boolean
-``logits_to_keep`` (transformers' causal LMs with sdpa/eager attention);
+Relies on the model honouring a 4D boolean ``attention_mask`` and ``position_ids`` (transformers'
+causal LMs with sdpa/eager attention), and uses a boolean ``logits_to_keep`` where the model takes
+one (transformers >= 5.21; before, every position's logits are computed and the kept ones selected);
 :func:`packing_matches` checks that on a batch, and the preference module falls back to the
 standard forward when it does not hold.
 """
@@ -128,11 +129,26 @@ class _RowLogps(torch.autograd.Function):
         return grad, None, None, None
 
 
+# Model classes whose forward rejects a [B, L] boolean ``logits_to_keep``: transformers before 5.21
+# slices ``hidden_states[:, logits_to_keep, :]``, an IndexError for a 2D mask. They get every
+# position's logits, and the kept ones are selected here (more memory, same values).
+_NO_BOOLEAN_KEEP: set[type] = set()
+
+
+def _kept_logits(model, kwargs: dict, keep: torch.Tensor) -> torch.Tensor:
+    if type(model) not in _NO_BOOLEAN_KEEP:
+        try:
+            return model(**kwargs, logits_to_keep=keep).logits
+        except IndexError:
+            _NO_BOOLEAN_KEEP.add(type(model))
+    return model(**kwargs).logits
+
+
 def packed_logps(model, packed: PackedPairs, chunk_size: int = 256) -> torch.Tensor:
     """Per-token log-probs [2B, T-1] (float32; 0 off the responses) from one packed forward."""
     kwargs = dict(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
                   position_ids=packed.position_ids, use_cache=False)
-    logits = model(**kwargs, logits_to_keep=packed.keep).logits
+    logits = _kept_logits(model, kwargs, packed.keep)
     if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep returns every position
         logits = logits[packed.keep] if logits.shape[:2] == packed.keep.shape else logits.flatten(0, 1)
     values = _RowLogps.apply(logits, packed.rows, packed.targets, max(1, int(chunk_size)))
