@@ -36,13 +36,12 @@ TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
                   num_key_value_heads=2, max_position_embeddings=512)
 
 
-def compose(experiment: str, method: str, overrides: list[str]):
+def compose(overrides: list[str]):
     """The composed config (to read which dataset and estimator the table's paper scale picks)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=[f"experiment={experiment}", "scale=paper", f"method={method}",
-                                                  *overrides])
+        return hydra_compose("config", overrides=overrides)
 
 
 def build_stand_in_models(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
@@ -110,11 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not (data / "gpt2_tokenizer").is_dir():
         raise SystemExit(f"--data {data}: no gpt2_tokenizer folder (the local data samples, ../shared/data)")
 
-    cfg = compose(args.experiment, args.method, extra)
+    paper = [f"experiment={args.experiment}", "scale=paper", f"method={args.method}"]
+    cfg = compose([*paper, *extra])
     files = local_files(cfg, data)
     models = build_stand_in_models(out / "models", data / "gpt2_tokenizer")
-    overrides = [f"experiment={args.experiment}", "scale=paper", f"method={args.method}",
-                 *stand_in_overrides(cfg, files, models, out), *extra]
+    overrides = [*paper, *stand_in_overrides(cfg, files, models, out), *extra]
     start = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "run.py"), *overrides], cwd=REPO, check=True)
     seconds = time.perf_counter() - start
