@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from tisdpo.errors import UserError
+
 __all__ = ["DataError", "DropCounter", "SkipRow", "describe_type"]
 
 
@@ -25,29 +27,54 @@ def describe_type(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A row does not fit the expected schema, or the data is unusable.
 
     The message always names the dataset, and the row and field when known, e.g.
-    ``pku_saferlhf row 17, field 'response_1': expected a string, got int``.
+    ``pku_saferlhf row 17, field 'response_1': expected a string, got int``. Read from a local
+    file, it also names the option and the file (``source``), and the row is said to be
+    0-based, with its 1-based line for JSON Lines, e.g. ``ultrafeedback, dataset.test_path
+    'test.jsonl', row 7 (0-based; line 8), field 'chosen': expected a string, got int``.
+    A subclass of :class:`~tisdpo.errors.UserError`: a run reports it as one line, status 2.
     """
 
-    def __init__(self, dataset: str, index: int | None, field: str | None, message: str):
+    def __init__(self, dataset: str, index: int | None, field: str | None, message: str,
+                 source: str | None = None, line: int | None = None):
         self.dataset = dataset
         self.index = index
         self.field = field
         self.reason = message
-        where = str(dataset)
-        if index is not None:
-            where += f" row {index}"
-        if field is not None:
-            where += f", field {field!r}"
-        super().__init__(f"{where}: {message}")
+        self.source = source
+        self.line = line
+        super().__init__(f"{self._where()}: {message}")
+
+    def _where(self) -> str:
+        if self.source is None:  # in-memory rows: the historical short form
+            where = str(self.dataset)
+            if self.index is not None:
+                where += f" row {self.index}"
+            if self.line is not None:
+                where += f" (line {self.line})"
+        else:
+            where = f"{self.dataset}, {self.source}"
+            if self.index is not None:
+                # say 0-based: editors number lines from 1, and the two would be confused
+                where += f", row {self.index} (0-based" + (f"; line {self.line})" if self.line is not None else ")")
+            elif self.line is not None:
+                where += f", line {self.line}"
+        if self.field is not None:
+            where += f", field {self.field!r}"
+        return where
+
+    def with_source(self, source: str, line: int | None = None) -> "DataError":
+        """The same error, naming the file it came from (raise it ``from`` this one)."""
+        return type(self)(self.dataset, self.index, self.field, self.reason, source,
+                          line if line is not None else self.line)
 
     def __reduce__(self):
         # Exceptions pickle via ``args``; ours has a different constructor, and data
         # loading may run in worker processes that send errors back by pickling.
-        return (type(self), (self.dataset, self.index, self.field, self.reason))
+        return (type(self), (self.dataset, self.index, self.field, self.reason, self.source, self.line))
 
 
 class SkipRow(Exception):

@@ -66,6 +66,7 @@ def _multirun() -> bool:
 
 def run_recorded(cfg) -> dict[str, Any]:
     """``runner.run(cfg)``, with a failure recorded in the run dir before it propagates."""
+    from tisdpo.errors import UserError
     from tisdpo.pipeline.validate import ConfigError, validate_config
 
     try:
@@ -79,7 +80,7 @@ def run_recorded(cfg) -> dict[str, Any]:
         # run() repoints paths.output_dir for resume=<run dir>: the marker goes where the run is.
         path = write_failure(Path(str(cfg.paths.output_dir)), error)
         log.error("job failed: %s: %s%s", type(error).__name__, error, f" (recorded in {path})" if path else "")
-        if isinstance(error, ConfigError) and not _multirun():
-            print(f"config error: {error}", file=sys.stderr)
+        if isinstance(error, UserError) and not _multirun():
+            print(f"{'config' if isinstance(error, ConfigError) else 'data'} error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         raise

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from tisdpo.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # Which estimators each weighted loss can use; every other loss takes no weights.
@@ -14,8 +16,8 @@ COMPATIBLE_ESTIMATORS = {
 }
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError):
+    """A config value that cannot work: one line naming the option, exit status 2."""
 
 
 def group_choices(group: str) -> list[str]:
