@@ -16,11 +16,14 @@ responses) are not the adapters' job: :func:`adapt_rows` applies them uniformly.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tisdpo.errors import UserError
 
 from .errors import DataError, DropCounter, SkipRow, describe_type
 
@@ -440,20 +443,142 @@ def adapt_rows(
 # ---------------------------------------------------------------------------------------
 # reading raw rows: local file or hub
 # ---------------------------------------------------------------------------------------
-_LOCAL_BUILDERS = {
+# Local files are read as text with Python's json module, never through a columnar
+# (pyarrow / datasets) conversion first: that conversion unifies a column's type across rows,
+# so a float in row 60 turned row 0's int into 0.0 and the error blamed the wrong row.
+_LOCAL_FORMATS = {
     ".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json",
     ".parquet": "parquet",
 }
+_UTF8_BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
+# split names that mean "the held-out split": the file then came from dataset.test_path
+_TEST_SPLITS = frozenset({"test", "test_prefs", "validation", "valid", "dev", "eval"})
 
 
-def _local_builder(path: Path) -> str:
-    name = path.name.lower()
-    for suffix, builder in sorted(_LOCAL_BUILDERS.items(), key=lambda kv: -len(kv[0])):
-        if name.endswith(suffix):
-            return builder
-    raise ValueError(
-        f"dataset.path {str(path)!r}: unsupported file type; use one of {', '.join(sorted(_LOCAL_BUILDERS))}"
-    )
+def _option_name(split: str, option: str | None) -> str:
+    """The config option a local file came from, for messages (the caller may say it outright)."""
+    if option is not None:
+        return option
+    return "dataset.test_path" if str(split) in _TEST_SPLITS else "dataset.path"
+
+
+def _one_line(err: BaseException) -> str:
+    # library messages (pyarrow, gzip) can span lines; ours are one line by contract
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _local_format(path: Path, name: str, source: str) -> str:
+    lowered = path.name.lower()
+    for suffix, fmt in sorted(_LOCAL_FORMATS.items(), key=lambda kv: -len(kv[0])):
+        if lowered.endswith(suffix):
+            return fmt
+    raise DataError(name, None, None, f"unsupported file type; use one of {', '.join(sorted(_LOCAL_FORMATS))}", source)
+
+
+def _read_bytes(path: Path, name: str, source: str) -> bytes:
+    if not path.exists():
+        raise DataError(name, None, None, "does not exist", source)
+    if path.is_dir():
+        raise DataError(name, None, None, "is a directory, not a file; give the data file itself "
+                        f"({', '.join(sorted(_LOCAL_FORMATS))})", source)
+    if path.stat().st_size == 0:
+        raise DataError(name, None, None, "the file is empty (0 bytes)", source)
+    try:
+        if path.name.lower().endswith(".gz"):
+            import gzip
+
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (EOFError, OSError) as err:  # truncated gzip: EOFError; not gzip: BadGzipFile (an OSError)
+        if path.name.lower().endswith(".gz"):
+            raise DataError(name, None, None, f"not a complete gzip file ({_one_line(err)}); "
+                            "re-download or re-compress it", source) from err
+        raise DataError(name, None, None, f"cannot be read ({_one_line(err)})", source) from err
+
+
+def _decode(data: bytes, name: str, source: str) -> str:
+    """UTF-8 text (a UTF-8 byte-order mark is dropped); anything else is named, with its line."""
+    if data.startswith(_UTF8_BOM):
+        data = data[len(_UTF8_BOM):]
+    elif data.startswith((b"\xff\xfe", b"\xfe\xff")) or data[:1] == b"\0" or data[1:2] == b"\0":
+        # JSON starts with an ASCII character: a NUL next to it means 2 or 4 bytes per character
+        raise DataError(name, None, None, "the file is UTF-16 (or UTF-32) encoded; save it as UTF-8", source)
+    elif data.startswith(_GZIP_MAGIC):
+        raise DataError(name, None, None, "the file is gzip-compressed but its name does not end in .gz", source)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            name, None, None,
+            f"not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start - line_start} of the line); "
+            "save the file as UTF-8", source, line=line,
+        ) from err
+
+
+def _json_rows(text: str, name: str, source: str) -> tuple[list[Any], list[int] | None]:
+    """A top-level JSON list, or JSON Lines: (rows, 1-based line of each row or None)."""
+    if not text.strip():
+        raise DataError(name, None, None, "the file holds only whitespace, no rows", source)
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text), None
+        except json.JSONDecodeError as err:
+            raise DataError(name, None, None, f"not valid JSON ({err.msg}, column {err.colno})",
+                            source, line=err.lineno) from err
+    return _json_lines(text, name, source)
+
+
+def _json_lines(text: str, name: str, source: str) -> tuple[list[Any], list[int]]:
+    rows: list[Any] = []
+    lines: list[int] = []
+    # split on "\n" only: str.splitlines also splits on U+2028 etc., legal inside JSON strings
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines (a trailing newline) hold no row
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if not rows and _one_object(text):
+                raise DataError(name, None, None, "the file holds one JSON object, not rows: use a JSON list "
+                                "of rows, or JSON Lines (one row per line)", source) from err
+            raise DataError(name, len(rows), None, f"not valid JSON ({err.msg}, column {err.colno})",
+                            source, line=number) from err
+        lines.append(number)
+    return rows, lines
+
+
+def _one_object(text: str) -> bool:
+    """Whether the whole text is one (pretty-printed) JSON object: its first line alone fails."""
+    try:
+        return isinstance(json.loads(text), Mapping)
+    except json.JSONDecodeError:
+        return False
+
+
+def _parquet_rows(path: Path, name: str, source: str) -> list[dict]:
+    import pyarrow.parquet as pq  # a dependency of datasets
+
+    try:
+        # to_pylist keeps each value's own type: parquet columns are typed in the file
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types; the file is named
+        raise DataError(name, None, None, f"not a readable parquet file ({_one_line(err)})", source) from err
+
+
+def _read_local(name: str, path: str | os.PathLike, option: str) -> tuple[list[Any], list[int] | None, str]:
+    """(rows, 1-based line of each row for JSON Lines else None, source text for messages)."""
+    path = Path(path).expanduser()
+    source = f"{option} {str(path)!r}"
+    fmt = _local_format(path, name, source)
+    if fmt == "parquet":
+        _read_bytes(path, name, source)  # existence, directory, emptiness: one set of messages
+        return _parquet_rows(path, name, source), None, source
+    rows, lines = _json_rows(_decode(_read_bytes(path, name, source), name, source), name, source)
+    return rows, lines, source
 
 
 def read_raw_rows(
@@ -464,24 +589,20 @@ def read_raw_rows(
     hub_config: str | None = None,
     split: str = "train",
     data_dir: str | None = None,
+    option: str | None = None,
 ):
-    """The raw rows as a ``datasets.Dataset``: from ``path`` if given, else from the hub.
+    """The raw rows: a list of dicts from ``path`` if given, else a ``datasets.Dataset`` from the hub.
 
-    Local JSON (a top-level list or JSON Lines, optionally gzipped) and parquet files are
-    read with the ``datasets`` "json"/"parquet" builders; a local file has one split, so
-    ``split`` is ignored there.
+    Local JSON (a top-level list or JSON Lines, optionally gzipped; UTF-8 with or without a
+    byte-order mark) is parsed with the json module, parquet with pyarrow. A local file has
+    one split, so ``split`` is ignored there except to name the file's option in errors
+    (``option``, default ``dataset.test_path`` for test-like splits, else ``dataset.path``).
+    Unreadable files raise :class:`DataError` naming the option, the file and the line.
     """
-    import datasets  # heavy import: only when data is actually read
-
     if path is not None:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset.path {str(path)!r} does not exist (dataset {name!r})")
-        builder = _local_builder(path)
-        try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as err:  # noqa: BLE001 - re-raised with the file and option named
-            raise DataError(name, None, None, f"could not read dataset.path {str(path)!r}: {err}") from err
+        return _read_local(name, path, _option_name(split, option))[0]
+
+    import datasets  # heavy import: only when data is actually read
 
     source = HUB_DEFAULTS.get(name)
     if hub_id is None:
@@ -505,10 +626,10 @@ def read_raw_rows(
         raise
 
 
-def _select(n_rows: int, *, limit: int | None, shuffle: bool, seed: int) -> list[int] | None:
+def _select(n_rows: int, *, limit: int | None, shuffle: bool, seed: int, option: str = "dataset.limit") -> list[int] | None:
     """Row indices to keep (None = all, in order)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"dataset.limit must be a non-negative integer or null, got {limit!r}")
+        raise UserError(f"{option} must be a non-negative integer or null, got {limit!r}")
     if not shuffle:
         return None if limit is None or limit >= n_rows else list(range(limit))
     import numpy as np
@@ -529,6 +650,7 @@ def load_preference_rows(
     strict: bool = False,
     shuffle: bool = False,
     data_dir: str | None = None,
+    option: str | None = None,
     **adapter_options: Any,
 ) -> tuple[list[dict], DropCounter]:
     """Load a preference dataset as canonical examples, with a drop report.
@@ -538,13 +660,30 @@ def load_preference_rows(
     "train"/"test" are mapped to the hub's, e.g. UltraFeedback "train" -> "train_prefs").
     ``limit`` keeps the first N raw rows (after a permutation seeded by ``seed`` when
     ``shuffle``); drops are counted out of those N. Raises :class:`DataError` when no row
-    survives.
+    survives. Every :class:`DataError` names where the rows came from: the option
+    (``option``: ``dataset.path`` or ``dataset.test_path``, see :func:`read_raw_rows`) and
+    file, the 0-based row in it (and its line, for JSON Lines), or the hub id and split.
     """
     adapter = _adapter(name)
     _check_options(name, adapter, adapter_options)  # before a possibly long download
-    dataset = read_raw_rows(name, path=path, hub_id=hub_id, hub_config=hub_config, split=split, data_dir=data_dir)
-    indices = _select(len(dataset), limit=limit, shuffle=shuffle, seed=seed)
-    rows = dataset.to_list() if indices is None else dataset.select(indices).to_list()
-    examples, counter = adapt_rows(name, rows, indices=indices, strict=strict, **adapter_options)
-    counter.require_nonempty()
+    option = _option_name(split, option)
+    if path is not None:
+        rows, lines, source = _read_local(name, path, option)
+    else:
+        rows, lines = read_raw_rows(name, hub_id=hub_id, hub_config=hub_config, split=split, data_dir=data_dir), None
+        source = f"hub {hub_id or HUB_DEFAULTS[name].hub_id!r} split {split!r}"
+    limit_option = "dataset.test_limit" if option == "dataset.test_path" else "dataset.limit"
+    indices = _select(len(rows), limit=limit, shuffle=shuffle, seed=seed, option=limit_option)
+    try:
+        if path is not None:
+            chosen = rows if indices is None else [rows[i] for i in indices]
+        else:
+            chosen = rows.to_list() if indices is None else rows.select(indices).to_list()
+        examples, counter = adapt_rows(name, chosen, indices=indices, strict=strict, **adapter_options)
+        counter.require_nonempty()
+    except DataError as err:
+        if err.source is not None:
+            raise
+        line = lines[err.index] if lines is not None and err.index is not None and err.index < len(lines) else None
+        raise err.with_source(source, line) from err
     return examples, counter
