@@ -21,11 +21,12 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(name: str | None) -> torch.dtype | None:
+def resolve_dtype(name: str | None, option: str = "model.dtype") -> torch.dtype | None:
+    """``auto``/None -> None (the checkpoint's own dtype); ``option`` names the setting in errors."""
     if name in (None, "auto"):
         return None
     if name not in _DTYPES:
-        raise ValueError(f"model.dtype={name!r} is not one of {sorted(_DTYPES)} or 'auto'")
+        raise ValueError(f"{option}={name!r} is not one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[name]
 
 
@@ -33,15 +34,25 @@ def _is_local(name_or_path: str) -> bool:
     return Path(name_or_path).expanduser().exists()
 
 
-def load_tokenizer(name_or_path: str):
-    """A tokenizer from a hub id or a local dir; guarantees a pad token (EOS when absent)."""
+def load_tokenizer(name_or_path: str, option: str = "model.tokenizer", padding_side: str | None = None):
+    """A tokenizer from a hub id or a local dir; guarantees a pad token (EOS when absent).
+
+    ``option`` names the setting in errors; ``padding_side`` (left/right) is set when given.
+    """
+    if not name_or_path:
+        raise ValueError(f"{option} is required")
+    name_or_path = str(name_or_path)
     if name_or_path.startswith((".", "/", "~")) and not _is_local(name_or_path):
-        raise FileNotFoundError(f"tokenizer path {name_or_path!r} does not exist (option model.tokenizer)")
+        raise FileNotFoundError(f"{option}={name_or_path!r}: tokenizer path does not exist")
     tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name_or_path))
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{option}={name_or_path!r}: the tokenizer has neither a pad nor an EOS token")
         # Decoder-only checkpoints often ship without a pad token; padded positions are
         # always masked out of the loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
     return tokenizer
 
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
+# One implementation of each, shared with the training side (re-exported for the judges).
+from tisdpo.models.loading import load_tokenizer, resolve_dtype  # noqa: F401
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -59,16 +60,6 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def resolve_dtype(dtype: str | None, option: str = "dtype"):
-    import torch
-
-    if dtype in (None, "auto"):
-        return None
-    if dtype not in _DTYPES:
-        raise ValueError(f"{option}={dtype!r} is not one of {list(_DTYPES)} or 'auto'")
-    return getattr(torch, dtype)
-
-
 def check_model_path(name_or_path: str, option: str) -> str:
     """A local-looking path must exist; hub ids pass through (loading them needs the network)."""
     if not name_or_path:
@@ -77,19 +68,6 @@ def check_model_path(name_or_path: str, option: str) -> str:
     if str(name_or_path).startswith((".", "/", "~")) and not Path(expanded).exists():
         raise FileNotFoundError(f"{option}={name_or_path!r}: no such directory")
     return expanded
-
-
-def load_tokenizer(name_or_path: str, option: str, padding_side: str = "right"):
-    """A tokenizer with a pad token (EOS when the checkpoint has none)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(check_model_path(name_or_path, option))
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"{option}={name_or_path!r}: the tokenizer has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = padding_side
-    return tokenizer
 
 
 def has_chat_template(tokenizer) -> bool:

@@ -36,7 +36,7 @@ class LocalCausalLM:
         self._tokenizer = load_tokenizer(path, self.option, padding_side="left")
         self._tokenizer.truncation_side = "left"
         kwargs = {}
-        dtype = resolve_dtype(self.dtype)
+        dtype = resolve_dtype(self.dtype, "dtype")
         if dtype is not None:
             kwargs["dtype"] = dtype
         self._device = resolve_device(self.device)
