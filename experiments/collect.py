@@ -3,13 +3,23 @@
 A job dir is a directory holding ``.hydra/`` or ``results.json`` (or a failure marker). Its
 ``results.json`` is one flat JSON object of final metrics under their logged names plus the
 composed config under ``config`` (a nested ``metrics`` object is merged too); non-numeric values
-are ignored. A job is *failed* when it has a ``failed.json`` / ``error`` / ``error.txt`` marker
-(its text is the error) or no ``results.json`` at all (crashed, killed or still running).
+are ignored, except ``eval/curve`` (one dict per evaluation during training), kept as the run's
+``curve``. Statuses:
+
+- *ok*: ``results.json`` and no failure marker;
+- *interrupted*: ``failed.json`` says ``"interrupted": true`` (SIGTERM, preemption, Ctrl-C): not a
+  failure of the method; its ``signal`` and ``last_checkpoint`` are kept (``resume=true`` continues it);
+- *failed*: a ``failed.json`` / ``error`` / ``error.txt`` marker (its text is the error) or no
+  ``results.json`` at all (crashed, SIGKILLed or still running);
+- *missing*: launched or planned but no job dir: listed in ``sweep_summary.json`` without its dir,
+  or a point of the sweep's grid (``multirun.yaml``: ``hydra.sweeper.params`` and comma lists in
+  ``hydra.overrides.task``) that no job dir has.
 
 Method identity = the job's overrides minus ignorable keys (``seed``, ``hydra.*``, ...); its
 label = ``config.label`` or ``config.experiment.label`` or results.json's ``method_label``,
-else the overrides. ``wandb:<entity>/<project>`` reads runs through ``wandb.Api()`` instead
-(the only path that touches the network).
+else the overrides. ``wandb:<entity>/<project>[/<group>]`` reads runs through ``wandb.Api()``
+instead (the only path that touches the network), filtered on the server by W&B group, paper table
+(config ``paper_table``) and scale (config ``scale``) when given.
 """
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ import yaml
 DEFAULT_IGNORE = ("seed", "hydra.*", "paths.*", "cache.*", "logger", "logger.*", "resume", "trainer.devices",
                   "trainer.enable_progress_bar")
 FAILURE_MARKERS = ("failed.json", "error", "error.txt")
+SWEEP_SUMMARY = "sweep_summary.json"
+CURVE_KEY = "eval/curve"
 _MISSING = object()
 _TEMPERATURE_SUFFIX = re.compile(r"@T([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 
@@ -61,13 +73,16 @@ class Run:
     """One job: its metrics, config, overrides and whether it finished."""
 
     run_id: str
-    status: str                      # ok | failed | running
+    status: str                      # ok | failed | interrupted | running | missing
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     path: Path | None = None
     method_label: str | None = None  # results.json's own label, if any
+    curve: list[dict[str, float]] = field(default_factory=list)   # eval/curve: one dict per evaluation
+    signal: str | None = None        # interrupted: the signal that stopped it
+    last_checkpoint: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -121,6 +136,8 @@ class Run:
 
     @property
     def scale(self) -> str | None:
+        if isinstance(self.overrides.get("scale"), str):
+            return self.overrides["scale"]
         for path in (("scale",), ("experiment", "scale")):
             node: Any = self.config
             for part in path:
@@ -167,15 +184,18 @@ class Stat:
 
 # ---------------------------------------------------------------- reading runs
 
-def collect_runs(source: str | os.PathLike) -> list[Run]:
-    """All runs under a multirun dir, or of a W&B project given as ``wandb:<entity>/<project>``."""
+def collect_runs(source: str | os.PathLike, group: str | None = None, table: str | None = None,
+                 scale: str | None = None) -> list[Run]:
+    """All runs under a multirun dir (plus *missing* ones, see the module docstring), or of a W&B
+    project given as ``wandb:<entity>/<project>[/<group>]`` (``group``, ``table``, ``scale`` filter it)."""
     text = str(source)
     if text.startswith("wandb:"):
-        return collect_wandb_runs(text[len("wandb:"):])
+        return collect_wandb_runs(text[len("wandb:"):], group=group, table=table, scale=scale)
     root = Path(text).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"runs source {text!r} is neither a directory nor wandb:<entity>/<project>")
-    return [read_job_dir(job, root) for job in find_job_dirs(root)]
+    runs = [read_job_dir(job, root) for job in find_job_dirs(root)]
+    return runs + missing_runs(root, runs)
 
 
 def is_job_dir(path: Path) -> bool:
@@ -236,14 +256,37 @@ def read_job_dir(job: Path, root: Path) -> Run:
         if isinstance(results.get("method_label"), str):
             run.method_label = results["method_label"]
         run.metrics = numeric_metrics(results)
+        run.curve = parse_curve(results.get(CURVE_KEY))
     for marker in FAILURE_MARKERS:
         if (job / marker).is_file():
             run.status, run.error = "failed", _marker_text(job / marker)
+            record = _marker_json(job / marker)
+            run.last_checkpoint = record.get("last_checkpoint") if isinstance(record.get("last_checkpoint"), str) else None
+            if record.get("interrupted") is True:
+                # killed from outside (preemption, SIGTERM, Ctrl-C): not the method's failure
+                run.status = "interrupted"
+                run.signal = str(record.get("signal") or "unknown signal")
+                run.error = f"interrupted by {run.signal}"
             return run
     if not results_file.is_file():
         run.status = "failed"
         run.error = "no results.json (crashed, killed or still running)" + _log_tail(job)
     return run
+
+
+def parse_curve(raw: Any) -> list[dict[str, float]]:
+    """``eval/curve`` as a list of {key: finite float} (keys without their ``eval/`` prefix)."""
+    if not isinstance(raw, list):
+        return []
+    curve = []
+    for point in raw:
+        if not isinstance(point, dict):
+            continue
+        clean = {str(k).removeprefix("eval/"): float(v) for k, v in point.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if clean:
+            curve.append(clean)
+    return curve
 
 
 def numeric_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -260,6 +303,16 @@ def _load_yaml(path: Path) -> Any:
             return yaml.safe_load(handle)
     except yaml.YAMLError:
         return None
+
+
+def _marker_json(path: Path) -> dict[str, Any]:
+    if path.suffix != ".json":
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _marker_text(path: Path) -> str:
@@ -287,15 +340,121 @@ def _log_tail(job: Path) -> str:
     return ""
 
 
+# ---------------------------------------------------------------- launched and planned jobs
+
+def read_sweep_summary(root: Path) -> dict[str, Any]:
+    """``<multirun dir>/sweep_summary.json`` (written by the sweep callback), or {}."""
+    path = root / SWEEP_SUMMARY
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _split_sweep_values(value: Any) -> list[str] | None:
+    """Hydra's basic sweeper values: ``a,b,c`` or ``range(start, stop[, step])``; None: unsupported."""
+    text = str(value).strip()
+    match = re.fullmatch(r"range\(\s*(-?\d+)\s*,\s*(-?\d+)\s*(?:,\s*(-?\d+)\s*)?\)", text)
+    if match:
+        start, stop, step = int(match[1]), int(match[2]), int(match[3] or 1)
+        return [str(v) for v in range(start, stop, step)] if step else None
+    if any(ch in text for ch in "()[]{}'\""):
+        return None   # choice(), glob(), lists, quoting: not expanded here
+    return [v.strip() for v in text.split(",")]
+
+
+def planned_jobs(root: Path) -> list[dict[str, str]]:
+    """The sweep's grid from ``multirun.yaml`` (each job's overrides), or [] when it cannot be read."""
+    path = root / "multirun.yaml"
+    config = _load_yaml(path) if path.is_file() else None
+    hydra = config.get("hydra") if isinstance(config, dict) else None
+    if not isinstance(hydra, dict):
+        return []
+    params: dict[str, Any] = dict((hydra.get("sweeper") or {}).get("params") or {})
+    task = (hydra.get("overrides") or {}).get("task") or []
+    params.update(parse_overrides(task))   # the command line wins over the config's sweeper params
+    axes = []
+    for key, value in params.items():
+        values = _split_sweep_values(value)
+        if values is None:
+            return []
+        axes.append([(key.lstrip("+"), v) for v in values])
+    if not axes or all(len(a) == 1 for a in axes):
+        return []
+    grid = [{}]
+    for axis in axes:
+        grid = [{**g, k: v} for g in grid for k, v in axis]
+    return grid
+
+
+def _same_overrides(a: dict[str, str], b: dict[str, str]) -> bool:
+    return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+
+
+def missing_runs(root: Path, runs: Sequence[Run]) -> list[Run]:
+    """Jobs launched (sweep_summary.json) or planned (multirun.yaml) with no job dir here."""
+    present_dirs = {r.path.name for r in runs if r.path is not None}
+    present = [r.overrides for r in runs]
+    missing = []
+    for job in read_sweep_summary(root).get("jobs") or []:
+        if not isinstance(job, dict) or str(job.get("dir")) in present_dirs:
+            continue
+        overrides = parse_overrides(job.get("overrides") or [])
+        if any(_same_overrides(overrides, p) for p in present):
+            continue
+        missing.append(Run(run_id=str(job.get("dir") or f"job {job.get('num')}"), status="missing",
+                           overrides=overrides, error=f"listed in {SWEEP_SUMMARY} ({job.get('status')}) but its "
+                                                      "dir is gone" + (f": {job['error']}" if job.get("error") else "")))
+        present.append(overrides)
+    for overrides in planned_jobs(root):
+        if any(_same_overrides(overrides, p) for p in present):
+            continue
+        name = " ".join(f"{k}={v}" for k, v in overrides.items())
+        missing.append(Run(run_id=f"(not started) {name}", status="missing", overrides=overrides,
+                           error="in the sweep's grid (multirun.yaml) but never started"))
+        present.append(overrides)
+    return missing
+
+
 # ---------------------------------------------------------------- W&B
 
-def collect_wandb_runs(path: str) -> list[Run]:
-    if path.count("/") != 1 or not all(path.split("/")):
-        raise ValueError(f"wandb source must look like wandb:<entity>/<project>, got wandb:{path}")
+def parse_wandb_source(path: str) -> tuple[str, str | None]:
+    """``entity/project[/group]`` -> ("entity/project", group or None)."""
+    parts = path.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"wandb source must look like wandb:<entity>/<project>[/<group>], got wandb:{path}")
+    return "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+
+
+def wandb_filters(group: str | None = None, table: str | None = None, scale: str | None = None) -> dict[str, Any]:
+    """The server-side run filter (W&B's MongoDB-style query): only this sweep's group, table, scale."""
+    filters: dict[str, Any] = {}
+    if group:
+        filters["group"] = group
+    if table:
+        filters["config.paper_table"] = table
+    if scale:
+        filters["config.scale"] = scale
+    return filters
+
+
+def collect_wandb_runs(path: str, group: str | None = None, table: str | None = None,
+                       scale: str | None = None) -> list[Run]:
+    """Runs of a W&B project, filtered by group (from the path or ``group``), table and scale.
+
+    The filter goes to the server (so a big project is not pulled run by run); it is applied again
+    here, since a run's scale may also be set by an override.
+    """
+    project, path_group = parse_wandb_source(path)
+    if group and path_group and group != path_group:
+        raise ValueError(f"two W&B groups given: {path_group!r} (in the source) and {group!r}")
+    group = group or path_group
     import wandb
 
     runs = []
-    for wb_run in wandb.Api().runs(path):
+    filters = wandb_filters(group, table, scale)
+    for wb_run in wandb.Api().runs(project, filters=filters or None):
         config = {k: v for k, v in dict(wb_run.config).items() if not str(k).startswith("_")}
         summary = getattr(wb_run.summary, "_json_dict", None)
         if summary is None:
@@ -307,6 +466,13 @@ def collect_wandb_runs(path: str) -> list[Run]:
         run = Run(run_id=f"{wb_run.id} ({wb_run.name})", status=status, metrics=metrics, config=config,
                   overrides=parse_overrides(raw_overrides) if isinstance(raw_overrides, list) else {},
                   error=None if status == "ok" else f"W&B state: {state}")
+        run.curve = parse_curve(summary.get(CURVE_KEY))
+        if group and getattr(wb_run, "group", group) != group:
+            continue
+        if table and run.setting("paper_table") is not _MISSING and not run.has_setting("paper_table", table):
+            continue
+        if scale and run.scale is not None and run.scale != scale and not run.has_setting("scale", scale):
+            continue
         runs.append(run)
     return runs
 

@@ -7,6 +7,9 @@
 - a run's ``weights.npz`` / ``weights.pt`` with ``chosen_weights`` and ``rejected_weights``
   (arrays, tensors or lists of them; flattened; optional ``chosen_mask``/``rejected_mask`` select
   real tokens, non-finite values are dropped) -> a histogram per run.
+- reward-vs-KL and safe-rate-vs-KL frontiers (:func:`plot_frontier`, points from
+  :mod:`experiments.frontier`): per method the mean over seeds on a common KL grid with a
+  min–max band over seeds, every run's final point, and the matched-KL budgets as dotted lines.
 """
 from __future__ import annotations
 
@@ -191,6 +194,38 @@ def plot_weight_histograms(runs: Sequence[Run], labels: dict[int, str], out_dir:
         name = f"weights_{safe_name(label)}_s{safe_name(str(run.seed))}.png"
         written.append(plot_weight_histogram(load_weights(path), out_dir / name, f"token weights: {label}"))
     return written
+
+
+# ---------------------------------------------------------------- reward vs KL
+
+GRID_POINTS = 60
+
+
+def plot_frontier(points, metric: str, path: Path, budgets: Sequence[float] = (), title: str | None = None) -> Path:
+    """One method per colour: mean over seeds (line) and min–max over seeds (band) of ``metric``
+    against KL on a common grid, each run's final point (x), the KL budgets (dotted)."""
+    from .frontier import METRIC_LABELS, grid_band
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    usable = points[np.isfinite(points[metric].astype(float))]
+    if len(usable):
+        grid = np.linspace(float(usable["kl"].min()), float(usable["kl"].max()), GRID_POINTS)
+        for i, (method, group) in enumerate(usable.groupby("method", sort=False)):
+            colour = f"C{i % 10}"
+            band = grid_band(group, metric, grid)
+            ax.plot(band["kl"], band["mean"], color=colour, label=f"{method} (n={group['seed'].nunique()})")
+            ax.fill_between(band["kl"], band["min"], band["max"], color=colour, alpha=0.15, linewidth=0)
+            final = group[group["final"]]
+            ax.scatter(final["kl"], final[metric], color=colour, marker="x", s=25)
+    for budget in budgets:
+        ax.axvline(float(budget), color="grey", linestyle=":", linewidth=0.8)
+    label = METRIC_LABELS.get(metric, metric)
+    ax.set_xlabel("KL to the reference (nats)")
+    ax.set_ylabel(label)
+    ax.set_title(title or f"{label} vs KL (line: mean over seeds, band: min–max, x: final points)", fontsize=9)
+    if len(usable):
+        ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- all of them

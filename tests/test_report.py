@@ -182,8 +182,9 @@ def test_wandb_source_uses_the_api_and_only_then(monkeypatch, sweep):
         def __init__(self, *args, **kwargs):
             calls.append("init")
 
-        def runs(self, path):
+        def runs(self, path, filters=None):
             calls.append(path)
+            assert filters is None       # no group, table or scale given: the whole project
             return [FakeWandbRun("r1", "finished", {"label": "dpo", "seed": 0, "_wandb": {}},
                                  {"eval/safe_rate": 0.7, "_step": 10, "_runtime": 3.0, "text": "x"}),
                     FakeWandbRun("r2", "finished", {"label": "dpo", "seed": 1}, {"eval/safe_rate": 0.8}),

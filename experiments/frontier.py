@@ -1,0 +1,388 @@
+"""Reward-vs-KL frontiers and verdicts between methods at matched KL to the reference.
+
+A method that moves further from the reference usually gains more reward (and loses more of the
+reference's behaviour), so comparing final numbers at each method's own hyperparameters mixes
+"better objective" with "moved further". A verdict is only made at matched KL, over seeds.
+
+Data: each run's ``eval/curve`` (one dict per evaluation during training: ``step``, ``kl_ref``,
+``true_reward``, ``safe_rate``, ...) plus its final point (the flat ``eval/kl_ref``,
+``eval/true_reward``, ``eval/safe_rate``). Runs are grouped by method label; a β sweep of a method
+adds more points to the same seed's frontier (each β is another stretch of the same curve).
+
+Statistics (all here, pure functions of the points):
+
+- **Per-seed curve, plain interpolation.** A seed's points (every evaluation of every β, sorted by
+  KL, points at the same KL averaged) are joined by straight lines: the metric at KL ``k`` is the
+  linear interpolation between its neighbours, and nothing outside the seed's observed KL range
+  (no extrapolation). We do *not* take the upper frontier (running maximum over KL) by default:
+  the maximum of noisy evaluations grows with the number of evaluations, so a method evaluated
+  more often, or swept over more β, would gain by selection alone. ``mode="upper"`` is available
+  for a best-achievable view.
+- **Final points only (older results without a curve).** A seed with one point cannot be
+  interpolated, so the seeds' final points are *pooled* into one curve for the method
+  (interpolated the same way); its uncertainty comes from resampling seeds (below).
+- **KL budgets.** By default 4 budgets evenly inside [largest per-method minimum KL, smallest
+  per-method maximum KL] (endpoints excluded), so every method has data at every budget.
+- **CI.** Percentile bootstrap over seeds (10,000 resamples, seeded RNG): the statistic is the
+  mean over seeds of the per-seed interpolated value (pooled mode: the interpolation of the
+  pooled points of the resampled seeds). With 3 seeds a percentile bootstrap under-covers; read
+  the intervals as a description of seed spread.
+- **Verdict vs a baseline (DPO).** Per-seed differences paired by seed where both methods have
+  the seed (same data order, same initialisation), else an unpaired bootstrap (independent
+  resamples of the two methods); the 95% CI of the mean difference gives "better" (CI above 0),
+  "worse" (below 0) or "no clear difference"; fewer than 2 seeds: "too few seeds".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+KL = "kl_ref"
+METRICS = ("true_reward", "safe_rate")              # the y axes: reward, safety
+METRIC_LABELS = {"true_reward": "true reward", "safe_rate": "safe rate"}
+N_BUDGETS = 4
+N_RESAMPLES = 10_000
+LEVEL = 0.95
+PER_SEED = "per-seed curves"
+POOLED = "final points pooled over seeds"
+BETTER, WORSE, UNCLEAR, TOO_FEW = "better", "worse", "no clear difference", "too few seeds"
+
+
+# ---------------------------------------------------------------- points
+
+def run_points(curve: Sequence[Mapping[str, Any]] | None, final: Mapping[str, Any],
+               metrics: Sequence[str] = METRICS) -> list[dict[str, Any]]:
+    """One run's (step, kl, metrics..., source) points: every curve point, then the final point.
+
+    Keys may carry an ``eval/`` prefix. The final point is dropped when it repeats the last curve
+    point (the pipeline logs the last evaluation both ways). Points without a finite KL are dropped.
+    """
+    def value(point: Mapping[str, Any], key: str) -> float:
+        raw = point.get(key, point.get(f"eval/{key}"))
+        try:
+            out = float(raw)
+        except (TypeError, ValueError):
+            return math.nan
+        return out if math.isfinite(out) else math.nan
+
+    points = []
+    for source, entries in (("curve", list(curve or [])), ("final", [final])):
+        for entry in entries:
+            if not isinstance(entry, Mapping):
+                continue
+            point = {"step": value(entry, "step"), "kl": value(entry, KL), "source": source,
+                     **{m: value(entry, m) for m in metrics}}
+            if math.isnan(point["kl"]) or all(math.isnan(point[m]) for m in metrics):
+                continue
+            if source == "final" and points and _same_point(points[-1], point, metrics):
+                continue
+            points.append(point)
+    return points
+
+
+def _same_point(a: Mapping[str, float], b: Mapping[str, float], metrics: Sequence[str]) -> bool:
+    return all((math.isnan(a[k]) and math.isnan(b[k])) or math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-12)
+               for k in ("kl", *metrics))
+
+
+def frontier_points(runs: Sequence[Any], label_of: Callable[[Any], str | None] | None = None,
+                    metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Every (method, seed, beta) point of finished runs: columns method, seed, beta, run, step, kl,
+    the metrics, source (``curve`` or ``final``), final (the run's last point).
+
+    ``runs`` are :class:`experiments.collect.Run` objects (``curve``, ``metrics``, ``seed``,
+    ``setting``); ``label_of(run)`` names its method (default ``run.label``; None skips the run).
+    """
+    label_of = label_of or (lambda run: run.label)
+    records = []
+    for run in runs:
+        if not getattr(run, "ok", True):
+            continue
+        label = label_of(run)
+        if label is None:
+            continue
+        beta = run.setting("loss.beta") if hasattr(run, "setting") else None
+        beta = None if beta is None or not isinstance(beta, (int, float, str)) else beta
+        points = run_points(getattr(run, "curve", None), run.metrics, metrics)
+        for i, point in enumerate(points):
+            records.append({"method": label, "seed": run.seed, "beta": _number(beta), "run": run.run_id,
+                            **point, "final": i == len(points) - 1})
+    columns = ["method", "seed", "beta", "run", "step", "kl", *metrics, "source", "final"]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def _number(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def has_curves(points: pd.DataFrame) -> bool:
+    return bool((points["source"] == "curve").any()) if len(points) else False
+
+
+# ---------------------------------------------------------------- curves
+
+def seed_curve(kl: Sequence[float], y: Sequence[float], mode: str = "interpolate") -> tuple[np.ndarray, np.ndarray]:
+    """Points sorted by KL, points at equal KL averaged, non-finite y dropped.
+
+    ``mode="upper"`` keeps the running maximum of y over KL (the best value reached at or below
+    each KL); the default keeps the points as they are (see the module docstring for why).
+    """
+    frame = pd.DataFrame({"kl": np.asarray(kl, float), "y": np.asarray(y, float)})
+    frame = frame[np.isfinite(frame["kl"]) & np.isfinite(frame["y"])]
+    frame = frame.groupby("kl", sort=True)["y"].mean()
+    xs, ys = frame.index.to_numpy(float), frame.to_numpy(float)
+    if mode == "upper":
+        ys = np.maximum.accumulate(ys) if len(ys) else ys
+    elif mode != "interpolate":
+        raise ValueError(f"mode must be 'interpolate' or 'upper', got {mode!r}")
+    return xs, ys
+
+
+def interpolate(xs: np.ndarray, ys: np.ndarray, at: Sequence[float] | float) -> np.ndarray:
+    """Linear interpolation of the curve at ``at``; NaN outside [min KL, max KL] (no extrapolation)."""
+    at = np.atleast_1d(np.asarray(at, float))
+    out = np.full(at.shape, np.nan)
+    if len(xs) == 0:
+        return out
+    inside = (at >= xs[0] - 1e-12) & (at <= xs[-1] + 1e-12)
+    out[inside] = np.interp(at[inside], xs, ys)
+    return out
+
+
+def method_basis(points: pd.DataFrame) -> str:
+    """Per-seed curves when some seed has points at two or more KLs, else pooled final points."""
+    distinct = points.groupby("seed", dropna=False)["kl"].nunique()
+    return PER_SEED if (distinct >= 2).any() else POOLED
+
+
+# ---------------------------------------------------------------- budgets
+
+def kl_range(points: pd.DataFrame) -> tuple[float, float] | None:
+    """[largest per-method minimum KL, smallest per-method maximum KL], or None when empty."""
+    if not len(points):
+        return None
+    by_method = points.groupby("method")["kl"]
+    low, high = float(by_method.min().max()), float(by_method.max().min())
+    return (low, high) if low <= high else None
+
+
+def kl_budgets(points: pd.DataFrame, n: int = N_BUDGETS) -> np.ndarray:
+    """``n`` budgets evenly spaced strictly inside the common KL range (empty when there is none)."""
+    span = kl_range(points)
+    if span is None or n < 1:
+        return np.zeros(0)
+    low, high = span
+    if math.isclose(low, high):
+        return np.array([low])
+    return np.linspace(low, high, n + 2)[1:-1]
+
+
+# ---------------------------------------------------------------- bootstrap
+
+def bootstrap(statistic: Callable[[tuple[int, ...]], float], n: int, rng: np.random.Generator,
+              n_resamples: int = N_RESAMPLES) -> np.ndarray:
+    """The statistic over ``n_resamples`` resamples (with replacement) of ``n`` seed indices.
+
+    The statistic depends only on the multiset of indices, so each distinct resample is computed
+    once (with 3 seeds there are only 10).
+    """
+    draws = np.sort(rng.integers(0, n, size=(n_resamples, n)), axis=1)
+    unique, inverse = np.unique(draws, axis=0, return_inverse=True)
+    values = np.array([statistic(tuple(int(i) for i in row)) for row in unique], float)
+    return values[np.asarray(inverse).ravel()]
+
+
+def percentile_ci(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return math.nan, math.nan
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+@dataclass
+class Estimator:
+    """How one method's value at one budget is computed from a resample of its seeds."""
+
+    seeds: list[Any]
+    statistic: Callable[[tuple[int, ...]], float]
+    per_seed: dict[Any, float] = field(default_factory=dict)   # PER_SEED basis only
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    def estimate(self) -> float:
+        return self.statistic(tuple(range(self.n))) if self.n else math.nan
+
+
+def estimator(points: pd.DataFrame, metric: str, budget: float, basis: str, mode: str = "interpolate") -> Estimator:
+    """Per-seed basis: the mean over seeds of each seed's interpolated value (seeds whose KL range
+    misses the budget are left out). Pooled basis: the interpolation of the pooled points."""
+    if basis == PER_SEED:
+        per_seed = {}
+        for seed, group in points.groupby("seed", sort=True, dropna=False):
+            value = interpolate(*seed_curve(group["kl"], group[metric], mode), budget)[0]
+            if math.isfinite(value):
+                per_seed[seed] = float(value)
+        seeds = list(per_seed)
+        values = np.array([per_seed[s] for s in seeds], float)
+        return Estimator(seeds, lambda idx: float(values[list(idx)].mean()) if idx else math.nan, per_seed)
+    by_seed = {seed: group for seed, group in points.groupby("seed", sort=True, dropna=False)}
+    seeds = list(by_seed)
+
+    def pooled(idx: tuple[int, ...]) -> float:
+        chosen = pd.concat([by_seed[seeds[i]] for i in idx]) if idx else points.iloc[:0]
+        return float(interpolate(*seed_curve(chosen["kl"], chosen[metric], mode), budget)[0])
+
+    return Estimator(seeds, pooled)
+
+
+def mean_ci(est: Estimator, rng: np.random.Generator, n_resamples: int = N_RESAMPLES,
+            level: float = LEVEL) -> tuple[float, float, float]:
+    """(estimate, CI low, CI high); the CI is NaN with fewer than 2 seeds."""
+    value = est.estimate()
+    if est.n < 2:
+        return value, math.nan, math.nan
+    return (value, *percentile_ci(bootstrap(est.statistic, est.n, rng, n_resamples), level))
+
+
+def difference_ci(a: Estimator, b: Estimator, rng: np.random.Generator, n_resamples: int = N_RESAMPLES,
+                  level: float = LEVEL) -> dict[str, Any]:
+    """Mean difference a - b with its bootstrap CI, paired by seed where possible.
+
+    Paired (both per-seed and sharing ≥ 2 seeds): the mean of per-seed differences over the shared
+    seeds, resampling seeds. Pooled estimators sharing seeds resample the shared seeds jointly.
+    Otherwise the two methods are resampled independently (unpaired).
+    """
+    shared = [s for s in a.seeds if s in set(b.seeds)]
+    out: dict[str, Any] = {"paired": False, "n_pairs": len(shared)}
+    if len(shared) >= 2 and a.per_seed and b.per_seed:
+        diffs = np.array([a.per_seed[s] - b.per_seed[s] for s in shared], float)
+        out.update(paired=True, diff=float(diffs.mean()))
+        draws = bootstrap(lambda idx: float(diffs[list(idx)].mean()), len(shared), rng, n_resamples)
+    elif len(shared) >= 2 and not a.per_seed and not b.per_seed and len(shared) == a.n == b.n:
+        ia = [a.seeds.index(s) for s in shared]
+        ib = [b.seeds.index(s) for s in shared]
+        out.update(paired=True, diff=a.estimate() - b.estimate())
+        draws = bootstrap(lambda idx: a.statistic(tuple(sorted(ia[i] for i in idx)))
+                          - b.statistic(tuple(sorted(ib[i] for i in idx))), len(shared), rng, n_resamples)
+    else:
+        out["diff"] = a.estimate() - b.estimate()
+        if a.n < 2 or b.n < 2:
+            out.update(low=math.nan, high=math.nan)
+            return out
+        draws = bootstrap(a.statistic, a.n, rng, n_resamples) - bootstrap(b.statistic, b.n, rng, n_resamples)
+    out["low"], out["high"] = percentile_ci(draws, level)
+    return out
+
+
+def verdict(low: float, high: float, direction: str = "up") -> str:
+    """better / worse / no clear difference from the CI of (method - baseline)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return TOO_FEW
+    if low > 0:
+        return BETTER if direction == "up" else WORSE
+    if high < 0:
+        return WORSE if direction == "up" else BETTER
+    return UNCLEAR
+
+
+# ---------------------------------------------------------------- the table
+
+def matched_kl_table(points: pd.DataFrame, budgets: Sequence[float] | None = None, baseline: str | None = "DPO",
+                     metrics: Sequence[str] = METRICS, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                     mode: str = "interpolate", level: float = LEVEL) -> pd.DataFrame:
+    """One row per (method, KL budget, metric): value (mean over seeds), CI, n seeds, basis, and
+    against ``baseline``: diff (method - baseline), its CI, paired or not, verdict.
+
+    ``budgets`` default to :func:`kl_budgets`. Same ``seed`` -> same CIs.
+    """
+    rng = np.random.default_rng(seed)
+    budgets = kl_budgets(points) if budgets is None else np.asarray(list(budgets), float)
+    methods = list(dict.fromkeys(points["method"]))
+    basis = {m: method_basis(points[points["method"] == m]) for m in methods}
+    records = []
+    for metric in metrics:
+        usable = points[np.isfinite(points[metric].astype(float))]
+        for budget in budgets:
+            ests = {m: estimator(usable[usable["method"] == m], metric, float(budget), basis[m], mode)
+                    for m in methods}
+            for method in methods:
+                est = ests[method]
+                value, low, high = mean_ci(est, rng, n_resamples, level)
+                record = {"method": method, "kl_budget": float(budget), "metric": metric, "value": value,
+                          "ci_low": low, "ci_high": high, "n_seeds": est.n, "basis": basis[method],
+                          "diff": math.nan, "diff_low": math.nan, "diff_high": math.nan, "paired": None,
+                          "verdict": ""}
+                if baseline is not None and method != baseline and baseline in ests:
+                    base = ests[baseline]
+                    if est.n and base.n:
+                        d = difference_ci(est, base, rng, n_resamples, level)
+                        record.update(diff=d["diff"], diff_low=d["low"], diff_high=d["high"], paired=d["paired"],
+                                      verdict=verdict(d["low"], d["high"]))
+                    else:
+                        record["verdict"] = "no data"
+                records.append(record)
+    return pd.DataFrame.from_records(records, columns=[
+        "method", "kl_budget", "metric", "value", "ci_low", "ci_high", "n_seeds", "basis", "diff", "diff_low",
+        "diff_high", "paired", "verdict"])
+
+
+def beats_baseline(table: pd.DataFrame, method: str, metric: str = "true_reward") -> bool:
+    """Is ``method`` clearly better than the baseline at some KL budget?"""
+    rows = table[(table["method"] == method) & (table["metric"] == metric)]
+    return bool((rows["verdict"] == BETTER).any())
+
+
+# ---------------------------------------------------------------- the plotted band
+
+def grid_band(points: pd.DataFrame, metric: str, grid: np.ndarray, mode: str = "interpolate") -> pd.DataFrame:
+    """One method's mean, min and max over seeds on a KL grid (seeds interpolated; NaN outside
+    every seed's range). Pooled basis: the pooled interpolation as mean, min = max = mean."""
+    if method_basis(points) == POOLED:
+        line = interpolate(*seed_curve(points["kl"], points[metric], mode), grid)
+        return pd.DataFrame({"kl": grid, "mean": line, "min": line, "max": line, "n": np.isfinite(line).astype(int)})
+    rows = [interpolate(*seed_curve(g["kl"], g[metric], mode), grid)
+            for _, g in points.groupby("seed", dropna=False)]
+    stack = np.vstack(rows)
+    n = np.isfinite(stack).sum(axis=0)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN grid columns are expected
+            mean, low, high = np.nanmean(stack, 0), np.nanmin(stack, 0), np.nanmax(stack, 0)
+    return pd.DataFrame({"kl": grid, "mean": mean, "min": low, "max": high, "n": n})
+
+
+def link_differences(points: pd.DataFrame, links: Sequence[tuple[str, str]], metric: str,
+                     budgets: Sequence[float], n_resamples: int = N_RESAMPLES, seed: int = 0,
+                     mode: str = "interpolate", level: float = LEVEL) -> pd.DataFrame:
+    """For each budget and each (a, b) in ``links``: a - b at matched KL with its CI (as in
+    :func:`difference_ci`); NaN when either method has no value there."""
+    rng = np.random.default_rng(seed)
+    usable = points[np.isfinite(points[metric].astype(float))]
+    names = {name for link in links for name in link}
+    basis = {m: method_basis(usable[usable["method"] == m]) for m in names if (usable["method"] == m).any()}
+    records = []
+    for budget in budgets:
+        ests = {m: estimator(usable[usable["method"] == m], metric, float(budget), basis[m], mode) for m in basis}
+        for a, b in links:
+            record = {"kl_budget": float(budget), "a": a, "b": b, "diff": math.nan, "low": math.nan,
+                      "high": math.nan, "paired": None, "n_a": 0, "n_b": 0}
+            if a in ests and b in ests and ests[a].n and ests[b].n:
+                d = difference_ci(ests[a], ests[b], rng, n_resamples, level)
+                record.update(diff=d["diff"], low=d["low"], high=d["high"], paired=d["paired"],
+                              n_a=ests[a].n, n_b=ests[b].n)
+            records.append(record)
+    return pd.DataFrame.from_records(records, columns=["kl_budget", "a", "b", "diff", "low", "high", "paired",
+                                                      "n_a", "n_b"])
