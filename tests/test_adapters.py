@@ -162,8 +162,8 @@ def test_pku_sample_is_a_json_list():
     assert rows[0]["rejected"].startswith("Gathering revenge without thinking")
     assert rows[0]["meta"]["is_chosen_safe"] is True
     assert all(r["prompt"].strip() and r["chosen"].strip() and r["rejected"].strip() for r in rows)
-    with pytest.raises(DataError, match=r"dataset.path '.*pku_saferlhf_safer_pairs_5k.json', row 0 \(0-based\), "
-                                        r"field 'response'.*preference='safer'"):
+    with pytest.raises(DataError, match=r"row 0, field 'response'.*preference='safer' "
+                                        r"\(in dataset.path '.*pku_saferlhf_safer_pairs_5k.json'; rows count from 0\)$"):
         load_preference_rows("pku_saferlhf", path=shared_file("pku_saferlhf_safer_pairs_5k.json"),
                              preference="better", limit=3)
 
@@ -324,8 +324,8 @@ def test_content_problems_are_counted_or_strict(tmp_path):
     assert len(kept) == 2
     assert report.summary() == "dropped 2 of 4 rows: 1 empty_response, 1 identical_responses"
     assert report.examples == {"identical_responses": [1], "empty_response": [2]}
-    with pytest.raises(DataError, match=r"^hh, dataset.path '.*hh.jsonl', row 1 \(0-based; line 2\), "
-                                        r"field 'rejected': identical_responses"):
+    with pytest.raises(DataError, match=r"^hh row 1, field 'rejected': identical_responses.* "
+                                        r"\(in dataset.path '.*hh.jsonl' at line 2; rows count from 0\)$"):
         load_preference_rows("hh", path=path, strict=True)
 
 
@@ -336,7 +336,7 @@ def test_empty_after_filtering_says_why(tmp_path):
 
 
 def test_loader_option_errors(tmp_path):
-    with pytest.raises(DataError, match="dataset.path .*nope.jsonl': does not exist"):
+    with pytest.raises(DataError, match="^hh, dataset.path '.*nope.jsonl': does not exist$"):
         load_preference_rows("hh", path=tmp_path / "nope.jsonl")
     bad = tmp_path / "rows.csv"
     bad.write_text("a,b\n")

@@ -21,6 +21,7 @@ from .adapters import (
     ultrafeedback,
 )
 from .collate import PreferenceCollator, SFTCollator, pad_sequences
+from .dedupe import drop_duplicate_pairs, holdout_split
 from .errors import DataError, DropCounter, SkipRow
 from .noise import flip_labels
 from .tokenize import IGNORE_INDEX, TRUNCATION_MODES, tokenize_dataset, tokenize_example, tokenize_sft_example
@@ -38,8 +39,10 @@ __all__ = [
     "SkipRow",
     "adapt_rows",
     "content_problem",
+    "drop_duplicate_pairs",
     "flip_labels",
     "hh",
+    "holdout_split",
     "load_preference_rows",
     "pad_sequences",
     "pku_saferlhf",

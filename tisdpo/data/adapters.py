@@ -527,7 +527,7 @@ def _json_rows(text: str, name: str, source: str) -> tuple[list[Any], list[int] 
         try:
             return json.loads(text), None
         except json.JSONDecodeError as err:
-            raise DataError(name, None, None, f"not valid JSON ({err.msg}, column {err.colno})",
+            raise DataError(name, None, None, f"not valid JSON: {err.msg} at column {err.colno}",
                             source, line=err.lineno) from err
     return _json_lines(text, name, source)
 
@@ -545,7 +545,7 @@ def _json_lines(text: str, name: str, source: str) -> tuple[list[Any], list[int]
             if not rows and _one_object(text):
                 raise DataError(name, None, None, "the file holds one JSON object, not rows: use a JSON list "
                                 "of rows, or JSON Lines (one row per line)", source) from err
-            raise DataError(name, len(rows), None, f"not valid JSON ({err.msg}, column {err.colno})",
+            raise DataError(name, len(rows), None, f"not valid JSON: {err.msg} at column {err.colno}",
                             source, line=number) from err
         lines.append(number)
     return rows, lines

@@ -32,9 +32,10 @@ class DataError(UserError):
 
     The message always names the dataset, and the row and field when known, e.g.
     ``pku_saferlhf row 17, field 'response_1': expected a string, got int``. Read from a local
-    file, it also names the option and the file (``source``), and the row is said to be
-    0-based, with its 1-based line for JSON Lines, e.g. ``ultrafeedback, dataset.test_path
-    'test.jsonl', row 7 (0-based; line 8), field 'chosen': expected a string, got int``.
+    file, it also names the option and the file (``source``), the 1-based line for JSON Lines,
+    and says that rows count from 0, e.g. ``ultrafeedback row 7, field 'chosen': expected a
+    string, got int (in dataset.test_path 'test.jsonl' at line 8; rows count from 0)``; an
+    error about the whole file leads with it: ``hh, dataset.path 'x.jsonl': the file is empty``.
     A subclass of :class:`~tisdpo.errors.UserError`: a run reports it as one line, status 2.
     """
 
@@ -46,25 +47,26 @@ class DataError(UserError):
         self.reason = message
         self.source = source
         self.line = line
-        super().__init__(f"{self._where()}: {message}")
+        super().__init__(self._text())
 
-    def _where(self) -> str:
-        if self.source is None:  # in-memory rows: the historical short form
-            where = str(self.dataset)
-            if self.index is not None:
-                where += f" row {self.index}"
-            if self.line is not None:
-                where += f" (line {self.line})"
-        else:
-            where = f"{self.dataset}, {self.source}"
-            if self.index is not None:
-                # say 0-based: editors number lines from 1, and the two would be confused
-                where += f", row {self.index} (0-based" + (f"; line {self.line})" if self.line is not None else ")")
-            elif self.line is not None:
-                where += f", line {self.line}"
+    def _text(self) -> str:
+        where = str(self.dataset)
+        if self.index is None and self.source is not None:
+            # about the file (or a line of it), not a row: lead with the file
+            where += f", {self.source}" + (f", line {self.line}" if self.line is not None else "")
+        elif self.index is not None:
+            where += f" row {self.index}"
         if self.field is not None:
             where += f", field {self.field!r}"
-        return where
+        text = f"{where}: {self.reason}"
+        if self.index is not None and self.source is not None:
+            # at the end, so "<dataset> row N, field F: ..." reads (and matches) as for in-memory rows;
+            # "count from 0" because editors number lines from 1, and the two would be confused
+            at = f" at line {self.line}" if self.line is not None else ""
+            text += f" (in {self.source}{at}; rows count from 0)"
+        elif self.index is not None and self.line is not None:
+            text += f" (line {self.line})"
+        return text
 
     def with_source(self, source: str, line: int | None = None) -> "DataError":
         """The same error, naming the file it came from (raise it ``from`` this one)."""
