@@ -439,6 +439,25 @@ def wandb_filters(group: str | None = None, table: str | None = None, scale: str
     return filters
 
 
+HISTORY_KEYS = ("eval/kl_ref", "eval/true_reward", "eval/safe_rate")
+
+
+def wandb_history_curve(wb_run: Any) -> list[dict[str, float]]:
+    """The run's evaluations from its W&B history (rows that logged ``eval/kl_ref``), or []."""
+    history = getattr(wb_run, "history", None)
+    if not callable(history):
+        return []
+    try:
+        rows = history(keys=list(HISTORY_KEYS), pandas=False)
+    except Exception:  # noqa: BLE001 - a curve is optional; the final point is in the summary
+        return []
+    curve = []
+    for row in rows or []:
+        if isinstance(row, dict) and row.get("eval/kl_ref") is not None:
+            curve.append({**row, "step": row.get("_step", row.get("step"))})
+    return parse_curve(curve)
+
+
 def collect_wandb_runs(path: str, group: str | None = None, table: str | None = None,
                        scale: str | None = None) -> list[Run]:
     """Runs of a W&B project, filtered by group (from the path or ``group``), table and scale.
@@ -466,7 +485,7 @@ def collect_wandb_runs(path: str, group: str | None = None, table: str | None = 
         run = Run(run_id=f"{wb_run.id} ({wb_run.name})", status=status, metrics=metrics, config=config,
                   overrides=parse_overrides(raw_overrides) if isinstance(raw_overrides, list) else {},
                   error=None if status == "ok" else f"W&B state: {state}")
-        run.curve = parse_curve(summary.get(CURVE_KEY))
+        run.curve = parse_curve(summary.get(CURVE_KEY)) or wandb_history_curve(wb_run)
         if group and getattr(wb_run, "group", group) != group:
             continue
         if table and run.setting("paper_table") is not _MISSING and not run.has_setting("paper_table", table):

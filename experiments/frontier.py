@@ -134,10 +134,10 @@ def seed_curve(kl: Sequence[float], y: Sequence[float], mode: str = "interpolate
     ``mode="upper"`` keeps the running maximum of y over KL (the best value reached at or below
     each KL); the default keeps the points as they are (see the module docstring for why).
     """
-    frame = pd.DataFrame({"kl": np.asarray(kl, float), "y": np.asarray(y, float)})
-    frame = frame[np.isfinite(frame["kl"]) & np.isfinite(frame["y"])]
-    frame = frame.groupby("kl", sort=True)["y"].mean()
-    xs, ys = frame.index.to_numpy(float), frame.to_numpy(float)
+    kl, y = np.asarray(kl, float), np.asarray(y, float)
+    keep = np.isfinite(kl) & np.isfinite(y)
+    xs, inverse = np.unique(kl[keep], return_inverse=True)       # sorted distinct KLs
+    ys = np.bincount(inverse, weights=y[keep], minlength=len(xs)) / np.maximum(np.bincount(inverse, minlength=len(xs)), 1)
     if mode == "upper":
         ys = np.maximum.accumulate(ys) if len(ys) else ys
     elif mode != "interpolate":
@@ -199,6 +199,14 @@ def bootstrap(statistic: Callable[[tuple[int, ...]], float], n: int, rng: np.ran
     return values[np.asarray(inverse).ravel()]
 
 
+def bootstrap_means(values: np.ndarray, rng: np.random.Generator, n_resamples: int = N_RESAMPLES) -> np.ndarray:
+    """Means of ``n_resamples`` resamples (with replacement) of ``values``: the bootstrap of a mean,
+    vectorised (same draws as :func:`bootstrap` would make)."""
+    values = np.asarray(values, float)
+    draws = rng.integers(0, len(values), size=(n_resamples, len(values)))
+    return values[draws].mean(axis=1)
+
+
 def percentile_ci(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     values = values[np.isfinite(values)]
     if not len(values):
@@ -222,6 +230,11 @@ class Estimator:
 
     def estimate(self) -> float:
         return self.statistic(tuple(range(self.n))) if self.n else math.nan
+
+    def resample(self, rng: np.random.Generator, n_resamples: int) -> np.ndarray:
+        if self.per_seed:   # a mean over seeds: vectorised
+            return bootstrap_means(np.array([self.per_seed[s] for s in self.seeds]), rng, n_resamples)
+        return bootstrap(self.statistic, self.n, rng, n_resamples)
 
 
 def estimator(points: pd.DataFrame, metric: str, budget: float, basis: str, mode: str = "interpolate") -> Estimator:
@@ -252,7 +265,7 @@ def mean_ci(est: Estimator, rng: np.random.Generator, n_resamples: int = N_RESAM
     value = est.estimate()
     if est.n < 2:
         return value, math.nan, math.nan
-    return (value, *percentile_ci(bootstrap(est.statistic, est.n, rng, n_resamples), level))
+    return (value, *percentile_ci(est.resample(rng, n_resamples), level))
 
 
 def difference_ci(a: Estimator, b: Estimator, rng: np.random.Generator, n_resamples: int = N_RESAMPLES,
@@ -268,7 +281,7 @@ def difference_ci(a: Estimator, b: Estimator, rng: np.random.Generator, n_resamp
     if len(shared) >= 2 and a.per_seed and b.per_seed:
         diffs = np.array([a.per_seed[s] - b.per_seed[s] for s in shared], float)
         out.update(paired=True, diff=float(diffs.mean()))
-        draws = bootstrap(lambda idx: float(diffs[list(idx)].mean()), len(shared), rng, n_resamples)
+        draws = bootstrap_means(diffs, rng, n_resamples)
     elif len(shared) >= 2 and not a.per_seed and not b.per_seed and len(shared) == a.n == b.n:
         ia = [a.seeds.index(s) for s in shared]
         ib = [b.seeds.index(s) for s in shared]
@@ -280,7 +293,7 @@ def difference_ci(a: Estimator, b: Estimator, rng: np.random.Generator, n_resamp
         if a.n < 2 or b.n < 2:
             out.update(low=math.nan, high=math.nan)
             return out
-        draws = bootstrap(a.statistic, a.n, rng, n_resamples) - bootstrap(b.statistic, b.n, rng, n_resamples)
+        draws = a.resample(rng, n_resamples) - b.resample(rng, n_resamples)
     out["low"], out["high"] = percentile_ci(draws, level)
     return out
 
