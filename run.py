@@ -3,6 +3,8 @@
 Composes conf/config.yaml with the overrides, then runs the pipeline
 (data -> SFT -> token weights -> preference training -> evaluation -> results.json).
 """
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -20,5 +22,17 @@ def main(cfg: DictConfig) -> float | None:
     return results.get("val/rewards/accuracies")
 
 
+def reject_pipeline_trainer_keys(args: list[str]) -> None:
+    """Before Hydra composes: `trainer.max_steps=5` would fail its struct check with no hint (and
+    `+trainer.max_steps=5` be silently overwritten by train.max_steps). One line, exit status 2."""
+    from tisdpo.pipeline.validate import override_problem
+
+    problem = override_problem(args)
+    if problem:
+        print(f"config error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 if __name__ == "__main__":
+    reject_pipeline_trainer_keys(sys.argv[1:])
     main()
