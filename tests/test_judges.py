@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tisdpo.eval.keys import judge_keys, metric_keys
 from tisdpo.eval.judges import (JudgeHTTPError, LocalLMBackend, MTBenchJudge, OpenAICompatibleBackend,
                                 PairwiseJudge, RewardModelJudge, SafetyJudge, chat_completions_url,
                                 combine_verdicts, load_questions, parse_pairwise_verdict, parse_rating,
@@ -235,6 +236,9 @@ class ScriptedJudgeServer(ThreadingHTTPServer):
         self.failures_left = 0
         self.requests: list[dict] = []
         self.headers_seen: list[dict] = []
+        self.active = 0
+        self.max_active = 0
+        self.lock = threading.Lock()
 
     @property
     def base_url(self) -> str:
@@ -242,7 +246,7 @@ class ScriptedJudgeServer(ThreadingHTTPServer):
 
 
 def scripted_answer(behaviour: str, user: str) -> str:
-    if behaviour == "always_A":
+    if behaviour in ("always_A", "slow_A"):
         return "Both are fine, but the first reads better.\nVerdict: A"
     if behaviour == "prefers_good":
         item = "Summary" if "Summary A:" in user else "Response"
@@ -266,8 +270,20 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         server.headers_seen.append(dict(self.headers))
         if self.path != "/v1/chat/completions":
             return self._send(404, {"error": f"no route {self.path}"})
+        with server.lock:
+            server.active += 1
+            server.max_active = max(server.max_active, server.active)
+        try:
+            self._answer(server, body)
+        finally:
+            with server.lock:
+                server.active -= 1
+
+    def _answer(self, server, body):
         if server.behaviour == "slow":
             time.sleep(1.0)
+        if server.behaviour == "slow_A":
+            time.sleep(0.05)
         if server.behaviour == "unauthorized":
             return self._send(401, {"error": "bad key"})
         if server.failures_left > 0:
@@ -326,7 +342,7 @@ def test_position_swap_cancels_a_biased_judge(judge_server):
 def test_consistent_judge_counts_wins_and_losses(judge_server, monkeypatch):
     judge_server.behaviour = "prefers_good"
     monkeypatch.setenv("TISDPO_TEST_JUDGE_KEY", "sk-test")
-    judge = PairwiseJudge(http_backend(judge_server), baseline="sft", task="summarization", max_workers=3)
+    judge = PairwiseJudge(http_backend(judge_server), baseline="sft", task="summarization", concurrency=3)
     result = judge.evaluate(["post 1", "post 2", "post 3"], ["a good summary", "meh", "good"],
                             ["bland", "a good one", "also good"], metric_suffix="@T0.5")
     m = result.metrics
@@ -436,13 +452,14 @@ def test_mt_bench_over_http(judge_server):
     judge_server.behaviour = "mt_bench"
     calls = []
 
-    def generate(conversations):
+    def generate(conversations, temperature, max_new_tokens):
         calls.append(conversations)
         return [f"answer to: {c[-1]['content'][:20]}" for c in conversations]
 
     questions = load_questions(SAMPLE_QUESTIONS)
     n2 = sum(len(q["turns"]) == 2 for q in questions)
-    result = MTBenchJudge(http_backend(judge_server), str(SAMPLE_QUESTIONS), max_workers=4).evaluate(generate)
+    result = MTBenchJudge(http_backend(judge_server), str(SAMPLE_QUESTIONS), concurrency=4,
+                          answer_temperature=0.0).evaluate(generate)
     m = result.metrics
     assert m["eval/mt_bench_turn1"] == 7 and m["eval/mt_bench_turn2"] == 4
     assert m["eval/mt_bench"] == pytest.approx((7 * len(questions) + 4 * n2) / (len(questions) + n2))
@@ -459,5 +476,126 @@ def test_mt_bench_over_http(judge_server):
 def test_mt_bench_on_local_backend_counts_unparsed(models_dir, word_tokenizer):
     backend = LocalLMBackend(constant_lm(models_dir, word_tokenizer, "hello"), device="cpu")
     judge = MTBenchJudge(backend, str(SAMPLE_QUESTIONS), categories=["math", "stem"], max_tokens=4)
-    m = judge(lambda convs: ["42"] * len(convs))
+    m = judge(lambda convs, **kw: ["42"] * len(convs))
     assert m["eval/mt_bench_n"] == 3 and m["eval/mt_bench_unparsed"] == 3 and math.isnan(m["eval/mt_bench"])
+
+
+# ---------------------------------------------------------------- concurrency and the verdict cache
+
+def test_pairwise_runs_requests_concurrently(judge_server):
+    judge_server.behaviour = "slow_A"
+    judge = PairwiseJudge(http_backend(judge_server), concurrency=8)
+    start = time.monotonic()
+    metrics = judge([f"p{i}" for i in range(8)], ["r"] * 8, ["b"] * 8)
+    assert metrics["eval/n_vs_dpo"] == 8 and len(judge_server.requests) == 16
+    assert judge_server.max_active > 1 and time.monotonic() - start < 16 * 0.05
+    assert PairwiseJudge(LocalLMBackend("unused"), concurrency=8).concurrency == 1  # one local model: no threads
+
+
+def test_pairwise_cache_makes_a_rerun_free(judge_server, tmp_path):
+    judge_server.behaviour = "prefers_good"
+    prompts, responses, baseline = ["post 1", "post 2"], ["a good summary", "meh"], ["bland", "a good one"]
+    first = PairwiseJudge(http_backend(judge_server), task="summarization", cache_dir=str(tmp_path)).evaluate(
+        prompts, responses, baseline)
+    assert len(judge_server.requests) == 4
+    judge_server.behaviour = "garbled"  # a judge asked again would now answer differently
+    rerun = PairwiseJudge(http_backend(judge_server), task="summarization", cache_dir=str(tmp_path))
+    again = rerun.evaluate(prompts, responses, baseline)
+    assert len(judge_server.requests) == 4 and rerun.cache.hits == 4  # zero new requests
+    assert again.metrics == first.metrics
+    # anything that changes the verdict is part of the key: another task (template), order, texts
+    PairwiseJudge(http_backend(judge_server), task="helpfulness", cache_dir=str(tmp_path))(prompts[:1], responses[:1], baseline[:1])
+    PairwiseJudge(http_backend(judge_server), task="summarization", cache_dir=str(tmp_path))(prompts[:1], ["new"], baseline[:1])
+    assert len(judge_server.requests) == 8
+    # a line cut short by a crash is asked again, the rest is kept
+    cache_file = tmp_path / "pairwise.jsonl"
+    lines = cache_file.read_text().splitlines(keepends=True)
+    cache_file.write_text("".join(lines) + lines[0][:20])
+    PairwiseJudge(http_backend(judge_server), task="summarization", cache_dir=str(tmp_path))(prompts, responses, baseline)
+    assert len(judge_server.requests) == 8
+
+
+def test_mt_bench_grading_cache_and_answer_settings(judge_server, tmp_path):
+    judge_server.behaviour = "mt_bench"
+    calls = []
+
+    def generate(conversations, temperature, max_new_tokens):
+        calls.append((len(conversations), temperature, max_new_tokens))
+        return ["an answer"] * len(conversations)
+
+    make = lambda: MTBenchJudge(http_backend(judge_server), str(SAMPLE_QUESTIONS), cache_dir=str(tmp_path))  # noqa: E731
+    first = make().evaluate(generate)
+    n_graded = int(first.metrics["eval/mt_bench_n"])
+    assert len(judge_server.requests) == n_graded
+    questions = load_questions(SAMPLE_QUESTIONS)
+    # FastChat's per-category temperatures (greedy for math/coding/reasoning/extraction), 1024 new tokens
+    assert {t for _, t, _ in calls} == {MTBenchJudge(None, "").temperature(q) for q in questions}
+    assert 0.0 in {t for _, t, _ in calls} and {n for _, _, n in calls} == {1024}
+    again = make().evaluate(generate)
+    assert len(judge_server.requests) == n_graded and again.metrics == first.metrics
+    assert set(METRIC_KEYS_MT) <= set(first.metrics) and judge_keys(
+        {"_target_": "tisdpo.eval.judges.MTBenchJudge"}, "x") <= set(first.metrics)
+
+
+METRIC_KEYS_MT = ("eval/mt_bench", "eval/mt_bench_turn1", "eval/mt_bench_turn2")
+
+
+def test_mt_bench_loads_the_hub_schema_and_checks_the_count(tmp_path):
+    hub_style = tmp_path / "h4.jsonl"
+    hub_style.write_text(json.dumps({"prompt_id": 81, "category": "writing", "prompt": ["Write.", "Shorter."],
+                                     "reference": []}) + "\n")
+    (question,) = load_questions(hub_style)
+    assert question["question_id"] == 81 and question["turns"] == ["Write.", "Shorter."] and question["reference"] == []
+    with pytest.raises(ValueError, match="expected_questions=80"):
+        MTBenchJudge(None, str(hub_style), expected_questions=80).questions()
+    with pytest.raises(FileNotFoundError, match="question_file"):
+        load_questions(tmp_path / "missing" / "question.jsonl")
+
+
+# ---------------------------------------------------------------- declared keys = what the judges write
+
+def test_declared_keys_match_what_the_judges_return(reward_model_dir, models_dir, word_tokenizer, judge_server):
+    rm = {"_target_": "tisdpo.eval.judges.RewardModelJudge", "model_name_or_path": str(reward_model_dir), "name": "Harm"}
+    assert judge_keys(rm, "x") == set(RewardModelJudge(str(reward_model_dir), name="Harm", device="cpu")(PROMPTS, RESPONSES))
+    guard = {"_target_": "tisdpo.eval.judges.SafetyJudge", "model_name_or_path": "unused"}
+    safety = SafetyJudge(constant_lm(models_dir, word_tokenizer, "safe"), max_new_tokens=2, device="cpu")
+    assert judge_keys(guard, "x") == set(safety(PROMPTS[:2], RESPONSES[:2]))
+    pair = {"_target_": "tisdpo.eval.judges.PairwiseJudge", "baseline": "DPO", "backend": None}
+    assert judge_keys(pair, "x") == set(PairwiseJudge(http_backend(judge_server), baseline="DPO")(["p"], ["r"], ["b"]))
+    with pytest.raises(ValueError, match="eval.judges.odd: builtins.dict declares no metric keys"):
+        judge_keys({"_target_": "builtins.dict"}, "eval.judges.odd")
+
+
+def test_evaluate_with_judges_temperatures_and_dataset_baseline(tmp_path, models_dir, word_tokenizer, reward_model_dir):
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
+
+    from tisdpo.eval.run_judges import evaluate_with_judges, temperature_suffixes
+
+    assert temperature_suffixes([0.0, 0.5, 1.0]) == {0.0: ["@T0"], 0.5: ["@T0.5"], 1.0: ["", "@T1"]}
+    assert temperature_suffixes([0.7]) == {0.7: [""]}
+    policy_dir = constant_lm(models_dir, word_tokenizer, "good", "policy_good")
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    cfg = OmegaConf.create({
+        "name": "judges", "enabled": True, "n_prompts": 3, "temperatures": [0.0, 0.5, 1.0], "max_new_tokens": 3,
+        "top_p": None, "batch_size": 2, "baseline_from": "dataset", "baseline_samples": None,
+        "judges": {"help": {"_target_": "tisdpo.eval.judges.RewardModelJudge",
+                            "model_name_or_path": str(reward_model_dir), "name": "help", "device": "cpu"}},
+        "pairwise": {"_target_": "tisdpo.eval.judges.PairwiseJudge", "baseline": "reference", "task": "summarization",
+                     "backend": {"_target_": "tisdpo.eval.judges.LocalLMBackend", "device": "cpu",
+                                 "model_name_or_path": constant_lm(models_dir, word_tokenizer, "A")}},
+        "mt_bench": None})
+    metrics = evaluate_with_judges(cfg, policy, word_tokenizer, PROMPTS, 0, tmp_path, references=RESPONSES)
+    assert metric_keys(cfg) == set(metrics)
+    assert metrics["eval/win_rate_vs_reference@T0"] == 0.5  # a judge that always says "A": every pair inconsistent
+    assert metrics["eval/help"] == metrics["eval/help@T1"]
+    samples = json.loads((tmp_path / "samples.json").read_text())
+    assert len(samples) == 9 and {s["temperature"] for s in samples} == {0.0, 0.5, 1.0}
+    greedy = [s["response"] for s in samples if s["temperature"] == 0.0]
+    assert greedy == ["good good good"] * 3  # T=0 is greedy decoding
+    # without a baseline the win rate is skipped (the baseline run itself goes first), or an error on request
+    cfg.baseline_from = "samples"
+    assert not any("win_rate" in k for k in evaluate_with_judges(cfg, policy, word_tokenizer, PROMPTS, 0, tmp_path))
+    cfg.require_baseline = True
+    with pytest.raises(ValueError, match="eval.pairwise needs a baseline"):
+        evaluate_with_judges(cfg, policy, word_tokenizer, PROMPTS, 0, tmp_path)

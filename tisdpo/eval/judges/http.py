@@ -103,6 +103,11 @@ class OpenAICompatibleBackend:
         self.backoff = float(backoff)
         self.extra_body = dict(extra_body or {})
 
+    def identity(self) -> dict[str, Any]:
+        """What decides this backend's answers (the judge cache's key; the API key is not part of it)."""
+        return {"backend": "openai_compatible", "url": self.url, "model": self.model,
+                "temperature": self.temperature, "extra_body": self.extra_body}
+
     def _headers(self) -> dict[str, str]:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         return {"Authorization": f"Bearer {key}"} if key else {}

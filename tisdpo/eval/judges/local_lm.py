@@ -103,12 +103,22 @@ class LocalLMBackend:
     appends "Answer:" and scores " A"/" B" (with the space BPE tokenizers expect).
     """
 
+    # One model in one process: threads would only queue on it.
+    max_concurrency = 1
+
     def __init__(self, model_name_or_path: str, device: str = "auto", dtype: str | None = None,
                  max_new_tokens: int = 512, use_chat_template: bool | None = None,
                  max_length: int = 4096):
+        self.model_name_or_path = model_name_or_path
+        self.use_chat_template = use_chat_template
         self.lm = LocalCausalLM(model_name_or_path, device=device, dtype=dtype,
                                 use_chat_template=use_chat_template, max_length=max_length)
         self.max_new_tokens = int(max_new_tokens)
+
+    def identity(self) -> dict:
+        """What decides this backend's answers (the judge cache's key)."""
+        return {"backend": "local_lm", "model": str(self.model_name_or_path),
+                "use_chat_template": self.use_chat_template, "max_length": self.lm.max_length}
 
     def complete(self, messages: list[dict[str, str]], max_tokens: int | None = None) -> str:
         text, templated = self.lm.render(messages)

@@ -1,15 +1,39 @@
-"""MT-Bench single-answer grading (1-10 per turn) of answers from a policy's generate function."""
+"""MT-Bench single-answer grading (1-10 per turn) of answers from a policy's generate function.
+
+MT-Bench (Zheng et al. 2023): 80 two-turn questions in 8 categories; the model answers both turns
+(up to 1024 new tokens each, sampled at FastChat's per-category temperature: 0.7 for writing and
+roleplay, 0.1 for stem and humanities, greedy for extraction, math, coding and reasoning), and a
+strong LLM judge (GPT-4 in the TIS-DPO paper) rates each turn 1-10; the score is the mean over all
+rated turns. Questions come from FastChat's ``question.jsonl`` ({question_id, category, turns[,
+reference]}) or the hub dataset ``HuggingFaceH4/mt_bench_prompts`` ({prompt_id, category, prompt,
+reference}).
+"""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .cache import backend_identity, cache_key, open_cache
 from .common import JudgeResult, mean_or_nan, parallel_map, sanitize_name
 
+log = logging.getLogger(__name__)
+
 Conversation = list[dict[str, str]]
-GenerateFn = Callable[[list[Conversation]], list[str]]
+# generate_fn(conversations, temperature=..., max_new_tokens=...) -> one answer per conversation;
+# temperature 0 means greedy decoding.
+GenerateFn = Callable[..., list[str]]
+
+# FastChat llm_judge/common.py temperature_config: the sampling temperature of each category's answers.
+CATEGORY_TEMPERATURES: dict[str, float] = {
+    "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+    "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0,
+}
+# The summary metrics (tisdpo.eval.keys declares them); per-category means come on top.
+METRIC_KEYS = ("eval/mt_bench", "eval/mt_bench_turn1", "eval/mt_bench_turn2", "eval/mt_bench_unparsed",
+               "eval/mt_bench_n")
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -35,28 +59,58 @@ def parse_rating(text: str) -> float | None:
     return None
 
 
-def load_questions(path: str | Path) -> list[dict[str, Any]]:
-    """MT-Bench ``question.jsonl``: one {question_id, category, turns[, reference]} per line."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"question_file={str(path)!r}: no such file")
+def _normalise_question(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """FastChat's schema; the hub dataset's names (prompt_id, prompt) are mapped onto it."""
+    question = dict(raw)
+    if "turns" not in question and "prompt" in question:
+        question["turns"] = question.pop("prompt")
+    if "question_id" not in question and "prompt_id" in question:
+        question["question_id"] = question.pop("prompt_id")
+    missing = [k for k in ("question_id", "category", "turns") if k not in question]
+    if missing:
+        raise ValueError(f"{where}: missing {missing}")
+    turns = question["turns"]
+    if isinstance(turns, tuple):
+        turns = question["turns"] = list(turns)
+    if not isinstance(turns, list) or not 1 <= len(turns) <= 2 or not all(isinstance(t, str) for t in turns):
+        raise ValueError(f"{where}: 'turns' must be a list of 1 or 2 strings")
+    reference = question.get("reference")
+    # The hub copy gives an empty list (or empty strings) where a question has no reference answer.
+    question["reference"] = list(reference) if isinstance(reference, (list, tuple)) and any(reference) else []
+    return question
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return (re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", name) is not None
+            and not name.endswith((".jsonl", ".json")))
+
+
+def load_questions(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """MT-Bench questions from a jsonl file (FastChat ``question.jsonl``: one {question_id,
+    category, turns[, reference]} per line) or a hub dataset id (``HuggingFaceH4/mt_bench_prompts``)."""
+    name = str(path)
+    local = Path(name).expanduser()
+    if not local.is_file():
+        if _looks_like_hub_id(name) and not local.exists():
+            from datasets import load_dataset
+
+            rows = load_dataset(name, split=split)
+            questions = [_normalise_question(row, f"{name}[{i}]") for i, row in enumerate(rows)]
+            if not questions:
+                raise ValueError(f"question_file={name!r} holds no questions")
+            return questions
+        raise FileNotFoundError(f"question_file={name!r}: no such file (give a question.jsonl or a hub dataset id)")
     questions = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(local.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            question = json.loads(line)
+            raw = json.loads(line)
         except ValueError as error:
-            raise ValueError(f"{path}:{line_no}: not JSON ({error})") from error
-        missing = [k for k in ("question_id", "category", "turns") if k not in question]
-        if missing:
-            raise ValueError(f"{path}:{line_no}: missing {missing}")
-        turns = question["turns"]
-        if not isinstance(turns, list) or not 1 <= len(turns) <= 2 or not all(isinstance(t, str) for t in turns):
-            raise ValueError(f"{path}:{line_no}: 'turns' must be a list of 1 or 2 strings")
-        questions.append(question)
+            raise ValueError(f"{local}:{line_no}: not JSON ({error})") from error
+        questions.append(_normalise_question(raw, f"{local}:{line_no}"))
     if not questions:
-        raise ValueError(f"question_file={str(path)!r} holds no questions")
+        raise ValueError(f"question_file={name!r} holds no questions")
     return questions
 
 
@@ -90,52 +144,94 @@ class MTBenchJudge:
     ``eval/mt_bench/<category>``, and ``eval/mt_bench_unparsed`` (turns without a valid rating,
     left out of the means).
 
-    ``evaluate(generate_fn)``: ``generate_fn`` gets a list of conversations (lists of
-    {role, content} messages ending with a user turn) and returns one answer per conversation;
-    all first turns are asked in one call, then all second turns.
+    ``evaluate(generate_fn)``: ``generate_fn(conversations, temperature=t, max_new_tokens=n)``
+    gets a list of conversations (lists of {role, content} messages ending with a user turn) and
+    returns one answer per conversation; first turns are asked before second turns, one call per
+    temperature. ``answer_temperature``: ``category`` (FastChat's per-category temperatures) or
+    a number for every question (0 = greedy); ``answer_max_new_tokens``: 1024 as in MT-Bench.
+    ``expected_questions`` (80 for the benchmark) makes a short question file an error rather than
+    a quietly different benchmark. Grading runs ``concurrency`` judge calls at once and, with
+    ``cache_dir``, stores each judge answer in ``<cache_dir>/mt_bench.jsonl`` (keyed by the judge
+    and the full grading prompt), so reruns do not pay twice.
     """
 
     def __init__(self, backend: Any, question_file: str, categories: Sequence[str] | None = None,
-                 max_questions: int | None = None, max_tokens: int = 1024, max_workers: int = 1):
+                 max_questions: int | None = None, max_tokens: int = 1024, concurrency: int = 8,
+                 answer_temperature: float | str = "category", answer_max_new_tokens: int = 1024,
+                 expected_questions: int | None = None, cache_dir: str | None = None):
+        if isinstance(answer_temperature, str) and answer_temperature != "category":
+            raise ValueError(f"answer_temperature must be 'category' or a number, got {answer_temperature!r}")
         self.backend = backend
         self.question_file = question_file
         self.categories = list(categories) if categories else None
         self.max_questions = max_questions
         self.max_tokens = int(max_tokens)
-        self.max_workers = int(max_workers)
+        self.concurrency = min(int(concurrency), int(getattr(backend, "max_concurrency", concurrency)))
+        self.answer_temperature = answer_temperature
+        self.answer_max_new_tokens = int(answer_max_new_tokens)
+        self.expected_questions = expected_questions
+        self.cache = open_cache(cache_dir, "mt_bench")
 
     def questions(self) -> list[dict[str, Any]]:
         questions = load_questions(self.question_file)
+        if self.expected_questions is not None and len(questions) != int(self.expected_questions):
+            raise ValueError(f"question_file={self.question_file!r} holds {len(questions)} questions, "
+                             f"expected_questions={self.expected_questions} (MT-Bench has 80)")
         if self.categories:
             questions = [q for q in questions if q["category"] in self.categories]
             if not questions:
                 raise ValueError(f"categories={self.categories} match no question in {self.question_file}")
         return questions[: self.max_questions] if self.max_questions else questions
 
+    def temperature(self, question: dict[str, Any]) -> float:
+        if self.answer_temperature == "category":
+            return CATEGORY_TEMPERATURES.get(question["category"], 0.7)  # FastChat's default: 0.7
+        return float(self.answer_temperature)
+
+    def _ask(self, generate_fn: GenerateFn, items: list[tuple[dict[str, Any], Conversation]]) -> list[str]:
+        """Answers for (question, conversation) items, one generate_fn call per temperature."""
+        answers: list[str | None] = [None] * len(items)
+        for temperature in sorted({self.temperature(q) for q, _ in items}):
+            idx = [i for i, (q, _) in enumerate(items) if self.temperature(q) == temperature]
+            out = _checked(generate_fn([items[i][1] for i in idx], temperature=temperature,
+                                       max_new_tokens=self.answer_max_new_tokens), len(idx))
+            for i, answer in zip(idx, out):
+                answers[i] = answer
+        return [str(a) for a in answers]
+
     def answer(self, generate_fn: GenerateFn, questions: list[dict[str, Any]]) -> dict[Any, list[str]]:
         """{question_id: [answer turn 1, (answer turn 2)]} from the policy."""
-        first = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
-        first_answers = _checked(generate_fn(first), len(first))
-        answers = {q["question_id"]: [a] for q, a in zip(questions, first_answers)}
+        first = [(q, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
+        answers = {q["question_id"]: [a] for q, a in zip(questions, self._ask(generate_fn, first))}
         two_turn = [q for q in questions if len(q["turns"]) == 2]
         if two_turn:
-            second = [[{"role": "user", "content": q["turns"][0]},
-                       {"role": "assistant", "content": answers[q["question_id"]][0]},
-                       {"role": "user", "content": q["turns"][1]}] for q in two_turn]
-            for q, a in zip(two_turn, _checked(generate_fn(second), len(second))):
+            second = [(q, [{"role": "user", "content": q["turns"][0]},
+                           {"role": "assistant", "content": answers[q["question_id"]][0]},
+                           {"role": "user", "content": q["turns"][1]}]) for q in two_turn]
+            for q, a in zip(two_turn, self._ask(generate_fn, second)):
                 answers[q["question_id"]].append(a)
         return answers
 
+    def _complete(self, messages: Conversation) -> str:
+        if self.cache is None:
+            return self.backend.complete(messages, max_tokens=self.max_tokens)
+        key = cache_key(judge=backend_identity(self.backend), messages=messages, max_tokens=self.max_tokens)
+        output = self.cache.get(key)
+        if output is None:
+            output = self.backend.complete(messages, max_tokens=self.max_tokens)
+            self.cache.put(key, output)
+        return output
+
     def _grade_one(self, job: tuple[dict[str, Any], list[str], int]) -> dict[str, Any]:
         question, answers, turn = job
-        output = self.backend.complete(grading_messages(question, answers, turn), max_tokens=self.max_tokens)
+        output = self._complete(grading_messages(question, answers, turn))
         return {"question_id": question["question_id"], "category": question["category"], "turn": turn,
                 "answer": answers[turn - 1], "judge_output": output, "rating": parse_rating(output)}
 
     def grade(self, questions: list[dict[str, Any]], answers: dict[Any, list[str]]) -> JudgeResult:
         jobs = [(q, answers[q["question_id"]], turn) for q in questions
                 for turn in range(1, len(q["turns"]) + 1)]
-        samples = parallel_map(self._grade_one, jobs, self.max_workers)
+        samples = parallel_map(self._grade_one, jobs, self.concurrency)
         rated = [s for s in samples if s["rating"] is not None]
         metrics = {
             "eval/mt_bench": mean_or_nan([s["rating"] for s in rated]),
@@ -151,6 +247,7 @@ class MTBenchJudge:
 
     def evaluate(self, generate_fn: GenerateFn) -> JudgeResult:
         questions = self.questions()
+        log.info("MT-Bench: %d questions from %s", len(questions), self.question_file)
         return self.grade(questions, self.answer(generate_fn, questions))
 
     def __call__(self, generate_fn: GenerateFn) -> dict[str, float]:

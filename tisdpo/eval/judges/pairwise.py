@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol, Sequence
 
+from .cache import backend_identity, cache_key, open_cache
 from .common import JudgeResult, check_same_length, parallel_map, sanitize_name
 from .http import OpenAICompatibleBackend  # noqa: F401  (re-exported: the two backends live together)
 from .local_lm import LocalLMBackend  # noqa: F401
@@ -12,6 +13,9 @@ from .local_lm import LocalLMBackend  # noqa: F401
 class JudgeBackend(Protocol):
     def complete(self, messages: list[dict[str, str]], max_tokens: int | None = None) -> str: ...
 
+
+# The counts reported per baseline, as eval/<name>_vs_<baseline> (tisdpo.eval.keys declares them).
+METRIC_NAMES = ("win_rate", "wins", "losses", "ties", "inconsistent", "unparsed", "n")
 
 SYSTEM_PROMPT = "You are a careful and impartial evaluator of AI assistant responses."
 
@@ -99,16 +103,24 @@ def combine_verdicts(first: str | None, second: str | None) -> str:
 class PairwiseJudge:
     """Win rate of ``responses`` against ``baseline_responses`` for the same prompts.
 
-    Each pair is judged twice, policy first and baseline first. ``mode``: ``generate`` asks for
-    a written verdict ("Verdict: A"); ``logprob`` compares the backend's log-probs of answering
+    As in the DPO and TIS-DPO papers' GPT-4 evaluations, each pair is judged twice, policy first
+    and baseline first, so the judge's position bias cancels. ``mode``: ``generate`` asks for a
+    written verdict ("Verdict: A"); ``logprob`` compares the backend's log-probs of answering
     "A" and "B" (differences within ``tie_margin`` are ties); ``auto`` picks ``logprob`` when the
     backend offers ``option_logprobs`` (LocalLMBackend), else ``generate``.
     win_rate = (wins + ½·(ties + inconsistent)) / judged pairs, unparsed pairs excluded and
     reported. ``task`` is a key of ``TASKS`` or a dict {question, context, item}.
+
+    ``concurrency`` judge calls run at once (threads; a backend may cap it with
+    ``max_concurrency``, as the local LM does). ``cache_dir``: every answer is stored in
+    ``<cache_dir>/pairwise.jsonl`` under a hash of (judge backend and model, prompt template,
+    prompt, response A, response B, order, mode, max_tokens), so a rerun asks only what it has
+    not asked before.
     """
 
     def __init__(self, backend: Any, baseline: str = "dpo", task: str | dict[str, str] = "helpfulness",
-                 mode: str = "auto", max_workers: int = 1, max_tokens: int = 256, tie_margin: float = 0.0):
+                 mode: str = "auto", concurrency: int = 8, max_tokens: int = 256, tie_margin: float = 0.0,
+                 cache_dir: str | None = None):
         if isinstance(task, str) and task not in TASKS:
             raise ValueError(f"task={task!r} is not one of {sorted(TASKS)} (or give a dict with a 'question')")
         if not isinstance(task, str) and "question" not in task:
@@ -117,58 +129,96 @@ class PairwiseJudge:
             raise ValueError(f"mode must be auto, generate or logprob, got {mode!r}")
         if mode == "logprob" and not hasattr(backend, "option_logprobs"):
             raise ValueError(f"mode=logprob needs a backend with option_logprobs; {type(backend).__name__} has none")
+        if int(concurrency) < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.backend = backend
         self.baseline = sanitize_name(baseline, "baseline")
         self.task = task if isinstance(task, str) else dict(task)
         self.mode = ("logprob" if hasattr(backend, "option_logprobs") else "generate") if mode == "auto" else mode
-        self.max_workers = int(max_workers)
+        self.concurrency = min(int(concurrency), int(getattr(backend, "max_concurrency", concurrency)))
         self.max_tokens = int(max_tokens)
         self.tie_margin = float(tie_margin)
+        self.cache = open_cache(cache_dir, "pairwise")
 
-    def judge_once(self, prompt: str, response_a: str, response_b: str) -> tuple[str | None, str]:
-        """(verdict "A"/"B"/"tie"/None, raw judge output) for one ordering."""
-        letter_only = self.mode == "logprob"
-        messages = build_messages(self.task, prompt, response_a, response_b, letter_only=letter_only)
-        if letter_only:
-            logp_a, logp_b = self.backend.option_logprobs(messages, ["A", "B"])
+    def _template_id(self) -> str:
+        """The prompt template, as the judge sees it with placeholders for the texts."""
+        messages = build_messages(self.task, "{prompt}", "{response_a}", "{response_b}",
+                                  letter_only=self.mode == "logprob")
+        return cache_key(messages=messages)
+
+    def _ask(self, prompt: str, response_a: str, response_b: str) -> dict[str, Any]:
+        """The backend's raw answer for one ordering: {"output": text} or {"logps": [a, b]}."""
+        messages = build_messages(self.task, prompt, response_a, response_b,
+                                  letter_only=self.mode == "logprob")
+        if self.mode == "logprob":
+            return {"logps": [float(x) for x in self.backend.option_logprobs(messages, ["A", "B"])]}
+        return {"output": self.backend.complete(messages, max_tokens=self.max_tokens)}
+
+    def _verdict(self, answer: dict[str, Any]) -> tuple[str | None, str]:
+        if "logps" in answer:
+            logp_a, logp_b = answer["logps"]
             if abs(logp_a - logp_b) <= self.tie_margin:
                 verdict = "tie"
             else:
                 verdict = "A" if logp_a > logp_b else "B"
             return verdict, f"logp(A)={logp_a:.4f} logp(B)={logp_b:.4f}"
-        output = self.backend.complete(messages, max_tokens=self.max_tokens)
-        return parse_pairwise_verdict(output), output
+        return parse_pairwise_verdict(answer["output"]), answer["output"]
 
-    def _judge_pair(self, item: tuple[str, str, str]) -> dict[str, Any]:
-        prompt, response, baseline_response = item
-        first, first_raw = self.judge_once(prompt, response, baseline_response)
-        second, second_raw = self.judge_once(prompt, baseline_response, response)
-        return {"prompt": prompt, "response": response, "baseline_response": baseline_response,
-                "verdict_policy_first": first, "verdict_baseline_first": second,
-                "judge_output_policy_first": first_raw, "judge_output_baseline_first": second_raw,
-                "outcome": combine_verdicts(first, second)}
+    def _answer(self, job: tuple[str, str, str, str]) -> dict[str, Any]:
+        prompt, response_a, response_b, order = job
+        if self.cache is None:
+            return self._ask(prompt, response_a, response_b)
+        key = cache_key(judge=backend_identity(self.backend), template=self._template_id(), prompt=prompt,
+                        response_a=response_a, response_b=response_b, order=order, mode=self.mode,
+                        max_tokens=self.max_tokens if self.mode == "generate" else None)
+        answer = self.cache.get(key)
+        if answer is None:
+            answer = self._ask(prompt, response_a, response_b)
+            self.cache.put(key, answer)
+        return answer
+
+    def judge_once(self, prompt: str, response_a: str, response_b: str) -> tuple[str | None, str]:
+        """(verdict "A"/"B"/"tie"/None, raw judge output) for one ordering (not cached)."""
+        return self._verdict(self._ask(prompt, response_a, response_b))
+
+    def judge_pairs(self, prompts: Sequence[str], responses: Sequence[str],
+                    baseline_responses: Sequence[str]) -> list[dict[str, Any]]:
+        """One record per pair; all 2·n judge calls (both orders) go through one thread pool."""
+        jobs = []
+        for prompt, response, baseline in zip(prompts, responses, baseline_responses):
+            jobs.append((prompt, response, baseline, "policy_first"))
+            jobs.append((prompt, baseline, response, "baseline_first"))
+        answers = parallel_map(self._answer, jobs, self.concurrency)
+        samples = []
+        for i, (prompt, response, baseline) in enumerate(zip(prompts, responses, baseline_responses)):
+            first, first_raw = self._verdict(answers[2 * i])
+            second, second_raw = self._verdict(answers[2 * i + 1])
+            samples.append({"prompt": prompt, "response": response, "baseline_response": baseline,
+                            "verdict_policy_first": first, "verdict_baseline_first": second,
+                            "judge_output_policy_first": first_raw, "judge_output_baseline_first": second_raw,
+                            "outcome": combine_verdicts(first, second)})
+        return samples
 
     def evaluate(self, prompts: Sequence[str], responses: Sequence[str],
                  baseline_responses: Sequence[str], metric_suffix: str = "") -> JudgeResult:
         """``metric_suffix`` is appended to every key, e.g. ``@T0.5`` for a temperature sweep."""
         check_same_length("PairwiseJudge.evaluate", prompts=prompts, responses=responses,
                           baseline_responses=baseline_responses)
-        samples = parallel_map(self._judge_pair, list(zip(prompts, responses, baseline_responses)),
-                               self.max_workers)
+        samples = self.judge_pairs(prompts, responses, baseline_responses)
         counts = {k: sum(s["outcome"] == k for s in samples)
                   for k in ("win", "loss", "tie", "inconsistent", "unparsed")}
         judged = len(samples) - counts["unparsed"]
         score = counts["win"] + 0.5 * (counts["tie"] + counts["inconsistent"])
-        b, sfx = self.baseline, metric_suffix
-        metrics = {
-            f"eval/win_rate_vs_{b}{sfx}": score / judged if judged else float("nan"),
-            f"eval/wins_vs_{b}{sfx}": float(counts["win"]),
-            f"eval/losses_vs_{b}{sfx}": float(counts["loss"]),
-            f"eval/ties_vs_{b}{sfx}": float(counts["tie"] + counts["inconsistent"]),
-            f"eval/inconsistent_vs_{b}{sfx}": float(counts["inconsistent"]),
-            f"eval/unparsed_vs_{b}{sfx}": float(counts["unparsed"]),
-            f"eval/n_vs_{b}{sfx}": float(len(samples)),
+        values = {
+            "win_rate": score / judged if judged else float("nan"),
+            "wins": float(counts["win"]),
+            "losses": float(counts["loss"]),
+            "ties": float(counts["tie"] + counts["inconsistent"]),
+            "inconsistent": float(counts["inconsistent"]),
+            "unparsed": float(counts["unparsed"]),
+            "n": float(len(samples)),
         }
+        metrics = {f"eval/{name}_vs_{self.baseline}{metric_suffix}": values[name] for name in METRIC_NAMES}
         return JudgeResult(metrics, samples)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
