@@ -15,6 +15,7 @@ per-round ratio of median step times, so a shared machine biases none of them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -34,7 +35,8 @@ from tisdpo.modules.preference import PreferenceModule  # noqa: E402
 from tisdpo.pipeline.loaders import tokenize_pairs  # noqa: E402
 from tisdpo.pipeline.loss_config import build_loss_spec  # noqa: E402
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig  # noqa: E402
-from tisdpo.weights.gradient import GradientWeights, TripletTerm  # noqa: E402
+from tisdpo.modules.triplet import TripletTerm  # noqa: E402
+from tisdpo.weights.gradient import GradientWeights  # noqa: E402
 
 
 def compose_cfg(overrides):
@@ -49,10 +51,12 @@ def make_module(name: str, tokenizer, model_config: dict, triplet_tokens: int):
     kwargs = {}
     if name != "dpo":
         kwargs["online_weights"] = GradientWeights(lam=0.7)
+    triplet = None
     if name in ("tidpo", "tidpo_anchor4"):
-        kwargs["auxiliary_loss"] = TripletTerm(tokenizer, gamma=0.1, margin=0.1, max_new_tokens=triplet_tokens,
-                                               anchor_every=4 if name == "tidpo_anchor4" else 1)
-    module = PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss), cfg.optim,
+        triplet = TripletTerm(tokenizer, gamma=0.1, margin=0.1, max_new_tokens=triplet_tokens,
+                              anchor_every=4 if name == "tidpo_anchor4" else 1)
+    loss_spec = dataclasses.replace(build_loss_spec(cfg.loss, tokenizer), auxiliary=triplet)
+    module = PreferenceModule(policy, frozen_copy(policy), loss_spec, cfg.optim,
                               pad_token_id=tokenizer.pad_token_id, **kwargs)
     module.optimizer = torch.optim.AdamW(module.policy.parameters(), lr=5e-5)
     return module

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from tests.conftest import compose_config
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.loaders import build_trainer, preference_loader, tokenize_pairs
+from tisdpo.pipeline.fit import build_trainer
+from tisdpo.pipeline.loaders import preference_loader, tokenize_pairs
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 

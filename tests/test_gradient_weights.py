@@ -1,6 +1,8 @@
 """TI-DPO: gradient attribution, prior mixing, no gradient leaks, triplet term on policy anchors."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,7 +14,8 @@ from tisdpo.modules.preference import PreferenceModule
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
-from tisdpo.weights.gradient import GradientWeights, TripletTerm, embedding_attribution
+from tisdpo.modules.triplet import TripletTerm
+from tisdpo.weights.gradient import GradientWeights, embedding_attribution
 
 
 
@@ -81,9 +84,10 @@ def _tidpo_module(tokenizer, policy, gamma=0.1):
     cfg = compose_config(["loss=tidpo"], tiny=False)
     optim = OmegaConf.create({"lr": 1e-3, "warmup_steps": 0, "schedule": "constant",
                               "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}})
-    triplet = TripletTerm(tokenizer, gamma=gamma, margin=0.1, max_new_tokens=6)
-    return PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss), optim,
-                            online_weights=GradientWeights(), auxiliary_loss=triplet, pad_token_id=tokenizer.pad_token_id)
+    loss = dataclasses.replace(build_loss_spec(cfg.loss, tokenizer),
+                               auxiliary=TripletTerm(tokenizer, gamma=gamma, margin=0.1, max_new_tokens=6))
+    return PreferenceModule(policy, frozen_copy(policy), loss, optim,
+                            online_weights=GradientWeights(), pad_token_id=tokenizer.pad_token_id)
 
 
 def test_triplet_gradients_reach_the_policy_through_anchor_chosen_and_rejected(setup):
@@ -95,7 +99,7 @@ def test_triplet_gradients_reach_the_policy_through_anchor_chosen_and_rejected(s
         for p in module.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     torch.manual_seed(0)
-    ids, attention, labels = module.auxiliary_loss.anchor_batch(module, batch)
+    ids, attention, labels = module.loss.auxiliary.anchor_batch(module, batch)
     assert (labels != -100).any(dim=1).all(), "every example has an anchor response"
     from tisdpo.losses import triplet_loss
     from tisdpo.losses.logprobs import token_logps
@@ -138,8 +142,8 @@ def test_anchors_are_resampled_only_when_stale(setup):
     tokenizer, batch, _ = setup
     policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=5)
     module = _tidpo_module(tokenizer, policy)
-    module.auxiliary_loss.anchor_every = 3
-    module.auxiliary_loss.anchor_batch(module, batch)
-    first = dict(module.auxiliary_loss.anchors)
-    module.auxiliary_loss.anchor_batch(module, batch)  # same step: reuse
-    assert module.auxiliary_loss.anchors == first
+    module.loss.auxiliary.anchor_every = 3
+    module.loss.auxiliary.anchor_batch(module, batch)
+    first = dict(module.loss.auxiliary.anchors)
+    module.loss.auxiliary.anchor_batch(module, batch)  # same step: reuse
+    assert module.loss.auxiliary.anchors == first

@@ -17,7 +17,8 @@ from tisdpo.losses.logprobs import token_logps  # noqa: E402
 from tisdpo.models.loading import build_model  # noqa: E402
 from tisdpo.models.lora import AdapterDisabledReference, policy_and_reference  # noqa: E402
 from tisdpo.modules.preference import PreferenceModule  # noqa: E402
-from tisdpo.pipeline.loaders import build_trainer, preference_loader, tokenize_pairs  # noqa: E402
+from tisdpo.pipeline.fit import build_trainer
+from tisdpo.pipeline.loaders import preference_loader, tokenize_pairs  # noqa: E402
 from tisdpo.pipeline.loss_config import build_loss_spec  # noqa: E402
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig  # noqa: E402
 

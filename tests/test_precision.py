@@ -13,9 +13,11 @@ from tests.conftest import compose_config
 from tisdpo.data.collate import LengthGroupedSampler, PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.loaders import build_trainer, preference_loader, tokenize_pairs
+from tisdpo.pipeline.fit import build_trainer
+from tisdpo.pipeline.loaders import preference_loader, tokenize_pairs
 from tisdpo.pipeline.loss_config import build_loss_spec
-from tisdpo.pipeline.train_stage import enable_gradient_checkpointing, length_grouped
+from tisdpo.pipeline.loaders import length_grouped
+from tisdpo.pipeline.train_stage import enable_gradient_checkpointing
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -77,7 +79,7 @@ def test_bf16_mixed_pipeline_end_to_end(tmp_path):
     assert math.isfinite(results["eval/true_reward"])
     built = [e for e in results["stages"] if e["stage"] == "reference_logps"]
     assert built, "the reference cache is on by default for DPO"
-    spec = json.loads((tmp_path / "cache" / "reference_logps" / built[0]["key"] / "spec.json").read_text())
+    spec = json.loads((tmp_path / "cache" / "reference_logps" / built[0]["key"] / "key.json").read_text())
     assert spec["precision"] == "bf16-mixed"  # bf16 reference log-probs are cached apart from fp32 ones
 
 

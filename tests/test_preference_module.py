@@ -32,7 +32,7 @@ def _module(loss_overrides: list[str], tokenizer, **kwargs):
     policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=0)
     optim = OmegaConf.create({"lr": 1e-2, "warmup_steps": 0, "schedule": "constant",
                               "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2}})
-    return PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss), optim,
+    return PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss, tokenizer), optim,
                             pad_token_id=tokenizer.pad_token_id, **kwargs)
 
 

@@ -14,7 +14,7 @@ from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.pipeline.reference_cache import (
-    attach_reference_logps, cache_applies, compute_reference_logps, move_to, reference_logps_spec,
+    attach_reference_logps, cache_applies, compute_reference_logps, move_to, reference_logps_key,
     with_reference_logps,
 )
 from tisdpo.pipeline.train_stage import cached_reference_logps
@@ -126,20 +126,20 @@ def test_cached_values_match_a_per_example_forward(data, shared_prefix):
 def test_artifact_is_keyed_and_reused(data, tmp_path):
     tokenizer, examples, _, reference = data
     cache = ArtifactCache(tmp_path)
-    spec = reference_logps_spec(examples=examples, reference_id={"sft": "abc"}, precision="32-true")
-    first = with_reference_logps(examples, reference=reference, cache=cache, spec=spec, pad_token_id=tokenizer.pad_token_id)
+    spec = reference_logps_key(examples=examples, reference_id={"sft": "abc"}, precision="32-true")
+    first = with_reference_logps(examples, reference=reference, cache=cache, key_fields=spec, pad_token_id=tokenizer.pad_token_id)
     counting = CountingReference(reference)
-    again = with_reference_logps(examples, reference=counting, cache=cache, spec=spec, pad_token_id=tokenizer.pad_token_id)
+    again = with_reference_logps(examples, reference=counting, cache=cache, key_fields=spec, pad_token_id=tokenizer.pad_token_id)
     assert counting.calls == 0 and [e["reused"] for e in cache.events] == [False, True]
     for a, b in zip(first, again):
         assert torch.equal(a["chosen_reference_logps"], b["chosen_reference_logps"])
         assert len(a["rejected_reference_logps"]) == len(a["rejected_input_ids"]) - 1
     # anything that changes the values changes the key
     others = [
-        reference_logps_spec(examples=examples, reference_id={"sft": "other"}, precision="32-true"),
-        reference_logps_spec(examples=examples, reference_id={"sft": "abc"}, precision="bf16-mixed"),
-        reference_logps_spec(examples=examples[1:], reference_id={"sft": "abc"}, precision="32-true"),
-        reference_logps_spec(examples=[{**examples[0], "chosen_labels": examples[0]["chosen_labels"][:-1] + [-100]}]
+        reference_logps_key(examples=examples, reference_id={"sft": "other"}, precision="32-true"),
+        reference_logps_key(examples=examples, reference_id={"sft": "abc"}, precision="bf16-mixed"),
+        reference_logps_key(examples=examples[1:], reference_id={"sft": "abc"}, precision="32-true"),
+        reference_logps_key(examples=[{**examples[0], "chosen_labels": examples[0]["chosen_labels"][:-1] + [-100]}]
                              + examples[1:], reference_id={"sft": "abc"}, precision="32-true"),
     ]
     from tisdpo.pipeline.cache import stable_hash

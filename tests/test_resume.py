@@ -83,7 +83,8 @@ class Toy(L.LightningModule):
 def fit_toy(ckpt_dir: Path, ckpt_path: str | None = None, workers: int = 0) -> Toy:
     from torch.utils.data import DataLoader
 
-    from tisdpo.pipeline.resume import ResumableDataLoader, RNGStateCallback
+    from tisdpo.pipeline.callbacks import RNGStateCallback
+    from tisdpo.pipeline.loaders import ResumableDataLoader
 
     L.seed_everything(0, verbose=False)
     module = Toy()
@@ -187,7 +188,7 @@ def test_killed_estimator_stage_resumes_to_the_same_artifact(tmp_path, caplog):
 # which checkpoint, which dir, which config
 # ---------------------------------------------------------------------------------------
 def test_unreadable_last_checkpoint_falls_back_to_the_newest_readable(tmp_path):
-    from tisdpo.pipeline.resume import find_checkpoint
+    from tisdpo.pipeline.checkpoints import find_checkpoint
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
@@ -202,7 +203,7 @@ def test_unreadable_last_checkpoint_falls_back_to_the_newest_readable(tmp_path):
 
 def test_resume_with_a_different_config_is_one_clear_error(tmp_path):
     from tests.conftest import compose_config
-    from tisdpo.pipeline.resume import begin_run, prepare_run_dir
+    from tisdpo.pipeline.run_dir import begin_run, prepare_run_dir
     from tisdpo.pipeline.validate import ConfigError
     from omegaconf import OmegaConf
 
@@ -224,7 +225,7 @@ def test_resume_with_a_different_config_is_one_clear_error(tmp_path):
 
 def test_resume_true_in_a_fresh_dir_says_where_to_point_it(tmp_path, caplog):
     from tests.conftest import compose_config
-    from tisdpo.pipeline.resume import train_checkpoint
+    from tisdpo.pipeline.checkpoints import train_checkpoint
 
     cfg = compose_config(["resume=true"], tmp_path)
     with caplog.at_level(logging.WARNING):
@@ -236,9 +237,7 @@ def test_resume_true_in_a_fresh_dir_says_where_to_point_it(tmp_path, caplog):
 # the process that gets killed
 # ---------------------------------------------------------------------------------------
 def _killed_main(trainer_number: int, step: int, overrides: list[str]) -> None:
-    import tisdpo.pipeline.loaders as loaders
-    import tisdpo.pipeline.sft_stage as sft_stage
-    import tisdpo.pipeline.train_stage as train_stage
+    import tisdpo.pipeline.fit as fit
     from tests.conftest import compose_config
     from tisdpo.pipeline.runner import run
 
@@ -247,7 +246,7 @@ def _killed_main(trainer_number: int, step: int, overrides: list[str]) -> None:
             if trainer.global_step == step:  # backward of step+1 done, its update not applied
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    original, built = loaders.build_trainer, []
+    original, built = fit.build_trainer, []
 
     def build_trainer(trainer_cfg, **kwargs):
         if len(built) == trainer_number:
@@ -255,8 +254,7 @@ def _killed_main(trainer_number: int, step: int, overrides: list[str]) -> None:
         built.append(1)
         return original(trainer_cfg, **kwargs)
 
-    for module in (loaders, sft_stage, train_stage):
-        module.build_trainer = build_trainer
+    fit.build_trainer = build_trainer  # every stage builds its trainer through fit.fit_stage
     torch.set_num_threads(1)
     run(compose_config(overrides))
     sys.exit(f"not killed: {len(built)} trainers built, the kill was for trainer {trainer_number} at step {step}")

@@ -9,9 +9,11 @@ from tests.conftest import TINY_MODEL, compose_config
 from tisdpo.models.loading import build_model
 from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.weights_stage import apply_transform, attach_weights, true_token_rewards
+from tisdpo.eval.weight_quality import true_token_rewards
+from tisdpo.pipeline.estimator_models import swap_pair
+from tisdpo.pipeline.weights_stage import apply_transform, attach_weights
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
-from tisdpo.weights.estimators import _difference, swap_pair
+from tisdpo.weights.estimators import score_difference
 from tisdpo.weights.scoring import naive_response_logps, response_logps
 
 
@@ -70,7 +72,7 @@ def test_attach_weights_puts_one_on_prompt_and_weights_on_response(task_data):
 
 
 def test_prompt_estimator_difference_pads_missing_tail_with_zero():
-    scores = _difference([torch.tensor([1.0, 2.0])], [torch.tensor([0.5, 0.5, 9.0])], [4])
+    scores = score_difference([torch.tensor([1.0, 2.0])], [torch.tensor([0.5, 0.5, 9.0])], [4])
     torch.testing.assert_close(scores[0], torch.tensor([0.5, 1.5, 0.0, 0.0]))
 
 

@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
-from .tokenize import IGNORE_INDEX
+from tisdpo.constants import IGNORE_INDEX, SIDES
 
-__all__ = ["LengthGroupedSampler", "PreferenceCollator", "SFTCollator", "pad_sequences"]
+from .errors import DataError
+
+__all__ = ["LengthGroupedSampler", "PreferenceCollator", "SFTCollator", "concat_pair", "pad_sequences",
+           "prompt_response_batch"]
 
 WEIGHT_PAD = 0.0
 
@@ -62,6 +64,23 @@ def pad_sequences(
     return out
 
 
+def concat_pair(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """[B, ...] chosen and rejected tensors stacked into [2B, ...], chosen first: one forward for both."""
+    return torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
+
+
+def prompt_response_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
+                          device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels) [N, T] of prompt_i + response_i, right-padded; labels are
+    IGNORE_INDEX on the prompt and the padding (KTO's mismatched pairs, TI-DPO's anchors)."""
+    sequences = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    label_rows = [[IGNORE_INDEX] * len(p) + list(r) for p, r in zip(prompts, responses)]
+    width = max(map(len, sequences))
+    ids = pad_sequences(sequences, width, pad_token_id).to(device)
+    labels = pad_sequences(label_rows, width, IGNORE_INDEX).to(device)
+    return ids, _mask(sequences, width).to(device), labels
+
+
 def _mask(sequences: Sequence[Sequence[Any]], length: int, *, left: bool = False) -> torch.Tensor:
     return pad_sequences([[1] * len(s) for s in sequences], length, 0, left=left)
 
@@ -85,7 +104,7 @@ class PreferenceCollator:
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("PreferenceCollator: empty batch")
-        sides = ("chosen", "rejected")
+        sides = SIDES
         length = _round_up(
             max(len(ex[f"{s}_input_ids"]) for ex in examples for s in sides), self.pad_to_multiple_of
         )

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tisdpo.constants import IGNORE_INDEX
+
 from .errors import DataError, DropCounter, describe_type
 
 __all__ = [
@@ -36,7 +38,6 @@ __all__ = [
     "tokenize_sft_example",
 ]
 
-IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
 

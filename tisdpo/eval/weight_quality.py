@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 from scipy.stats import rankdata, spearmanr
 
+from tisdpo.constants import SIDES
+
 
 def _pool(scores: Sequence[Sequence[float]], true_rewards: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
     if len(scores) != len(true_rewards):
@@ -100,3 +102,31 @@ def weight_quality(
 
 
 __all__ = ["weight_quality", "auroc", "spearman"]
+
+
+def true_token_rewards(rows: list[dict], examples: list[dict], side: str) -> list[list[float]] | None:
+    """The built-in task's true reward of each response token of ``examples`` (None on real data)."""
+    rewards = []
+    for example in examples:
+        meta = rows[example["index"]].get("meta") or {}
+        key = f"{side}_token_rewards"
+        if meta.get("label_flipped"):  # the rows were swapped after generation; the meta was not
+            key = f"{'rejected' if side == 'chosen' else 'chosen'}_token_rewards"
+        if key not in meta:
+            return None
+        rewards.append(list(meta[key]))
+    return rewards
+
+
+def quality_metrics(rows: list[dict], examples: list[dict], scores: dict, prefix: str = "weights",
+                    target: str = "signed") -> dict[str, float]:
+    """Spearman/AUROC of per-token ``scores`` ({side: [tensor or list per example]}) against the
+    true token rewards, both sides; {} on real data (no true rewards)."""
+    metrics: dict[str, float] = {}
+    for side in SIDES:
+        truth = true_token_rewards(rows, examples, side)
+        if truth is None:
+            return {}
+        values = [s.tolist() if hasattr(s, "tolist") else list(s) for s in scores[side]]
+        metrics.update(weight_quality(values, truth, prefix=prefix, side=side, target=target))
+    return metrics

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from tisdpo.constants import IGNORE_INDEX
+
 DEFAULT_CHUNK = 512  # (row, position) pairs per block: 512 x V fp32 = 65 MB at V=32k
 
 
@@ -75,7 +77,7 @@ class _TokenLogps(torch.autograd.Function):
         return grad, None, None, None
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                 chunk_size: int = DEFAULT_CHUNK):
     """Per-token log-probabilities of the labels.
 

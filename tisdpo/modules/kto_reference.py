@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from tisdpo.constants import IGNORE_INDEX
+from tisdpo.data.collate import prompt_response_batch
 from tisdpo.losses.logprobs import token_logps
 
 
 def mismatched_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, ...]:
     """(input_ids, attention_mask, labels) of prompt_i + chosen response of example (i+1) mod B."""
     size = batch["chosen_input_ids"].shape[0]
-    sequences, label_rows = [], []
-    for i in range(size):
-        prompt = batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
-        j = (i + 1) % size
-        response = batch["chosen_input_ids"][j][batch["chosen_labels"][j] != -100].tolist()
-        sequences.append(prompt + response)
-        label_rows.append([-100] * len(prompt) + response)
-    width = max(map(len, sequences))
-    device = batch["chosen_input_ids"].device
-    ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in sequences], device=device)
-    labels = torch.tensor([s + [-100] * (width - len(s)) for s in label_rows], device=device)
-    attention = (torch.arange(width, device=device)[None] < torch.tensor([len(s) for s in sequences], device=device)[:, None]).long()
+    prompts = [batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist() for i in range(size)]
+    responses = [batch["chosen_input_ids"][j][batch["chosen_labels"][j] != IGNORE_INDEX].tolist() for j in range(size)]
+    shifted = responses[1:] + responses[:1]  # example i gets the response of example (i + 1) mod B
+    ids, attention, labels = prompt_response_batch(prompts, shifted, pad_token_id, batch["chosen_input_ids"].device)
     return ids, attention, labels
 
 

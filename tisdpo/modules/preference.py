@@ -16,6 +16,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
+from tisdpo.data.collate import concat_pair
 from tisdpo.losses.logprobs import per_position_kl, token_logps
 from tisdpo.modules.optim import configure_optimizer
 from tisdpo.modules.shared_prefix import PackedPairs, pack_pairs, packed_logps, packing_matches, packing_supported
@@ -33,11 +34,15 @@ class LossSpec:
     uses_weights: bool = False
     # (module, batch) -> extra loss kwargs, e.g. KTO's mismatched-pair log-ratios
     extra_inputs: Callable[..., dict[str, torch.Tensor]] | None = None
+    # (module, batch, policy_logps, reference_logps, mask) -> (loss term, metrics) added to the
+    # loss, e.g. TI-DPO's triplet term (tisdpo.modules.triplet)
+    auxiliary: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
 
-
-def concat_pair(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """[B, ...] chosen and rejected tensors stacked into [2B, ...], chosen first."""
-    return torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
+    @property
+    def needs_reference_model(self) -> bool:
+        """True when something beyond the per-token log-probs runs the reference every step
+        (a KL term, KTO's mismatched pairs, the triplet anchors): cached log-probs do not suffice."""
+        return self.kl_direction is not None or self.extra_inputs is not None or self.auxiliary is not None
 
 
 class PreferenceModule(L.LightningModule):
@@ -51,7 +56,6 @@ class PreferenceModule(L.LightningModule):
         logits_chunk_size: int = 256,
         check_finite: bool = True,
         online_weights: Callable | None = None,
-        auxiliary_loss: Callable | None = None,
         pad_token_id: int = 0,
         shared_prefix: bool = False,
     ):
@@ -66,7 +70,6 @@ class PreferenceModule(L.LightningModule):
         self.chunk = logits_chunk_size
         self.check_finite = check_finite
         self.online_weights = online_weights  # TI-DPO: weights from the current policy each step
-        self.auxiliary_loss = auxiliary_loss  # TI-DPO: the triplet term
         self.pad_token_id = pad_token_id
         # Log-prob-only losses: chosen and rejected packed into one row per pair, the prompt run
         # once (tisdpo.modules.shared_prefix); checked against the standard forward on first use.
@@ -169,8 +172,8 @@ class PreferenceModule(L.LightningModule):
         if "chosen_kl" in kwargs:
             metrics["kl/chosen"] = (kwargs["chosen_kl"] * mask[:batch_size]).sum(-1).mean().detach()
             metrics["kl/rejected"] = (kwargs["rejected_kl"] * mask[batch_size:]).sum(-1).mean().detach()
-        if self.auxiliary_loss is not None:
-            aux, aux_metrics = self.auxiliary_loss(self, batch, policy_logps, reference_logps, mask)
+        if self.loss.auxiliary is not None:
+            aux, aux_metrics = self.loss.auxiliary(self, batch, policy_logps, reference_logps, mask)
             loss = loss + aux
             metrics.update(aux_metrics)
         metrics["loss"] = loss.detach()

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from tisdpo.constants import IGNORE_INDEX
 from tisdpo.modules.optim import configure_optimizer
 
 
@@ -19,9 +20,9 @@ class SFTModule(L.LightningModule):
 
     def _nll(self, batch) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        # Position t predicts token t+1; prompt and padding carry label -100.
+        # Position t predicts token t+1; prompt and padding carry IGNORE_INDEX.
         return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100
+            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
 
     def training_step(self, batch, batch_idx):

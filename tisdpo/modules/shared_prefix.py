@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-IGNORE = -100
+from tisdpo.constants import IGNORE_INDEX
+from tisdpo.data.collate import concat_pair
+from tisdpo.losses.logprobs import token_logps
 
 
 @dataclass
@@ -54,14 +56,14 @@ def pack_pairs(batch: dict[str, torch.Tensor], pad_token_id: int = 0) -> PackedP
     device = c_ids.device
     size, width = c_ids.shape
     # prompt = the leading label -100 run; the collator right-pads, so tokens are a prefix
-    prompt = ((c_lab == IGNORE) & c_att).sum(1)
+    prompt = ((c_lab == IGNORE_INDEX) & c_att).sum(1)
     n_chosen, n_rejected = c_att.sum(1), r_att.sum(1)
     col = torch.arange(width, device=device)[None]
     in_prompt = col < prompt[:, None]
-    same_prompt = (((r_lab == IGNORE) & r_att).sum(1) == prompt) & ((c_ids == r_ids) | ~in_prompt).all(1)
+    same_prompt = (((r_lab == IGNORE_INDEX) & r_att).sum(1) == prompt) & ((c_ids == r_ids) | ~in_prompt).all(1)
     # responses follow the prompt without gaps (labels set exactly on the non-prompt tokens)
-    contiguous = (((c_lab != IGNORE) == (c_att & ~in_prompt)).all(1)
-                  & ((r_lab != IGNORE) == (r_att & ~in_prompt)).all(1))
+    contiguous = (((c_lab != IGNORE_INDEX) == (c_att & ~in_prompt)).all(1)
+                  & ((r_lab != IGNORE_INDEX) == (r_att & ~in_prompt)).all(1))
     if not bool((same_prompt & contiguous & (prompt > 0)).all()):
         return None
     chosen_len, rejected_len = n_chosen - prompt, n_rejected - prompt
@@ -83,7 +85,7 @@ def pack_pairs(batch: dict[str, torch.Tensor], pad_token_id: int = 0) -> PackedP
     allowed |= torch.eye(length, dtype=torch.bool, device=device)
 
     # standard layout: position t of a row predicts labels[t + 1]
-    c_mask, r_mask = c_lab[:, 1:] != IGNORE, r_lab[:, 1:] != IGNORE
+    c_mask, r_mask = c_lab[:, 1:] != IGNORE_INDEX, r_lab[:, 1:] != IGNORE_INDEX
     c_row, c_t = c_mask.nonzero(as_tuple=True)
     r_row, r_t = r_mask.nonzero(as_tuple=True)
     # packed column: chosen positions are unchanged; rejected ones move past the chosen tokens,
@@ -173,11 +175,7 @@ def packing_supported(model) -> bool:
 def packing_matches(model, batch: dict[str, torch.Tensor], packed: PackedPairs, chunk_size: int = 256,
                     atol: float | None = None) -> tuple[bool, float]:
     """(ok, max abs difference): packed log-probs against the standard [2B, T] forward on this batch."""
-    from tisdpo.losses.logprobs import token_logps
-
-    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    ids, attention, labels = (concat_pair(batch, key) for key in ("input_ids", "attention_mask", "labels"))
     logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
     standard, _ = token_logps(logits, labels, chunk_size=chunk_size)
     low_precision = logits.dtype in (torch.bfloat16, torch.float16)

@@ -82,15 +82,16 @@ class ArtifactCache:
     def get_or_build(
         self,
         stage: str,
-        spec: dict[str, Any],
+        key_fields: dict[str, Any],
         build: Callable[[Path], None],
     ) -> Artifact:
-        """Return the artifact for ``spec``, building it with ``build(tmp_dir)`` if absent.
+        """Return the artifact keyed by ``key_fields`` (everything that determines it), building it
+        with ``build(tmp_dir)`` if absent.
 
         ``build`` writes its files into the directory it is given; it must not rely on the
         final path (the directory is renamed once ``build`` returns).
         """
-        key = stable_hash(spec)
+        key = stable_hash(key_fields)
         final = self._dir(stage, key)
         if not self.enabled:
             final = self.root / "_uncached" / stage / f"{key}-{uuid.uuid4().hex[:8]}"
@@ -114,7 +115,7 @@ class ArtifactCache:
             try:
                 build(tmp)
                 shutil.rmtree(tmp / RESUME_SUBDIR, ignore_errors=True)
-                (tmp / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True, default=str))
+                (tmp / "key.json").write_text(json.dumps(key_fields, indent=2, sort_keys=True, default=str))
                 (tmp / MANIFEST).write_text(json.dumps({"stage": stage, "key": key, "files": _hash_tree(tmp)}, indent=2))
                 os.replace(tmp, final)  # atomic on POSIX: readers see all or nothing
             except Exception:  # a failed build starts over next time; an interrupted one (killed) resumes

@@ -7,7 +7,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tisdpo.pipeline.data import PreparedData
+from tisdpo.eval.run_judges import evaluate_with_judges
+from tisdpo.eval.synthetic_metrics import evaluate_policy
+from tisdpo.pipeline.data_stage import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +20,6 @@ def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_di
     if cfg.eval.name == "synthetic":
         if data.task is None:
             raise ValueError("eval=synthetic needs dataset=synthetic (the true token rewards); use eval=judges or eval=none")
-        from tisdpo.eval.synthetic_metrics import evaluate_policy
-
         metrics = evaluate_policy(
             data.task, policy.eval(), reference.eval(), data.tokenizer,
             n_prompts=int(cfg.eval.n_prompts), temperatures=tuple(cfg.eval.temperatures),
@@ -29,8 +29,6 @@ def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_di
         )
         return metrics
     if cfg.eval.name == "judges":
-        from tisdpo.eval.run_judges import evaluate_with_judges
-
         prompts = [row["prompt"] for row in data.test_rows]
         return evaluate_with_judges(cfg.eval, policy.eval(), data.tokenizer, prompts, cfg.seed, output_dir)
     raise ValueError(f"eval={cfg.eval.name!r} is not one of synthetic, none, judges")

@@ -32,7 +32,7 @@ def failure_record(error: BaseException, output_dir: Path | None = None) -> dict
         "pid": os.getpid(),
     }
     if output_dir is not None:
-        from tisdpo.pipeline.resume import CHECKPOINT_DIR, find_checkpoint
+        from tisdpo.pipeline.checkpoints import CHECKPOINT_DIR, find_checkpoint
 
         checkpoint = find_checkpoint(output_dir / CHECKPOINT_DIR)
         record["last_checkpoint"] = str(checkpoint) if checkpoint else None

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tisdpo.data.collate import PreferenceCollator
+from tisdpo.constants import SIDES
+from tisdpo.data.collate import PreferenceCollator, concat_pair
 from tisdpo.losses.logprobs import token_logps
 from tisdpo.modules.shared_prefix import pack_pairs, packed_logps, packing_matches, packing_supported
 
 log = logging.getLogger(__name__)
-SIDES = ("chosen", "rejected")
 KEYS = tuple(f"{side}_reference_logps" for side in SIDES)
 
 
@@ -110,9 +110,7 @@ def compute_reference_logps(
             indices = order[start: start + batch_size]
             batch = collate([examples[i] for i in indices])
             size = len(indices)
-            ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).to(device)
-            attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]).to(device)
-            labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]]).to(device)
+            ids, attention, labels = (concat_pair(batch, key).to(device) for key in ("input_ids", "attention_mask", "labels"))
             packed = pack_pairs({k: v.to(device) for k, v in batch.items()}, pad_token_id) if shared_prefix else None
             with autocast_context(device, precision):
                 if packed is not None and start == 0:  # first use: packing must reproduce the plain forward
@@ -176,7 +174,7 @@ def attach_reference_logps(examples: list[dict], logps: dict[str, list[torch.Ten
     return out
 
 
-def reference_logps_spec(*, examples: list[dict] | dict[str, list[dict]], reference_id: Any,
+def reference_logps_key(*, examples: list[dict] | dict[str, list[dict]], reference_id: Any,
                          precision: str | None, extra: dict | None = None) -> dict[str, Any]:
     """The cache key: the tokenised data of every split (ids + labels), the reference model, the
     precision of the pass. ``examples``: one list, or {split name: list} (one artifact for all)."""
@@ -195,7 +193,7 @@ def with_reference_logps(
     *,
     reference,
     cache,
-    spec: dict[str, Any],
+    key_fields: dict[str, Any],
     pad_token_id: int,
     batch_size: int = 64,
     chunk_size: int = 256,
@@ -216,7 +214,7 @@ def with_reference_logps(
                                                 chunk_size=chunk_size, precision=precision, device=device)
                 save_reference_logps(out / f"reference_logps_{name}.pt", logps)
 
-    artifact = cache.get_or_build("reference_logps", spec, build)
+    artifact = cache.get_or_build("reference_logps", key_fields, build)
     attached = {
         name: attach_reference_logps(split, load_reference_logps(artifact.path / f"reference_logps_{name}.pt"))
         if split else split

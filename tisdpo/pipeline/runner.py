@@ -16,14 +16,18 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning.pytorch.loggers import WandbLogger
+
 from tisdpo.models.lora import policy_and_reference
 from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.data import prepare_data
+from tisdpo.pipeline.data_stage import prepare_data
+from tisdpo.pipeline.eval_stage import eval_stage
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.loggers import build_logger
-from tisdpo.pipeline.resume import begin_run, prepare_run_dir
+from tisdpo.pipeline.models import initial_model
+from tisdpo.pipeline.run_dir import begin_run, prepare_run_dir
 from tisdpo.pipeline.sft_stage import sft_stage
-from tisdpo.pipeline.train_stage import load_initial_policy, single_process_config, train_stage
+from tisdpo.pipeline.train_stage import single_process_config, train_stage
 from tisdpo.pipeline.validate import validate_config
 from tisdpo.pipeline.weights_stage import weights_stage
 
@@ -38,11 +42,9 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def log_run_files(logger, output_dir: Path) -> None:
     """The token-weight page and histogram into W&B (as HTML and image), when W&B is the logger."""
-    from lightning.pytorch.loggers import WandbLogger
-
     if not isinstance(logger, WandbLogger):
         return
-    import wandb
+    import wandb  # optional at import time: only a W&B run gets here
 
     files = {}
     if (output_dir / "token_weights.html").is_file():
@@ -95,24 +97,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["data/label_flipped"] = data.n_flipped
 
     t0 = time.perf_counter()
-    weighted = weights_stage(upstream_cfg, data, sft_dir, cache, output_dir, train_examples)
-    results.update(weighted.metrics)
+    weighting = weights_stage(upstream_cfg, data, sft_dir, cache, output_dir, train_examples)
+    results.update(weighting.metrics)
     timed("weights", t0)
 
-    policy = load_initial_policy(cfg, sft_dir, data.tokenizer)
+    policy = initial_model(cfg, sft_dir, data.tokenizer)
     # Full fine-tuning: a frozen deep copy. LoRA (model.lora): the policy with its adapters disabled.
     policy, reference = policy_and_reference(policy, cfg.model.get("lora"))
     logger = build_logger(cfg, config_dict)
 
     t0 = time.perf_counter()
     module, val_metrics = train_stage(
-        cfg, policy=policy, reference=reference, train_examples=weighted.train_examples, val_examples=val_examples,
-        tokenizer=data.tokenizer, logger=logger, output_dir=output_dir, online_weights=weighted.online_weights,
-        auxiliary_loss=weighted.auxiliary_loss, callbacks=weighted.callbacks, cache=cache, sft_dir=sft_dir,
+        cfg, policy=policy, reference=reference, train_examples=weighting.train_examples, val_examples=val_examples,
+        tokenizer=data.tokenizer, logger=logger, output_dir=output_dir, online_weights=weighting.online_weights,
+        callbacks=weighting.monitors, cache=cache, sft_dir=sft_dir,
     )
     results.update(val_metrics)
-    for callback in weighted.callbacks:  # e.g. TI-DPO's weight quality, measured during training
-        results.update(getattr(callback, "latest", {}))
+    for monitor in weighting.monitors:  # e.g. TI-DPO's weight quality, measured during training
+        results.update(getattr(monitor, "latest", {}))
     timed("train", t0)
     results["train/steps"] = int(module.global_step)
     if module.global_rank != 0:
@@ -122,8 +124,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return results
 
     t0 = time.perf_counter()
-    from tisdpo.pipeline.eval_stage import eval_stage
-
     results.update(eval_stage(cfg, data, module.policy, reference, output_dir))
     timed("eval", t0)
 

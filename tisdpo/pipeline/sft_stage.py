@@ -3,56 +3,32 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from tisdpo.models.loading import build_model
 from tisdpo.modules.sft import SFTModule
 from tisdpo.pipeline.cache import RESUME_SUBDIR, ArtifactCache
-from tisdpo.pipeline.data import PreparedData, rows_fingerprint
-from tisdpo.pipeline.loaders import build_trainer, sft_loader, tokenize_sft
+from tisdpo.pipeline.checkpoints import stage_every_n_steps
+from tisdpo.pipeline.data_stage import PreparedData, rows_fingerprint
+from tisdpo.pipeline.fit import fit_stage
+from tisdpo.pipeline.loaders import sft_loader, tokenize_sft
+from tisdpo.pipeline.models import base_model, base_model_identity
 
 log = logging.getLogger(__name__)
 
 
-def model_identity(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that determines the base model's initial weights."""
-    return {
-        "name_or_path": cfg.model.get("name_or_path"),
-        "config": OmegaConf.to_container(cfg.model.config, resolve=True) if cfg.model.get("config") else None,
-        "dtype": cfg.model.get("dtype"),
-        "init_seed": cfg.seed if not cfg.model.get("name_or_path") else None,
-    }
-
-
-def base_model(cfg: DictConfig, tokenizer):
-    return build_model(
-        name_or_path=cfg.model.get("name_or_path"),
-        config=OmegaConf.to_container(cfg.model.config, resolve=True) if cfg.model.get("config") else None,
-        tokenizer=tokenizer, dtype=cfg.model.get("dtype"), seed=cfg.seed,
-        attn_implementation=cfg.model.get("attn_implementation"),
-    )
-
-
 def train_sft(model, examples, tokenizer, cfg: DictConfig, *, max_steps: int, seed: int,
               checkpoint_dir: Path | None = None):
-    """Plain next-token SFT with Lightning; returns the trained model (in place).
+    """Plain next-token SFT with the ``sft.optim`` settings; returns the trained model (in place).
 
     With ``checkpoint_dir`` (inside an artifact's build dir) it checkpoints there and resumes from
     what a killed earlier attempt left."""
-    from tisdpo.pipeline.resume import stage_checkpointing, stage_every_n_steps
-
     L.seed_everything(seed, workers=True, verbose=False)
     module = SFTModule(model, cfg.sft.optim, total_steps=max_steps)
-    callbacks, resume_from = stage_checkpointing(checkpoint_dir, stage_every_n_steps(cfg))
-    trainer = build_trainer(
-        cfg.trainer, max_steps=max_steps, logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks,
-        limit_val_batches=0, enable_model_summary=False,
-    )
-    trainer.fit(module, sft_loader(examples, tokenizer, int(cfg.sft.batch_size), shuffle=True, seed=seed),
-                ckpt_path=resume_from)
+    loader = sft_loader(examples, tokenizer, int(cfg.sft.batch_size), shuffle=True, seed=seed)
+    fit_stage(cfg.trainer, module, loader, max_steps=max_steps, checkpoint_dir=checkpoint_dir,
+              checkpoint_every=stage_every_n_steps(cfg))
     return model
 
 
@@ -62,8 +38,8 @@ def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path
         log.info("stage sft        skipped (model.is_sft=true)")
         cache.events.append({"stage": "sft", "reused": None, "skipped": True})
         return None
-    spec = {
-        "model": model_identity(cfg),
+    key_fields = {
+        "model": base_model_identity(cfg),
         "sft": OmegaConf.to_container(cfg.sft, resolve=True),
         "data": rows_fingerprint(data.sft_rows),
         "tokenizer": len(data.tokenizer),
@@ -79,4 +55,4 @@ def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path
         model.save_pretrained(out)
         data.tokenizer.save_pretrained(out)
 
-    return cache.get_or_build("sft", spec, build).path
+    return cache.get_or_build("sft", key_fields, build).path

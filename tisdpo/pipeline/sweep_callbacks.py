@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 SUMMARY = "sweep_summary.json"
@@ -23,8 +25,6 @@ SUMMARY = "sweep_summary.json"
 
 def _is_multirun(config: DictConfig) -> bool:
     try:
-        from hydra.types import RunMode
-
         return config.hydra.mode == RunMode.MULTIRUN
     except Exception:  # noqa: BLE001
         return False
@@ -60,8 +60,6 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if not _is_multirun(config):
             return
-        from hydra.core.utils import JobStatus
-
         failed = job_return.status != JobStatus.COMPLETED
         error = getattr(job_return, "_return_value", None) if failed else None  # return_value would raise
         job_dir = Path(config.hydra.runtime.output_dir)

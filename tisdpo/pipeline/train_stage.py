@@ -1,4 +1,4 @@
-"""Preference training stage: policy initialised from the SFT model against a frozen copy of it."""
+"""Preference training stage: the policy, initialised from the SFT model, against a frozen reference."""
 from __future__ import annotations
 
 import copy
@@ -11,22 +11,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
+from tisdpo.modules.preference import LossSpec, PreferenceModule
+from tisdpo.pipeline.cache import ArtifactCache
+from tisdpo.pipeline.callbacks import RNGStateCallback
+from tisdpo.pipeline.checkpoints import CHECKPOINT_DIR, train_checkpoint
+from tisdpo.pipeline.fit import fit_stage
+from tisdpo.pipeline.loaders import length_grouped, preference_loader
 from tisdpo.pipeline.loss_config import build_loss_spec
-from tisdpo.models.loading import build_model
-from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.loaders import build_trainer, preference_loader
-from tisdpo.pipeline.resume import RNGStateCallback
-from tisdpo.pipeline.reference_cache import cache_applies, reference_logps_spec, with_reference_logps
+from tisdpo.pipeline.models import initial_model_identity
+from tisdpo.pipeline.reference_cache import cache_applies, reference_logps_key, with_reference_logps
 
 log = logging.getLogger(__name__)
-
-
-def load_initial_policy(cfg: DictConfig, sft_dir: Path | None, tokenizer):
-    if sft_dir is not None:
-        return build_model(name_or_path=str(sft_dir), dtype=cfg.model.get("dtype"))
-    from tisdpo.pipeline.sft_stage import base_model
-
-    return base_model(cfg, tokenizer)
 
 
 def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -44,29 +39,28 @@ def train_stage(
     logger,
     output_dir: Path,
     online_weights=None,
-    auxiliary_loss=None,
     callbacks: list | None = None,
-    cache=None,
+    cache: ArtifactCache | None = None,
     sft_dir: Path | None = None,
 ) -> tuple[PreferenceModule, dict[str, float]]:
     """Fit the preference module; returns it and the final validation metrics (val/...)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    spec = build_loss_spec(cfg.loss)
+    loss = build_loss_spec(cfg.loss, tokenizer, int(cfg.train.logits_chunk_size))
     if cfg.train.get("gradient_checkpointing"):
         enable_gradient_checkpointing(policy)
     module_reference = reference
     if cfg.train.get("reference_cache"):
         train_examples, val_examples = cached_reference_logps(
-            cfg, spec, reference, tokenizer, cache, sft_dir, train=train_examples, val=val_examples)
-        if cache_applies(spec) and spec.extra_inputs is None and auxiliary_loss is None:
+            cfg, loss, reference, tokenizer, cache, sft_dir, train=train_examples, val=val_examples)
+        if not loss.needs_reference_model:
             # every batch carries its reference log-probs and nothing else runs the reference:
             # the module goes without it (never moved to the accelerator; the caller keeps it for eval)
             module_reference = None
     max_steps = int(cfg.train.max_steps)
     module = PreferenceModule(
-        policy, module_reference, spec, cfg.optim, total_steps=max_steps,
+        policy, module_reference, loss, cfg.optim, total_steps=max_steps,
         logits_chunk_size=int(cfg.train.logits_chunk_size), check_finite=bool(cfg.train.check_finite),
-        online_weights=online_weights, auxiliary_loss=auxiliary_loss, pad_token_id=tokenizer.pad_token_id,
+        online_weights=online_weights, pad_token_id=tokenizer.pad_token_id,
         shared_prefix=bool(cfg.train.get("shared_prefix", False)),
     )
     train_loader = preference_loader(
@@ -78,20 +72,20 @@ def train_stage(
     val_loader = preference_loader(val_examples, tokenizer, int(cfg.train.eval_batch_size), shuffle=False, seed=cfg.seed,
                                    pad_to_multiple_of=cfg.train.get("pad_to_multiple_of"))
     checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints", every_n_train_steps=int(cfg.checkpoint.every_n_steps),
+        dirpath=output_dir / CHECKPOINT_DIR, every_n_train_steps=int(cfg.checkpoint.every_n_steps),
         save_last=True, save_top_k=-1 if cfg.checkpoint.get("keep_all") else 1, save_weights_only=False,
     )
     val_every = int(cfg.train.val_every_n_steps)
-    trainer = build_trainer(
-        cfg.trainer, max_steps=max_steps, logger=logger, callbacks=[checkpoint, RNGStateCallback(), *(callbacks or [])],
+    trainer = fit_stage(
+        cfg.trainer, module, train_loader, max_steps=max_steps, val_loader=val_loader if val_every > 0 else None,
+        ckpt_path=train_checkpoint(cfg, output_dir), logger=logger,
+        callbacks=[checkpoint, RNGStateCallback(), *(callbacks or [])],
         val_check_interval=min(val_every, max_steps) if val_every > 0 else None,
         check_val_every_n_epoch=None, limit_val_batches=1.0 if val_every > 0 else 0,
         accumulate_grad_batches=int(cfg.train.grad_accum),
         # no_grad instead of inference_mode in validation: TI-DPO's attribution needs enable_grad there.
         inference_mode=False,
     )
-    ckpt_path = resume_checkpoint(cfg, output_dir)
-    trainer.fit(module, train_loader, val_loader if val_every > 0 else None, ckpt_path=ckpt_path)
     final = trainer.validate(module, val_loader, verbose=False)
     return module, metrics_to_floats(final[0] if final else {})
 
@@ -125,58 +119,28 @@ def enable_gradient_checkpointing(policy) -> None:
         policy.config.use_cache = False
 
 
-def length_grouped(loader, batch_size: int, seed: int):
-    """The same loader with a LengthGroupedSampler: batches of similar lengths, less padding."""
-    from tisdpo.data.collate import LengthGroupedSampler
-    from tisdpo.pipeline.resume import ResumableDataLoader
-
-    examples = loader.dataset
-    return ResumableDataLoader(
-        examples, batch_size=batch_size, sampler=LengthGroupedSampler.for_pairs(examples, batch_size, seed=seed),
-        collate_fn=loader.collate_fn, num_workers=loader.num_workers, drop_last=loader.drop_last,
-    )
-
-
-def reference_identity(cfg: DictConfig, sft_dir: Path | None) -> dict[str, Any]:
-    """What determines the reference's weights: the SFT artifact (content-addressed) or the base model."""
-    if sft_dir is not None:
-        return {"sft": Path(sft_dir).name}
-    from tisdpo.pipeline.sft_stage import model_identity
-
-    return {"model": model_identity(cfg)}
-
-
-def cached_reference_logps(cfg: DictConfig, spec, reference, tokenizer, cache, sft_dir: Path | None,
-                           **splits: list[dict]) -> tuple[list[dict], ...]:
+def cached_reference_logps(cfg: DictConfig, loss: LossSpec, reference, tokenizer, cache: ArtifactCache | None,
+                           sft_dir: Path | None, **splits: list[dict]) -> tuple[list[dict], ...]:
     """The splits with reference log-probs attached from the artifact cache (built on first use).
 
     Skipped (examples returned as they are) for losses that need the reference's full
     distribution: TDPO and TIS-DPO's eta still run the reference forward every step.
     """
-    if not cache_applies(spec):
-        log.info("reference cache: off for loss=%s (it needs the reference's full next-token distribution)", spec.name)
+    if not cache_applies(loss):
+        log.info("reference cache: off for loss=%s (it needs the reference's full next-token distribution)", loss.name)
         return tuple(splits.values())
     if cache is None:
-        from tisdpo.pipeline.cache import ArtifactCache
-
         cache = ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
     precision = cfg.trainer.get("precision")
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     device = "cuda" if torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto") else "cpu"
-    identity = {**reference_identity(cfg, sft_dir), "dtype": cfg.model.get("dtype")}
-    key = reference_logps_spec(examples=splits, reference_id=identity, precision=precision)
+    identity = {**initial_model_identity(cfg, sft_dir), "dtype": cfg.model.get("dtype")}
+    key_fields = reference_logps_key(examples=splits, reference_id=identity, precision=precision)
     out = with_reference_logps(
-        splits, reference=reference, cache=cache, spec=key, pad_token_id=tokenizer.pad_token_id,
+        splits, reference=reference, cache=cache, key_fields=key_fields, pad_token_id=tokenizer.pad_token_id,
         batch_size=int(cfg.train.eval_batch_size), chunk_size=int(cfg.train.logits_chunk_size),
         precision=precision, device=device,
     )
     log.info("reference cache: %s pairs carry their reference log-probs",
              ", ".join(f"{len(v)} {k}" for k, v in out.items()))
     return tuple(out.values())
-
-
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """With `resume` set: the newest readable checkpoint in <run dir>/checkpoints (see pipeline/resume.py)."""
-    from tisdpo.pipeline.resume import train_checkpoint
-
-    return train_checkpoint(cfg, output_dir)

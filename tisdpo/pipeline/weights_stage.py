@@ -16,26 +16,38 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tisdpo.constants import IGNORE_INDEX, SIDES
+from tisdpo.eval.gradient_weight_quality import GradientWeightQuality
+from tisdpo.eval.weight_quality import quality_metrics, true_token_rewards
+from tisdpo.models.loading import build_model
 from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.data import PreparedData
-from tisdpo.weights.estimators import PAIR_ESTIMATORS, response_lengths, score_examples, train_pair
+from tisdpo.pipeline.data_stage import PreparedData
+from tisdpo.pipeline.estimator_models import train_pair
+from tisdpo.pipeline.loaders import tokenize_pairs
+from tisdpo.pipeline.models import initial_model_identity
+from tisdpo.weights.estimators import PAIR_ESTIMATORS, contrast_scores, contrastive_rows, response_lengths
+from tisdpo.weights.gradient import GradientWeights
+from tisdpo.weights.scoring import response_logps
 from tisdpo.weights.transforms import TRANSFORMS
+from tisdpo.weights.views import write_weight_views
 
 log = logging.getLogger(__name__)
-SIDES = ("chosen", "rejected")
 SIGN = {"chosen": 1, "rejected": -1}
 
 
 @dataclass
-class WeightedData:
+class TokenWeighting:
+    """What the weights stage hands to training: the examples (with offline weights attached), or
+    the online hook that weights each batch (TI-DPO); its metrics; callbacks that monitor the
+    online weights during training."""
+
     train_examples: list[dict]
     metrics: dict[str, Any] = field(default_factory=dict)
-    callbacks: list = field(default_factory=list)
     online_weights: Callable | None = None
-    auxiliary_loss: Callable | None = None
+    monitors: list = field(default_factory=list)
 
 
-def tokenization_spec(cfg: DictConfig) -> dict[str, Any]:
+def tokenization_key(cfg: DictConfig) -> dict[str, Any]:
     keys = ("max_length", "max_prompt_length", "truncation_mode", "chat_template")
     return {k: cfg.dataset.get(k) for k in keys}
 
@@ -56,36 +68,9 @@ def attach_weights(examples: list[dict], weights: dict[str, list[torch.Tensor]])
         example = dict(example)
         for side in SIDES:
             w = iter(weights[side][i].tolist())
-            example[f"{side}_weights"] = [1.0 if label == -100 else next(w) for label in example[f"{side}_labels"]]
+            example[f"{side}_weights"] = [1.0 if label == IGNORE_INDEX else next(w) for label in example[f"{side}_labels"]]
         out.append(example)
     return out
-
-
-def true_token_rewards(rows: list[dict], examples: list[dict], side: str) -> list[list[float]] | None:
-    """The built-in task's true reward of each response token (None on real data)."""
-    rewards = []
-    for example in examples:
-        meta = rows[example["index"]].get("meta") or {}
-        key = f"{side}_token_rewards"
-        if meta.get("label_flipped"):  # the rows were swapped after generation; the meta was not
-            key = f"{'rejected' if side == 'chosen' else 'chosen'}_token_rewards"
-        if key not in meta:
-            return None
-        rewards.append(list(meta[key]))
-    return rewards
-
-
-def quality_metrics(rows, examples, scores: dict[str, list[torch.Tensor]], prefix: str = "weights",
-                    target: str = "signed") -> dict[str, float]:
-    from tisdpo.eval.weight_quality import weight_quality
-
-    metrics: dict[str, float] = {}
-    for side in SIDES:
-        truth = true_token_rewards(rows, examples, side)
-        if truth is None:
-            return {}
-        metrics.update(weight_quality([s.tolist() for s in scores[side]], truth, prefix=prefix, side=side, target=target))
-    return metrics
 
 
 def weight_summary(weights: dict[str, list[torch.Tensor]]) -> dict[str, float]:
@@ -98,29 +83,13 @@ def weight_summary(weights: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     return metrics
 
 
-def _save_scores(path: Path, scores: dict[str, list[torch.Tensor]]) -> None:
-    torch.save(scores, path / "scores.pt")
-
-
 def weights_stage(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cache: ArtifactCache,
-                  output_dir: Path, train_examples: list[dict]) -> WeightedData:
-    weighted = token_weights(cfg, data, sft_dir, cache, output_dir, train_examples)
-    if cfg.loss.name == "tidpo":
-        from tisdpo.weights.gradient import build_triplet
-
-        weighted.auxiliary_loss = build_triplet(cfg, data.tokenizer)
-    return weighted
-
-
-def token_weights(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cache: ArtifactCache,
-                  output_dir: Path, train_examples: list[dict]) -> WeightedData:
+                  output_dir: Path, train_examples: list[dict]) -> TokenWeighting:
     name = cfg.estimator.name
     if name == "none":
-        return WeightedData(train_examples)
+        return TokenWeighting(train_examples)
     if name == "gradient":
-        from tisdpo.weights.gradient import gradient_weight_hooks
-
-        return gradient_weight_hooks(cfg, data, train_examples)
+        return gradient_weighting(cfg, data, train_examples)
 
     lengths = {side: response_lengths(train_examples, side) for side in SIDES}
     scores = None
@@ -142,44 +111,79 @@ def token_weights(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cac
     for key, value in metrics.items():
         log.info("%s = %.4f", key, value)
 
-    from tisdpo.weights.views import write_weight_views
-
     write_weight_views(output_dir, data.tokenizer, train_examples, weights, scores,
                        true_rewards={s: true_token_rewards(data.train_rows, train_examples, s) for s in SIDES})
-    return WeightedData(attach_weights(train_examples, weights), metrics)
+    return TokenWeighting(attach_weights(train_examples, weights), metrics)
+
+
+def gradient_weighting(cfg: DictConfig, data: PreparedData, train_examples: list[dict]) -> TokenWeighting:
+    """TI-DPO: weights computed online from the current policy (estimator=gradient), monitored
+    against the true token rewards on the built-in task."""
+    est = cfg.estimator
+    weights = GradientWeights(lam=float(est.lam), normalize=str(est.normalize))
+    monitors = []
+    if data.task is not None and int(est.get("quality_every_n_steps") or 0) > 0:
+        monitors.append(GradientWeightQuality(weights, data.train_rows, train_examples, data.tokenizer.pad_token_id,
+                                              every_n_steps=int(est.quality_every_n_steps)))
+    return TokenWeighting(train_examples, online_weights=weights, monitors=monitors)
 
 
 def estimator_scores(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cache: ArtifactCache,
                      train_examples: list[dict]) -> dict[str, list[torch.Tensor]]:
     """Train (or reuse) the estimator's models, then score (or reuse) every training response."""
     est = cfg.estimator
-    upstream = {"sft": sft_dir.name if sft_dir is not None else None,
-                "base": cfg.model.get("name_or_path"), "model_config": OmegaConf.to_container(cfg.model.config, resolve=True)
-                if cfg.model.get("config") else None}
+    upstream = initial_model_identity(cfg, sft_dir)
     models_dir = None
     if est.name in PAIR_ESTIMATORS:
-        model_spec = {
+        models_key = {
             "estimator": {k: v for k, v in OmegaConf.to_container(est, resolve=True).items()
                           if k not in ("transform", "score_batch_size")},
-            "upstream": upstream, "data": data.fingerprint, "tokenization": tokenization_spec(cfg),
+            "upstream": upstream, "data": data.fingerprint, "tokenization": tokenization_key(cfg),
             "trainer": {"precision": cfg.trainer.get("precision")}, "seed": cfg.seed,
         }
         models_dir = cache.get_or_build(
-            "estimator",
-            model_spec,
+            "estimator", models_key,
             lambda out: train_pair(cfg, out=out, sft_dir=sft_dir, train_rows=data.train_rows,
                                    train_examples=train_examples, tokenizer=data.tokenizer),
         ).path
-    score_spec = {
+    scores_key = {
         "estimator": est.name,
         "models": models_dir.name if models_dir else upstream,
         "prompts": [est.get("positive_prompt"), est.get("negative_prompt"), est.get("template")] if est.name == "prompt" else None,
-        "data": data.fingerprint, "tokenization": tokenization_spec(cfg), "seed": cfg.seed,
+        "data": data.fingerprint, "tokenization": tokenization_key(cfg), "seed": cfg.seed,
     }
 
     def build(out: Path) -> None:
-        _save_scores(out, score_examples(cfg, models_dir=models_dir, sft_dir=sft_dir, train_rows=data.train_rows,
-                                         train_examples=train_examples, tokenizer=data.tokenizer, task=data.task))
+        torch.save(score_examples(cfg, models_dir, sft_dir, data, train_examples), out / "scores.pt")
 
-    artifact = cache.get_or_build("scores", score_spec, build)
+    artifact = cache.get_or_build("scores", scores_key, build)
     return torch.load(artifact.path / "scores.pt")
+
+
+def score_examples(cfg: DictConfig, models_dir: Path | None, sft_dir: Path | None, data: PreparedData,
+                   train_examples: list[dict]) -> dict[str, list[torch.Tensor]]:
+    """Load the estimator's model(s) and inputs, then score every training response (``contrast_scores``)."""
+    est = cfg.estimator
+    lengths = {s: response_lengths(train_examples, s) for s in SIDES}
+    pad, batch = data.tokenizer.pad_token_id, int(est.score_batch_size)
+    if est.name == "prompt":
+        if sft_dir is None and not cfg.model.get("name_or_path"):
+            raise ValueError("estimator=prompt needs a trained model: enable the SFT stage or give model.name_or_path")
+        model = build_model(name_or_path=str(sft_dir or cfg.model.name_or_path), dtype=cfg.model.get("dtype"))
+        pos_rows, neg_rows = contrastive_rows(data.train_rows, task=data.task, template=est.get("template"),
+                                              positive_prompt=est.get("positive_prompt"),
+                                              negative_prompt=est.get("negative_prompt"))
+        pos_examples, _ = tokenize_pairs(pos_rows, data.tokenizer, cfg.dataset, "prompt+")
+        neg_examples, _ = tokenize_pairs(neg_rows, data.tokenizer, cfg.dataset, "prompt-")
+        if len(pos_examples) != len(train_examples) or len(neg_examples) != len(train_examples):
+            raise ValueError(
+                "estimator=prompt: adding the system prompts made some responses fully truncated; "
+                "raise dataset.max_length or shorten estimator.positive_prompt/negative_prompt"
+            )
+        positive = response_logps(model, pos_examples, pad, batch)
+        negative = response_logps(model, neg_examples, pad, batch)
+        return contrast_scores(positive, negative, lengths)
+    # One model in memory at a time (two 7B models would not fit beside each other on many hosts).
+    positive = response_logps(build_model(name_or_path=str(models_dir / "positive")), train_examples, pad, batch)
+    negative = response_logps(build_model(name_or_path=str(models_dir / "negative")), train_examples, pad, batch)
+    return contrast_scores(positive, negative, lengths)

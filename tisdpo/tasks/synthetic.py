@@ -56,6 +56,8 @@ processor), so ``tokenizer(response).input_ids[i]`` is the id of word ``i`` of t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import zlib
 from dataclasses import dataclass
@@ -63,6 +65,8 @@ from collections.abc import Mapping
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 SYSTEM_TOKENS = {"harmless": "<harmless>", "harmful": "<harmful>"}
@@ -149,10 +153,15 @@ class SyntheticTask:
         elif overrides:
             config = dataclasses.replace(config, **overrides)
         self.config = config
-        c = config
-        K = c.n_topics
+        self._build_vocabulary()
+        # One generator for rewards and then the bigram tables: the order of draws defines the task.
+        rng = np.random.default_rng([config.seed, 0])
+        self._build_rewards(rng)
+        self._build_sft_distribution(rng)
 
-        # ---- vocabulary -------------------------------------------------------------
+    def _build_vocabulary(self) -> None:
+        """Topic markers, prompt words and the response vocabulary (neutral, good, harmful)."""
+        c, K = self.config, self.config.n_topics
         self.topics = [f"<t{k}>" for k in range(K)]
         self.prompt_words_topic = [
             [f"t{k}_q{j}" for j in range(c.n_prompt_words_per_topic)] for k in range(K)
@@ -182,10 +191,10 @@ class SyntheticTask:
         assert len(set(self.vocab)) == len(self.vocab)
         self.word_to_index = {w: i for i, w in enumerate(self.response_words)}
         self._topic_index = {t: k for k, t in enumerate(self.topics)}
-        V = len(self.response_words)
 
-        # ---- categories and rewards per topic ---------------------------------------
-        rng = np.random.default_rng([c.seed, 0])
+    def _build_rewards(self, rng: np.random.Generator) -> None:
+        """The category (neutral/good/harmful/off-topic) and TRUE reward of every response word per topic."""
+        c, K, V = self.config, self.config.n_topics, len(self.response_words)
         cat = np.zeros((K, V), dtype=np.int64)  # index into CATEGORIES
         reward = np.zeros((K, V), dtype=np.float64)
         idx = self.word_to_index
@@ -214,7 +223,10 @@ class SyntheticTask:
         self._cat = cat
         self._reward = reward
 
-        # ---- SFT distribution p0(w | topic, prev) -----------------------------------
+    def _build_sft_distribution(self, rng: np.random.Generator) -> None:
+        """p0(w | topic, prev), a category mix with bigram boosts, and its shifts under the system prefixes."""
+        c, K, V = self.config, self.config.n_topics, len(self.response_words)
+        cat, reward = self._cat, self._reward
         # prev index: 0..V-1 = previous response word, V = start of response
         probs = np.array([c.p_neutral, c.p_good, c.p_harmful, c.p_offtopic], dtype=np.float64)
         if (probs < 0).any() or probs.sum() <= 0:
@@ -262,9 +274,6 @@ class SyntheticTask:
         No special tokens are added automatically (no post-processor): callers append EOS to
         responses themselves; ``add_special_tokens`` is a no-op. ``padding_side`` is "right".
         """
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
-
         vocab = {w: i for i, w in enumerate(self.vocab)}
         tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
         tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -286,11 +295,11 @@ class SyntheticTask:
         return 1 + 1 + c.prompt_length + c.max_response_length + 1 + 1
 
     def tiny_model_config(self, **overrides: Any) -> dict:
-        """Suggested ``transformers.LlamaConfig`` kwargs for this vocabulary (~0.1M params)."""
-        cfg = dict(
+        """``transformers.LlamaConfig`` kwargs for this vocabulary, as ``model=tiny`` builds it (~0.4M params)."""
+        cfg = dict(  # the sizes of conf/model/tiny.yaml
             vocab_size=self.vocab_size,
-            hidden_size=64,
-            intermediate_size=256,
+            hidden_size=128,
+            intermediate_size=384,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=4,
@@ -534,6 +543,24 @@ class SyntheticTask:
             )
         return rows
 
+    def contrastive_pairs(self, split: str = "train", n: int | None = None) -> list[dict]:
+        """RLCD-style "LLM-generated" pairs: chosen sampled under the <harmless> prefix, rejected under
+        <harmful> (both shown without the prefix), true token rewards in meta (``dataset.pairs=contrastive``)."""
+        c = self.config
+        if n is None:
+            n = c.n_test_pairs if split == "test" else c.n_train_pairs
+        rows = []
+        for i in range(int(n)):
+            prompt = self.prompt_text(i, split=split)
+            topic = self.topic_of(prompt)
+            rng = np.random.default_rng([c.seed, 7, i])
+            chosen, rejected = self.sample_response(topic, "harmless", rng), self.sample_response(topic, "harmful", rng)
+            chosen_r, rejected_r = self.token_rewards(topic, chosen), self.token_rewards(topic, rejected)
+            rows.append({"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected),
+                         "meta": {"topic": topic, "chosen_token_rewards": chosen_r, "rejected_token_rewards": rejected_r,
+                                  "chosen_reward": sum(chosen_r), "rejected_reward": sum(rejected_r)}})
+        return rows
+
     def premise_stats(self, rows: Iterable[dict] | None = None, split: str = "train") -> dict[str, float]:
         """How much the TIS-DPO premise holds on preference rows (default: ``split``'s pairs):
         share of chosen responses with a harmful word, of rejected ones with a good word, of
@@ -567,9 +594,6 @@ class SyntheticTask:
 
     def fingerprint(self) -> str:
         """Stable short hash of the config (for artifact cache keys)."""
-        import hashlib
-        import json
-
         blob = json.dumps(dataclasses.asdict(self.config), sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from tisdpo.data.collate import PreferenceCollator
+from tisdpo.constants import IGNORE_INDEX, SIDES
+from tisdpo.data.collate import PreferenceCollator, concat_pair
 from tisdpo.losses.logprobs import token_logps
 
 
@@ -29,9 +30,7 @@ def response_logps(model, examples: list[dict], pad_token_id: int, batch_size: i
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size])
         size = batch["chosen_input_ids"].shape[0]
-        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).to(device)
-        attention = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]).to(device)
-        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]]).to(device)
+        ids, attention, labels = (concat_pair(batch, key).to(device) for key in ("input_ids", "attention_mask", "labels"))
         logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
         logps, mask = token_logps(logits, labels, chunk_size=chunk_size)
         values = _response_values(logps, mask)
@@ -44,11 +43,11 @@ def response_logps(model, examples: list[dict], pad_token_id: int, batch_size: i
 def naive_response_logps(model, example: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """One example at a time with a plain log_softmax: the reference the batched scorer is tested against."""
     out = []
-    for side in ("chosen", "rejected"):
+    for side in SIDES:
         ids = torch.tensor([example[f"{side}_input_ids"]])
         labels = torch.tensor(example[f"{side}_labels"])
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-        positions = [t for t in range(1, len(labels)) if labels[t] != -100]
+        positions = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
         out.append(torch.tensor([logp[t - 1, labels[t]].item() for t in positions], dtype=torch.float64))
     return out[0], out[1]

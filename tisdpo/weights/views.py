@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tisdpo.constants import IGNORE_INDEX, SIDES
+
 log = logging.getLogger(__name__)
-SIDES = ("chosen", "rejected")
 
 
 def _colour(weight: float, low: float, high: float) -> str:
@@ -33,10 +34,10 @@ def render_html(tokenizer, examples, weights, true_rewards=None, n_examples: int
         "Green: weight above 1; red: below 1; hover for the value. Underlined: negative true reward (built-in task).</p>",
     ]
     for i, example in enumerate(examples[:n_examples]):
-        prompt_ids = [t for t, label in zip(example["chosen_input_ids"], example["chosen_labels"]) if label == -100]
+        prompt_ids = [t for t, label in zip(example["chosen_input_ids"], example["chosen_labels"]) if label == IGNORE_INDEX]
         parts.append(f"<h3>pair {example['index']}</h3><p><b>prompt</b>: {html.escape(tokenizer.decode(prompt_ids, skip_special_tokens=True))}</p>")
         for side in SIDES:
-            ids = [t for t, label in zip(example[f"{side}_input_ids"], example[f"{side}_labels"]) if label != -100]
+            ids = [t for t, label in zip(example[f"{side}_input_ids"], example[f"{side}_labels"]) if label != IGNORE_INDEX]
             truth = (true_rewards or {}).get(side)
             spans = []
             for k, (token, w) in enumerate(zip(ids, weights[side][i].tolist())):

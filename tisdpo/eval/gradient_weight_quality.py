@@ -4,7 +4,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from tisdpo.constants import IGNORE_INDEX, SIDES
 from tisdpo.data.collate import PreferenceCollator
+from tisdpo.eval.weight_quality import quality_metrics
 
 
 class GradientWeightQuality(L.Callback):
@@ -12,21 +14,20 @@ class GradientWeightQuality(L.Callback):
     current policy and log Spearman/AUROC against |true reward| (gradient weights measure
     importance, not sign). ``latest`` holds the last values for results.json."""
 
-    def __init__(self, weights, data, train_examples: list[dict], every_n_steps: int = 50, n_probe: int = 128):
+    def __init__(self, weights, rows: list[dict], train_examples: list[dict], pad_token_id: int,
+                 every_n_steps: int = 50, n_probe: int = 128):
         self.weights, self.every = weights, every_n_steps
         self.probe = train_examples[:n_probe]
-        self.rows = data.train_rows
-        self.collate = PreferenceCollator(data.tokenizer.pad_token_id)
+        self.rows = rows
+        self.collate = PreferenceCollator(pad_token_id)
         self.latest: dict[str, float] = {}
 
     def measure(self, pl_module) -> dict[str, float]:
-        from tisdpo.pipeline.weights_stage import SIDES, quality_metrics
-
         batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in self.collate(self.probe).items()}
         chosen, rejected = self.weights(pl_module, batch)
         per_side = {}
         for side, w in zip(SIDES, (chosen, rejected)):
-            response = batch[f"{side}_labels"] != -100
+            response = batch[f"{side}_labels"] != IGNORE_INDEX
             per_side[side] = [row[m].cpu() for row, m in zip(w.detach(), response)]
         return quality_metrics(self.rows, self.probe, per_side, prefix="weights", target="abs")
 

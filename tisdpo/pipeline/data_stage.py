@@ -13,6 +13,7 @@ from tisdpo.data.adapters import load_preference_rows
 from tisdpo.data.errors import DropCounter
 from tisdpo.data.noise import flip_labels
 from tisdpo.models.loading import load_tokenizer
+from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,33 +41,13 @@ def rows_fingerprint(rows: list[dict]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _task_from_cfg(dataset_cfg: DictConfig):
-    from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
-
+def _task_from_cfg(dataset_cfg: DictConfig) -> SyntheticTask:
     overrides = OmegaConf.to_container(dataset_cfg.get("task") or {}, resolve=True)
     known = set(SyntheticTaskConfig.__dataclass_fields__)
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"dataset.task has unknown option(s) {unknown}; valid: {sorted(known)}")
     return SyntheticTask(SyntheticTaskConfig(**overrides))
-
-
-def contrastive_pairs(task, split: str, n: int, seed: int) -> list[dict]:
-    """RLCD-style "LLM-generated" pairs on the built-in task: chosen sampled under the <harmless>
-    prefix, rejected under <harmful> (both shown without the prefix), true token rewards in meta."""
-    import numpy as np
-
-    rows = []
-    for i in range(n):
-        prompt = task.prompt_text(i, split=split)
-        topic = task.topic_of(prompt)
-        rng = np.random.default_rng([seed, 7, i])
-        chosen, rejected = task.sample_response(topic, "harmless", rng), task.sample_response(topic, "harmful", rng)
-        chosen_r, rejected_r = task.token_rewards(topic, chosen), task.token_rewards(topic, rejected)
-        rows.append({"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected),
-                     "meta": {"topic": topic, "chosen_token_rewards": chosen_r, "rejected_token_rewards": rejected_r,
-                              "chosen_reward": sum(chosen_r), "rejected_reward": sum(rejected_r)}})
-    return rows
 
 
 def prepare_data(cfg: DictConfig) -> PreparedData:
@@ -78,9 +59,7 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
         if pairs == "human":  # Bradley-Terry labels on two samples of the SFT distribution
             train_rows, test_rows = task.preference_pairs("train"), task.preference_pairs("test")
         elif pairs == "contrastive":
-            c = task.config
-            train_rows = contrastive_pairs(task, "train", c.n_train_pairs, c.seed)
-            test_rows = contrastive_pairs(task, "test", c.n_test_pairs, c.seed)
+            train_rows, test_rows = task.contrastive_pairs("train"), task.contrastive_pairs("test")
         else:
             raise ValueError(f"dataset.pairs={pairs!r} is not one of human, contrastive")
         sft_rows = task.sft_examples()

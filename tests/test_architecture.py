@@ -1,0 +1,160 @@
+"""Imports run one way: run.py -> pipeline -> modules / weights / eval -> losses / data / models / tasks.
+
+Walks ``tisdpo/`` with ``ast``: no module imports a higher layer, the module-level import graph has
+no cycle, and no import hides inside a function unless it is a documented lazy import of an
+optional extra (a package a user may not have installed, or one only some runs need).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "tisdpo"
+
+# Lower number = lower layer. A module may import its own layer (acyclically) and lower ones.
+LAYERS = {
+    "constants": 0, "errors": 0, "jsonio": 0, "resolvers": 0,
+    "losses": 1, "data": 1, "models": 1, "tasks": 1,
+    "modules": 2, "weights": 2, "eval": 2,
+    "pipeline": 3,
+    "evaluate": 4,  # the eval-only entry point (python -m tisdpo.evaluate), above the pipeline
+}
+
+# Packages that may be imported inside a function: optional extras (not every install has them)
+# and heavy libraries only some runs use. Each entry says why.
+LAZY_ALLOWED = {
+    "peft": "optional extra [lora]: only model.lora runs need it",
+    "wandb": "only logger=wandb runs reach it",
+    "matplotlib": "plots only; keeps `import tisdpo` light for workers",
+    "datasets": "hub loading only; local files are read without it",
+    "lm_eval": "optional extra [benchmarks]",
+    "vllm": "optional extra [vllm]",
+    "deepspeed": "optional extra",
+    "submitit": "optional extra [launchers]",
+    "wandb_workspaces": "optional extra [dashboard]",
+    "openai": "optional: the HTTP judge works without it",
+}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    is_package = modules()[module].name == "__init__.py"
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports(module: str, path: Path, *, top_level: bool) -> list[tuple[str, int]]:
+    """(imported module, line) for the module-level imports (or the function-local ones)."""
+    tree = ast.parse(path.read_text())
+    local: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            local |= {id(sub) for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and (id(node) in local) != top_level:
+            if isinstance(node, ast.Import):
+                found += [(alias.name, node.lineno) for alias in node.names]
+            else:
+                target = _resolve(module, node)
+                # `from tisdpo.x import y` may name a submodule y
+                found += [(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules() else target, node.lineno)
+                          for alias in node.names]
+    return found
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS[parts[1]] if len(parts) > 1 else 0
+
+
+def internal_graph() -> dict[str, set[str]]:
+    known = modules()
+    graph = {}
+    for module, path in known.items():
+        graph[module] = {target for target, _ in imports(module, path, top_level=True) if target in known}
+    return graph
+
+
+def test_every_subpackage_has_a_layer():
+    for module in modules():
+        parts = module.split(".")
+        assert len(parts) == 1 or parts[1] in LAYERS, f"{module}: add tisdpo.{parts[1]} to LAYERS (and docs/ARCHITECTURE.md)"
+
+
+def test_no_module_imports_a_higher_layer():
+    wrong = []
+    for module, targets in internal_graph().items():
+        wrong += [f"{module} (layer {layer(module)}) imports {t} (layer {layer(t)})" for t in targets if layer(t) > layer(module)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_module_level_imports_have_no_cycle():
+    graph = internal_graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+
+
+def test_function_local_imports_are_only_optional_extras():
+    hidden = []
+    for module, path in modules().items():
+        for target, line in imports(module, path, top_level=False):
+            if target.split(".")[0] not in LAZY_ALLOWED:
+                hidden.append(f"{path.relative_to(ROOT)}:{line} imports {target} inside a function")
+    hidden = sorted(set(hidden))
+    assert not hidden, "move these to the top of their module (or list an optional extra in LAZY_ALLOWED):\n" + "\n".join(hidden)
+
+
+def test_the_checker_sees_a_cycle_and_a_hidden_import(tmp_path, monkeypatch):
+    """The walk itself works: a planted cycle and a planted function-local import are found."""
+    package = tmp_path / "tisdpo"
+    (package / "weights").mkdir(parents=True)
+    (package / "pipeline").mkdir()
+    for d in (package, package / "weights", package / "pipeline"):
+        (d / "__init__.py").write_text("")
+    (package / "weights" / "a.py").write_text("from tisdpo.weights.b import x\n")
+    (package / "weights" / "b.py").write_text("from tisdpo.weights.a import y\nx = 1\n")
+    (package / "pipeline" / "c.py").write_text("def f():\n    import torch\n")
+    monkeypatch.setitem(globals(), "PACKAGE", package)
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    try:
+        test_module_level_imports_have_no_cycle()
+    except AssertionError as error:
+        assert "tisdpo.weights.a -> tisdpo.weights.b -> tisdpo.weights.a" in str(error)
+    else:
+        raise AssertionError("the planted cycle was not found")
+    try:
+        test_function_local_imports_are_only_optional_extras()
+    except AssertionError as error:
+        assert "c.py:2 imports torch" in str(error)
+    else:
+        raise AssertionError("the planted function-local import was not found")

@@ -1,0 +1,101 @@
+"""Estimator-model stage: train TIS-DPO's contrastive pair pi+/pi- (cached; resumable).
+
+    dpo_pair: pi+ = DPO on the pairs, pi- = DPO on the label-swapped pairs, both from the SFT model;
+    sft_pair: pi+ = SFT on the chosen responses, pi- = SFT on the rejected ones (from the base
+              model, or from the SFT model with ``estimator.init=sft``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from tisdpo.losses import dpo_loss
+from tisdpo.models.loading import build_model, frozen_copy
+from tisdpo.modules.preference import LossSpec, PreferenceModule
+from tisdpo.pipeline.cache import RESUME_SUBDIR
+from tisdpo.pipeline.checkpoints import stage_every_n_steps
+from tisdpo.pipeline.fit import fit_stage
+from tisdpo.pipeline.loaders import preference_loader, tokenize_sft
+from tisdpo.pipeline.models import initial_model
+from tisdpo.pipeline.sft_stage import train_sft
+
+log = logging.getLogger(__name__)
+
+
+def swap_pair(example: dict) -> dict:
+    """The example with chosen and rejected exchanged (the data pi- is trained on)."""
+    swapped = dict(example)
+    for key in ("input_ids", "labels", "attention_mask", "weights"):
+        if f"chosen_{key}" in example:
+            swapped[f"chosen_{key}"], swapped[f"rejected_{key}"] = example[f"rejected_{key}"], example[f"chosen_{key}"]
+    return swapped
+
+
+def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], tokenizer, *, seed: int,
+                    checkpoint_dir: Path | None = None):
+    """A DPO model trained from ``init_dir`` on ``examples`` with the estimator's settings
+    (checkpointed in, and resumed from, ``checkpoint_dir`` when given)."""
+    est = cfg.estimator
+    L.seed_everything(seed, workers=True, verbose=False)
+    policy = build_model(name_or_path=str(init_dir), dtype=cfg.model.get("dtype"))
+    loss = LossSpec("dpo", functools.partial(dpo_loss, beta=float(est.beta)))
+    module = PreferenceModule(policy, frozen_copy(policy), loss, est.optim, total_steps=int(est.max_steps),
+                              logits_chunk_size=int(cfg.train.logits_chunk_size))
+    loader = preference_loader(examples, tokenizer, int(est.batch_size), shuffle=True, seed=seed)
+    fit_stage(cfg.trainer, module, loader, max_steps=int(est.max_steps), checkpoint_dir=checkpoint_dir,
+              checkpoint_every=stage_every_n_steps(cfg))
+    return policy
+
+
+def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed: int,
+                    checkpoint_dir: Path | None = None):
+    """An SFT model trained from ``init`` on {prompt, response} rows with the estimator's settings."""
+    est = cfg.estimator
+    sft_cfg = OmegaConf.merge(cfg, {"sft": {"optim": OmegaConf.to_container(est.optim, resolve=True),
+                                            "batch_size": int(est.batch_size)}})
+    examples = tokenize_sft(rows, tokenizer, cfg.dataset, int(cfg.sft.max_length))
+    return train_sft(init, examples, tokenizer, sft_cfg, max_steps=int(est.max_steps), seed=seed,
+                     checkpoint_dir=checkpoint_dir)
+
+
+def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: list[dict],
+               train_examples: list[dict], tokenizer) -> None:
+    """Write pi+ to out/positive and pi- to out/negative.
+
+    ``out`` is the artifact's stable build dir: each model checkpoints in out/_resume/<side> and is
+    marked done once saved, so a killed build resumes where it stopped (pi+ is not trained again)."""
+    name = cfg.estimator.name
+    work = out / RESUME_SUBDIR
+    if name == "dpo_pair":
+        if sft_dir is None:
+            raise ValueError("estimator=dpo_pair starts from an SFT model: the SFT stage was skipped and no checkpoint is on disk")
+        trainers = {
+            "positive": lambda: train_dpo_model(cfg, sft_dir, train_examples, tokenizer, seed=cfg.seed,
+                                                checkpoint_dir=work / "positive"),
+            "negative": lambda: train_dpo_model(cfg, sft_dir, [swap_pair(e) for e in train_examples], tokenizer,
+                                                seed=cfg.seed + 1, checkpoint_dir=work / "negative"),
+        }
+    elif name == "sft_pair":
+        start_dir = sft_dir if cfg.estimator.init == "sft" else None  # init=base: from the base model
+
+        def sft_side(side: str, key: str, offset: int):
+            rows = [{"prompt": r["prompt"], "response": r[key]} for r in train_rows]
+            return lambda: train_sft_model(cfg, initial_model(cfg, start_dir, tokenizer), rows, tokenizer,
+                                           seed=cfg.seed + offset, checkpoint_dir=work / side)
+
+        trainers = {side: sft_side(side, key, offset)
+                    for side, key, offset in (("positive", "chosen", 0), ("negative", "rejected", 1))}
+    else:
+        raise ValueError(f"estimator={name} trains no model pair")
+    for side, train in trainers.items():
+        done = work / f"{side}.done"
+        if done.is_file():
+            log.info("estimator %s: pi %s already trained by the interrupted build", name, side)
+            continue
+        train().save_pretrained(out / side)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.touch()
