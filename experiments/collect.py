@@ -454,7 +454,8 @@ def wandb_history_curve(wb_run: Any) -> list[dict[str, float]]:
     curve = []
     for row in rows or []:
         if isinstance(row, dict) and row.get("eval/kl_ref") is not None:
-            curve.append({**row, "step": row.get("_step", row.get("step"))})
+            curve.append({**{k: v for k, v in row.items() if not str(k).startswith("_")},
+                          "step": row.get("_step", row.get("step"))})
     return parse_curve(curve)
 
 

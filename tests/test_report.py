@@ -441,3 +441,55 @@ def test_module_runs_as_a_script(sweep):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "orderings reproduced 5/6" in result.stdout
+
+
+# ---------------------------------------------------------------- interrupted and missing jobs
+
+def test_interrupted_and_missing_jobs_are_counted_apart_and_cells_show_seeds_of_launched(sweep, tmp_path):
+    # seed 2 of TIS-DPO(D) was preempted: failed.json says interrupted, with its signal and checkpoint
+    job = sweep / "8_tis_d_s2"
+    (job / "results.json").unlink()
+    (job / "failed.json").write_text(json.dumps({"type": "KeyboardInterrupt", "message": "", "interrupted": True,
+                                                 "signal": "SIGTERM", "last_checkpoint": str(job / "checkpoints/last.ckpt")}))
+    # the summary lists a TIS-DPO(S) seed whose dir is gone
+    (sweep / "sweep_summary.json").write_text(json.dumps({"jobs": [
+        {"num": 0, "dir": "0_dpo_s0", "overrides": ["loss=dpo", "seed=0"], "status": "ok"},
+        {"num": 10, "dir": "10_tis_s_s3", "overrides": ["loss=tisdpo", "estimator=sft_pair", "seed=3"],
+         "status": "failed", "error": "RuntimeError: boom"}]}))
+    runs = collect_runs(sweep)
+    status = {r.run_id: r.status for r in runs}
+    assert status["8_tis_d_s2"] == "interrupted" and status["9_kto_s0"] == "failed" and status["10_tis_s_s3"] == "missing"
+    interrupted = next(r for r in runs if r.status == "interrupted")
+    assert interrupted.signal == "SIGTERM" and interrupted.last_checkpoint.endswith("checkpoints/last.ckpt")
+
+    out = tmp_path / "report"
+    assert main([str(sweep), "--table", "tisdpo_pku_main", "--out", str(out), "--no-plots"]) == 0
+    report = (out / "report.md").read_text()
+    assert "11 jobs (8 finished, 1 failed or unfinished, 1 interrupted, 1 missing)" in report
+    failures = report.split("## Failed or unfinished jobs", 1)[1].split("## Methods", 1)[0]
+    assert "1 interrupted by a signal" in failures and "1 missing" in failures
+    assert "| 8_tis_d_s2 | interrupted |  | loss=tisdpo estimator=dpo_pair seed=2 | SIGTERM |" in failures
+    assert "10_tis_s_s3 | missing" in failures and "RuntimeError: boom" in failures
+    table = pd.read_csv(out / "table.csv").set_index("method")
+    assert (table.loc["TIS-DPO(D)", "runs"], table.loc["TIS-DPO(D)", "launched"]) == (2, 3)
+    assert (table.loc["TIS-DPO(S)", "runs"], table.loc["TIS-DPO(S)", "launched"]) == (3, 4)
+    assert (table.loc["KTO", "runs"], table.loc["KTO", "launched"]) == (0, 1)       # only the failed job
+    markdown = (out / "table.md").read_text()
+    assert "| TIS-DPO(D) | 2/3 |" in markdown and "| TIS-DPO(S) | 3/4 |" in markdown and "| KTO | 0/1 |" in markdown
+    assert "| DPO | 3 |" in markdown
+
+
+def test_jobs_of_the_sweep_grid_that_never_started_are_missing(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"params": {"loss": "dpo,ipo", "seed": "0,1"}},
+        "overrides": {"task": ["seed=range(0,3)", "logger=csv"]}}}))
+    for num, (loss, seed) in enumerate((("dpo", 0), ("dpo", 1), ("dpo", 2), ("ipo", 0))):
+        write_job(sweep / str(num), [f"loss={loss}", f"seed={seed}", "logger=csv"],
+                  {"eval/x": 1.0, "config": {"label": loss}})
+    runs = collect_runs(sweep)
+    missing = sorted(r.run_id for r in runs if r.status == "missing")
+    assert missing == ["(not started) loss=ipo seed=1 logger=csv", "(not started) loss=ipo seed=2 logger=csv"]
+    report = build_report(str(sweep), runs, None)
+    assert {r.label: (r.n_runs, r.launched) for r in report.rows} == {"dpo": (3, 3), "ipo": (1, 3)}
