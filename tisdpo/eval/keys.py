@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from hydra.utils import get_class
 from omegaconf import DictConfig
+
+from tisdpo.eval.benchmarks import benchmark_metric_keys
+from tisdpo.eval.judges import MTBenchJudge, PairwiseJudge, RewardModelJudge, SafetyJudge
+from tisdpo.eval.judges.common import sanitize_name
+from tisdpo.eval.judges.mt_bench import METRIC_KEYS as MT_BENCH_KEYS
+from tisdpo.eval.judges.pairwise import METRIC_NAMES as PAIRWISE_NAMES
+from tisdpo.eval.run_judges import temperature_suffixes
 
 SYNTHETIC_KEYS = ("true_reward", "safe_rate", "helpfulness", "good_rate", "harmful_rate", "invalid_rate",
                   "length", "finished_rate", "kl_ref", "win_rate")
@@ -18,15 +26,11 @@ SYNTHETIC_KEYS = ("true_reward", "safe_rate", "helpfulness", "good_rate", "harmf
 
 def with_temperatures(keys: set[str], temperatures) -> set[str]:
     """Every key under each suffix its temperature is written with (run_judges' convention)."""
-    from tisdpo.eval.run_judges import temperature_suffixes
-
     return {key + suffix for suffixes in temperature_suffixes(temperatures).values()
             for suffix in suffixes for key in keys}
 
 
 def _reward_model_keys(node) -> set[str]:
-    from tisdpo.eval.judges.common import sanitize_name
-
     key = f"eval/{sanitize_name(node.get('name', 'help'), 'name')}"
     return {key, f"{key}_std", f"{key}_n"}
 
@@ -36,35 +40,28 @@ def _safety_keys(node) -> set[str]:
 
 
 def _pairwise_keys(node) -> set[str]:
-    from tisdpo.eval.judges.common import sanitize_name
-    from tisdpo.eval.judges.pairwise import METRIC_NAMES
-
     baseline = sanitize_name(node.get("baseline", "dpo"), "baseline")
-    return {f"eval/{name}_vs_{baseline}" for name in METRIC_NAMES}
+    return {f"eval/{name}_vs_{baseline}" for name in PAIRWISE_NAMES}
 
 
 def _mt_bench_keys(node) -> set[str]:
-    from tisdpo.eval.judges.mt_bench import METRIC_KEYS
-
-    return set(METRIC_KEYS)
+    return set(MT_BENCH_KEYS)
 
 
-def _judge_declarations() -> dict[type, Callable[[Any], set[str]]]:
-    from tisdpo.eval.judges import MTBenchJudge, PairwiseJudge, RewardModelJudge, SafetyJudge
-
-    return {RewardModelJudge: _reward_model_keys, SafetyJudge: _safety_keys, PairwiseJudge: _pairwise_keys,
-            MTBenchJudge: _mt_bench_keys}
+# Every judge class and the keys it writes (a judge class not listed here is an error, not silence).
+JUDGE_KEYS: dict[type, Callable[[Any], set[str]]] = {
+    RewardModelJudge: _reward_model_keys, SafetyJudge: _safety_keys, PairwiseJudge: _pairwise_keys,
+    MTBenchJudge: _mt_bench_keys,
+}
 
 
 def judge_keys(node, option: str) -> set[str]:
     """The keys of one judge node (``_target_`` + options), at one temperature."""
-    from hydra.utils import get_class
-
     target = node.get("_target_") if node is not None else None
     if not target:
         raise ValueError(f"{option}: a judge needs a _target_")
     cls = get_class(str(target))
-    for known, declare in _judge_declarations().items():
+    for known, declare in JUDGE_KEYS.items():
         if issubclass(cls, known):
             return declare(node)
     raise ValueError(f"{option}: {target} declares no metric keys; add it to tisdpo.eval.keys")
@@ -89,16 +86,10 @@ def _judges_config_keys(eval_cfg) -> set[str]:
     return keys
 
 
-def _benchmark_keys(eval_cfg) -> set[str]:
-    from tisdpo.eval.benchmarks import benchmark_metric_keys
-
-    return benchmark_metric_keys(eval_cfg)
-
-
 KINDS: dict[str, Callable[[Any], set[str]]] = {
     "synthetic": _synthetic_keys,
     "judges": _judges_config_keys,
-    "benchmarks": _benchmark_keys,
+    "benchmarks": benchmark_metric_keys,
 }
 
 

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+import torch
 
 # One implementation of each, shared with the training side (re-exported for the judges).
 from tisdpo.models.loading import load_tokenizer, resolve_dtype  # noqa: F401
@@ -53,8 +56,6 @@ def check_same_length(option: str, **sequences: Sequence[Any]) -> int:
 
 def resolve_device(device: str | None) -> str:
     """``auto``/None -> cuda when available, else cpu; anything else is passed to torch as is."""
-    import torch
-
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(device)
@@ -92,8 +93,6 @@ def render_chat(tokenizer, messages: list[dict[str, str]], *, add_generation_pro
 
 def sanitize_name(name: str, option: str) -> str:
     """A metric-name fragment: lower case letters, digits, ``_``, ``-``, ``.``."""
-    import re
-
     cleaned = re.sub(r"[^a-z0-9_.\-]+", "_", str(name).strip().lower()).strip("_")
     if not cleaned:
         raise ValueError(f"{option}={name!r} gives an empty metric name")

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from .common import check_model_path, load_tokenizer, render_chat, resolve_device, resolve_dtype
 
 
@@ -29,8 +32,6 @@ class LocalCausalLM:
     def load(self) -> "LocalCausalLM":
         if self._model is not None:
             return self
-        from transformers import AutoModelForCausalLM
-
         path = check_model_path(self.model_name_or_path, self.option)
         # Left padding: generation continues every row from its own last token.
         self._tokenizer = load_tokenizer(path, self.option, padding_side="left")
@@ -52,8 +53,6 @@ class LocalCausalLM:
     def generate(self, texts: Sequence[str], *, max_new_tokens: int, batch_size: int = 8,
                  add_special_tokens: bool = True) -> list[str]:
         """Greedy continuations of ``texts`` (new tokens only, special tokens dropped)."""
-        import torch
-
         self.load()
         tok = self._tokenizer
         outputs: list[str] = []
@@ -72,8 +71,6 @@ class LocalCausalLM:
     def continuation_logprobs(self, text: str, continuations: Sequence[str], *,
                               add_special_tokens: bool = True) -> list[float]:
         """Sum of log p(continuation tokens | text) for each continuation."""
-        import torch
-
         self.load()
         tok = self._tokenizer
         prefix = tok(text, add_special_tokens=add_special_tokens)["input_ids"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from .common import (JudgeResult, check_model_path, check_same_length, load_tokenizer, mean_or_nan,
                      render_chat, resolve_device, resolve_dtype, sanitize_name, std_or_nan)
 from .score_model import load_score_model, num_outputs
@@ -89,8 +91,6 @@ class RewardModelJudge:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """One reward per pair, in input order (batches are formed by length, then restored)."""
-        import torch
-
         n = check_same_length("RewardModelJudge.score", prompts=prompts, responses=responses)
         self.load()
         texts = [self.format(p, r) for p, r in zip(prompts, responses)]

@@ -22,6 +22,9 @@ import json
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers.utils import cached_file
 
 # safe-rlhf names its classes <Backbone>ForScore (LlamaForScore, GPT2ForScore, ...).
 _SCORE_SUFFIX = "ForScore"
@@ -40,8 +43,6 @@ def is_safe_rlhf_score_config(config) -> bool:
 
 def _resolve(path: str, filename: str) -> str | None:
     """A checkpoint file from a local dir or the hub cache; None when the checkpoint has none."""
-    from transformers.utils import cached_file
-
     return cached_file(path, filename, _raise_exceptions_for_missing_entries=False,
                        _raise_exceptions_for_connection_errors=False)
 
@@ -66,8 +67,6 @@ def read_head_tensors(path: str, option: str = "model_name_or_path") -> dict[str
             if file is None:
                 raise FileNotFoundError(f"{option}={path!r}: a shard named in {index_name} is missing")
             if is_safetensors:
-                from safetensors import safe_open
-
                 with safe_open(file, framework="pt") as handle:
                     for key in handle.keys():
                         if key.startswith(_HEAD_PREFIXES):
@@ -122,8 +121,6 @@ class SafeRLHFScoreModel(torch.nn.Module):
 def load_safe_rlhf_score_model(path: str, config, dtype: torch.dtype | None = None,
                                option: str = "model_name_or_path") -> SafeRLHFScoreModel:
     """Backbone by ``AutoModel`` (weights under ``model.*``), head and normaliser from the checkpoint."""
-    from transformers import AutoModel
-
     kwargs: dict[str, Any] = {"config": config}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -182,8 +179,6 @@ class SequenceClassifierScores(torch.nn.Module):
 def load_score_model(path: str, dtype: torch.dtype | None = None, pad_token_id: int | None = None,
                      option: str = "model_name_or_path") -> torch.nn.Module:
     """A module mapping (input_ids, attention_mask) to [batch, outputs] float scores, for either format."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     config = AutoConfig.from_pretrained(path)
     if is_safe_rlhf_score_config(config):
         return load_safe_rlhf_score_model(path, config, dtype, option)
