@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from tisdpo.eval.generation import sample_responses, sequence_logps
+from tisdpo.jsonio import write_json_atomic
 
 PREFIX = "eval"
 
@@ -96,12 +97,8 @@ def _aggregate(scored: list[dict], prefix: str) -> dict[str, float]:
 
 def save_samples(samples: list[dict], path: str | os.PathLike) -> None:
     """Write samples as JSON (atomic: tmp + rename)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(samples, f)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    write_json_atomic(path, samples, indent=None)
 
 
 def load_samples(path: str | os.PathLike) -> list[dict]:

@@ -109,10 +109,12 @@ class AdapterDisabledReference:
         raise AttributeError(f"the LoRA reference is a read-only view of the policy (tried to set {name!r})")
 
 
-def policy_and_reference(policy, lora_options: Mapping[str, Any] | None):
-    """(policy, reference): full fine-tuning -> (policy, frozen deep copy); LoRA -> (peft policy, disabled-adapter view)."""
+def policy_and_reference(policy, lora_options: Mapping[str, Any] | None, reference_dtype: torch.dtype | None = None):
+    """(policy, reference): full fine-tuning -> (policy, frozen deep copy, stored in ``reference_dtype``
+    when given: a frozen model needs no fp32 master copy); LoRA -> (peft policy, disabled-adapter view)."""
     if not lora_options:
-        return policy, frozen_copy(policy)
+        reference = frozen_copy(policy)
+        return policy, reference.to(reference_dtype) if reference_dtype is not None else reference
     policy = apply_lora(policy, lora_options)
     return policy, AdapterDisabledReference(policy)
 

@@ -66,6 +66,10 @@ class ArtifactCache:
         self.enabled = enabled
         self.events: list[dict[str, Any]] = []  # what each stage did, for logs and results.json
 
+    def record(self, stage: str, **fields: Any) -> None:
+        """An event for a stage that is not a cached artifact (training, evaluation)."""
+        self.events.append({"stage": stage, **fields})
+
     def _dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
@@ -84,6 +88,7 @@ class ArtifactCache:
         stage: str,
         key_fields: dict[str, Any],
         build: Callable[[Path], None],
+        device: Any = None,
     ) -> Artifact:
         """Return the artifact keyed by ``key_fields`` (everything that determines it), building it
         with ``build(tmp_dir)`` if absent.
@@ -124,6 +129,8 @@ class ArtifactCache:
         seconds = time.perf_counter() - started
         log.info("stage %-10s built   %s (%.1fs)", stage, final, seconds)
         event = {"stage": stage, "key": key, "reused": False, "seconds": round(seconds, 2)}
+        if device is not None:  # where the build ran (results.json "stages")
+            event["device"] = str(device)
         if resumed:
             event["resumed_build"] = True
         self.events.append(event)

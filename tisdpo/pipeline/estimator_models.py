@@ -20,7 +20,7 @@ from tisdpo.pipeline.cache import RESUME_SUBDIR
 from tisdpo.pipeline.checkpoints import stage_every_n_steps
 from tisdpo.pipeline.fit import fit_stage
 from tisdpo.pipeline.loaders import preference_loader, tokenize_sft
-from tisdpo.pipeline.models import initial_model
+from tisdpo.pipeline.models import frozen_dtype, initial_model, master_dtype
 from tisdpo.pipeline.sft_stage import train_sft
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,10 @@ def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], token
     (checkpointed in, and resumed from, ``checkpoint_dir`` when given)."""
     est = cfg.estimator
     L.seed_everything(seed, workers=True, verbose=False)
-    policy = build_model(name_or_path=str(init_dir), dtype=cfg.model.get("dtype"))
+    policy = build_model(name_or_path=str(init_dir), dtype=master_dtype(cfg))
+    reference = frozen_copy(policy).to(frozen_dtype(cfg) or policy.dtype)
     loss = LossSpec("dpo", functools.partial(dpo_loss, beta=float(est.beta)))
-    module = PreferenceModule(policy, frozen_copy(policy), loss, est.optim, total_steps=int(est.max_steps),
+    module = PreferenceModule(policy, reference, loss, est.optim, total_steps=int(est.max_steps),
                               logits_chunk_size=int(cfg.train.logits_chunk_size))
     loader = preference_loader(examples, tokenizer, int(est.batch_size), shuffle=True, seed=seed)
     fit_stage(cfg.trainer, module, loader, max_steps=int(est.max_steps), checkpoint_dir=checkpoint_dir,

@@ -214,7 +214,7 @@ def with_reference_logps(
                                                 chunk_size=chunk_size, precision=precision, device=device)
                 save_reference_logps(out / f"reference_logps_{name}.pt", logps)
 
-    artifact = cache.get_or_build("reference_logps", key_fields, build)
+    artifact = cache.get_or_build("reference_logps", key_fields, build, device=device)
     attached = {
         name: attach_reference_logps(split, load_reference_logps(artifact.path / f"reference_logps_{name}.pt"))
         if split else split

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tisdpo.jsonio import write_json_atomic
 from tisdpo.pipeline.validate import ConfigError
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
 # Config keys that may differ between a run and its resumption: they cannot change the weights.
 RESUME_IGNORED = ("resume", "paths", "hydra", "logger", "eval", "cache", "label", "project",
-                  "trainer.enable_progress_bar", "trainer.log_every_n_steps", "checkpoint", "train.num_workers")
+                  "trainer.enable_progress_bar", "trainer.log_every_n_steps", "checkpoint", "train.num_workers",
+                  "export")
 _OFF = ("false", "none", "null", "")
 
 
@@ -96,9 +97,7 @@ def check_run_config(output_dir: Path, config_dict: dict, resuming: bool) -> Non
                 f"(see {output_dir / '.hydra' / 'overrides.yaml'}) or start a new run"
             )
         return
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config_dict, indent=2, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(path, config_dict)
 
 
 def archive_previous_failure(output_dir: Path) -> None:

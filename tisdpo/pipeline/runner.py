@@ -5,9 +5,7 @@ say which stages were built and which reused.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning.pytorch.loggers import WandbLogger
 
+from tisdpo.jsonio import write_json_atomic
 from tisdpo.models.lora import policy_and_reference
 from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.data_stage import prepare_data
 from tisdpo.pipeline.eval_stage import eval_stage
+from tisdpo.pipeline.export import export_policy
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.loggers import build_logger
-from tisdpo.pipeline.models import initial_model
+from tisdpo.pipeline.models import frozen_dtype, initial_model, stage_device
 from tisdpo.pipeline.run_dir import begin_run, prepare_run_dir
 from tisdpo.pipeline.sft_stage import sft_stage
 from tisdpo.pipeline.train_stage import single_process_config, train_stage
@@ -32,12 +32,6 @@ from tisdpo.pipeline.validate import validate_config
 from tisdpo.pipeline.weights_stage import weights_stage
 
 log = logging.getLogger(__name__)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
 
 
 def log_run_files(logger, output_dir: Path) -> None:
@@ -103,7 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     policy = initial_model(cfg, sft_dir, data.tokenizer)
     # Full fine-tuning: a frozen deep copy. LoRA (model.lora): the policy with its adapters disabled.
-    policy, reference = policy_and_reference(policy, cfg.model.get("lora"))
+    policy, reference = policy_and_reference(policy, cfg.model.get("lora"), reference_dtype=frozen_dtype(cfg))
     logger = build_logger(cfg, config_dict)
 
     t0 = time.perf_counter()
@@ -117,6 +111,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results.update(getattr(monitor, "latest", {}))
     timed("train", t0)
     results["train/steps"] = int(module.global_step)
+    cache.record("train", device=str(module.trainer.strategy.root_device), seconds=timings["time/train_s"])
     if module.global_rank != 0:
         # Under DDP every rank runs this script (Lightning re-launches it) and ends training with
         # the same weights; evaluating again and writing the same results.json would only race rank 0.
@@ -124,8 +119,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return results
 
     t0 = time.perf_counter()
-    results.update(eval_stage(cfg, data, module.policy, reference, output_dir))
+    # Lightning's teardown may have moved the module back to the CPU: evaluation runs on the accelerator.
+    device = stage_device(cfg)
+    policy, reference = module.policy.to(device), reference.to(device)
+    results.update(eval_stage(cfg, data, policy, reference, output_dir))
     timed("eval", t0)
+    cache.record("eval", device=str(device), seconds=timings["time/eval_s"])
+    exported = export_policy(policy, data.tokenizer, output_dir, cfg.get("export"))
+    if exported is not None:
+        results["export/policy_dir"] = str(exported)
 
     timings["time/total_s"] = round(time.perf_counter() - started, 2)
     results.update(timings)

@@ -13,7 +13,7 @@ from tisdpo.pipeline.checkpoints import stage_every_n_steps
 from tisdpo.pipeline.data_stage import PreparedData, rows_fingerprint
 from tisdpo.pipeline.fit import fit_stage
 from tisdpo.pipeline.loaders import sft_loader, tokenize_sft
-from tisdpo.pipeline.models import base_model, base_model_identity
+from tisdpo.pipeline.models import base_model, base_model_identity, stage_device
 
 log = logging.getLogger(__name__)
 
@@ -55,4 +55,4 @@ def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path
         model.save_pretrained(out)
         data.tokenizer.save_pretrained(out)
 
-    return cache.get_or_build("sft", key_fields, build).path
+    return cache.get_or_build("sft", key_fields, build, device=stage_device(cfg)).path

@@ -9,7 +9,6 @@ update it under a file lock. Light imports only: Hydra instantiates callbacks fo
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from tisdpo.jsonio import write_json_atomic
 
 SUMMARY = "sweep_summary.json"
 
@@ -44,9 +45,7 @@ def _update(sweep_dir: Path, change) -> None:
         jobs = summary["jobs"]
         summary["counts"] = {"jobs": len(jobs), "ok": sum(j["status"] == "ok" for j in jobs),
                              "failed": sum(j["status"] == "failed" for j in jobs)}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        os.replace(tmp, path)
+        write_json_atomic(path, summary)
 
 
 class SweepSummary(Callback):

@@ -18,7 +18,7 @@ from tisdpo.pipeline.checkpoints import CHECKPOINT_DIR, train_checkpoint
 from tisdpo.pipeline.fit import fit_stage
 from tisdpo.pipeline.loaders import length_grouped, preference_loader
 from tisdpo.pipeline.loss_config import build_loss_spec
-from tisdpo.pipeline.models import initial_model_identity
+from tisdpo.pipeline.models import initial_model_identity, stage_device
 from tisdpo.pipeline.reference_cache import cache_applies, reference_logps_key, with_reference_logps
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,7 @@ def cached_reference_logps(cfg: DictConfig, loss: LossSpec, reference, tokenizer
     if cache is None:
         cache = ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
     precision = cfg.trainer.get("precision")
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-    device = "cuda" if torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto") else "cpu"
+    device = stage_device(cfg)
     identity = {**initial_model_identity(cfg, sft_dir), "dtype": cfg.model.get("dtype")}
     key_fields = reference_logps_key(examples=splits, reference_id=identity, precision=precision)
     out = with_reference_logps(

@@ -24,7 +24,7 @@ from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.data_stage import PreparedData
 from tisdpo.pipeline.estimator_models import train_pair
 from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.models import initial_model_identity
+from tisdpo.pipeline.models import initial_model_identity, stage_device
 from tisdpo.weights.estimators import PAIR_ESTIMATORS, contrast_scores, contrastive_rows, response_lengths
 from tisdpo.weights.gradient import GradientWeights
 from tisdpo.weights.scoring import response_logps
@@ -145,6 +145,7 @@ def estimator_scores(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, 
             "estimator", models_key,
             lambda out: train_pair(cfg, out=out, sft_dir=sft_dir, train_rows=data.train_rows,
                                    train_examples=train_examples, tokenizer=data.tokenizer),
+            device=stage_device(cfg),
         ).path
     scores_key = {
         "estimator": est.name,
@@ -156,7 +157,7 @@ def estimator_scores(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, 
     def build(out: Path) -> None:
         torch.save(score_examples(cfg, models_dir, sft_dir, data, train_examples), out / "scores.pt")
 
-    artifact = cache.get_or_build("scores", scores_key, build)
+    artifact = cache.get_or_build("scores", scores_key, build, device=stage_device(cfg))
     return torch.load(artifact.path / "scores.pt")
 
 
@@ -166,10 +167,11 @@ def score_examples(cfg: DictConfig, models_dir: Path | None, sft_dir: Path | Non
     est = cfg.estimator
     lengths = {s: response_lengths(train_examples, s) for s in SIDES}
     pad, batch = data.tokenizer.pad_token_id, int(est.score_batch_size)
+    device = stage_device(cfg)  # scoring is a batched no-grad forward: on the accelerator
     if est.name == "prompt":
         if sft_dir is None and not cfg.model.get("name_or_path"):
             raise ValueError("estimator=prompt needs a trained model: enable the SFT stage or give model.name_or_path")
-        model = build_model(name_or_path=str(sft_dir or cfg.model.name_or_path), dtype=cfg.model.get("dtype"))
+        model = build_model(name_or_path=str(sft_dir or cfg.model.name_or_path), dtype=cfg.model.get("dtype")).to(device)
         pos_rows, neg_rows = contrastive_rows(data.train_rows, task=data.task, template=est.get("template"),
                                               positive_prompt=est.get("positive_prompt"),
                                               negative_prompt=est.get("negative_prompt"))
@@ -184,6 +186,9 @@ def score_examples(cfg: DictConfig, models_dir: Path | None, sft_dir: Path | Non
         negative = response_logps(model, neg_examples, pad, batch)
         return contrast_scores(positive, negative, lengths)
     # One model in memory at a time (two 7B models would not fit beside each other on many hosts).
-    positive = response_logps(build_model(name_or_path=str(models_dir / "positive")), train_examples, pad, batch)
-    negative = response_logps(build_model(name_or_path=str(models_dir / "negative")), train_examples, pad, batch)
+    def load(side: str):
+        return build_model(name_or_path=str(models_dir / side), dtype=cfg.model.get("dtype")).to(device)
+
+    positive = response_logps(load("positive"), train_examples, pad, batch)
+    negative = response_logps(load("negative"), train_examples, pad, batch)
     return contrast_scores(positive, negative, lengths)
