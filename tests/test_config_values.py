@@ -109,11 +109,23 @@ def test_edge_values_that_make_sense_pass(tmp_path, overrides):
     validate_config(compose_config(overrides, tmp_path))
 
 
-def test_transform_names_match_the_transforms():
-    from tisdpo.pipeline.validate import TRANSFORM_NAMES
+def test_names_in_validate_match_the_registries():
+    """validate.py writes the names out (it must not import torch); they must not drift."""
+    from tisdpo.data import ADAPTERS
+    from tisdpo.losses import LOSSES
+    from tisdpo.pipeline.validate import DATASET_NAMES, LOSS_NAMES, TRANSFORM_NAMES
     from tisdpo.weights.transforms import TRANSFORMS
 
     assert set(TRANSFORM_NAMES) == set(TRANSFORMS)
+    assert set(LOSS_NAMES) == set(LOSSES)
+    assert set(DATASET_NAMES) == set(ADAPTERS)
+
+
+def test_validation_imports_no_torch():
+    """run.py checks the command line with it before Hydra composes: `--help` must stay instant."""
+    code = "import sys, tisdpo.pipeline.validate; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_every_checkpoint_key_the_code_reads_is_declared():

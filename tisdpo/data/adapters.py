@@ -15,6 +15,7 @@ responses) are not the adapters' job: :func:`adapt_rows` applies them uniformly.
 
 from __future__ import annotations
 
+import gzip
 import inspect
 import json
 import os
@@ -22,6 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq  # a dependency of datasets; parquet files are read with it
 
 from tisdpo.errors import UserError
 
@@ -486,8 +490,6 @@ def _read_bytes(path: Path, name: str, source: str) -> bytes:
         raise DataError(name, None, None, "the file is empty (0 bytes)", source)
     try:
         if path.name.lower().endswith(".gz"):
-            import gzip
-
             with gzip.open(path, "rb") as handle:
                 return handle.read()
         return path.read_bytes()
@@ -560,8 +562,6 @@ def _one_object(text: str) -> bool:
 
 
 def _parquet_rows(path: Path, name: str, source: str) -> list[dict]:
-    import pyarrow.parquet as pq  # a dependency of datasets
-
     try:
         # to_pylist keeps each value's own type: parquet columns are typed in the file
         return pq.read_table(path).to_pylist()
@@ -632,8 +632,6 @@ def _select(n_rows: int, *, limit: int | None, shuffle: bool, seed: int, option:
         raise UserError(f"{option} must be a non-negative integer or null, got {limit!r}")
     if not shuffle:
         return None if limit is None or limit >= n_rows else list(range(limit))
-    import numpy as np
-
     order = np.random.default_rng(seed).permutation(n_rows)
     return [int(i) for i in order[: n_rows if limit is None else limit]]
 

@@ -18,6 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tisdpo.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FAILED = "failed.json"
@@ -66,7 +68,6 @@ def _multirun() -> bool:
 
 def run_recorded(cfg) -> dict[str, Any]:
     """``runner.run(cfg)``, with a failure recorded in the run dir before it propagates."""
-    from tisdpo.errors import UserError
     from tisdpo.pipeline.validate import ConfigError, validate_config
 
     try:

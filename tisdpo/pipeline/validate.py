@@ -22,7 +22,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # Which estimators each weighted loss can use; every other loss takes no weights.
 COMPATIBLE_ESTIMATORS = {
-    "tisdpo": ("prompt", "sft_pair", "dpo_pair", "random", "uniform"),
+    "tisdpo": ("prompt", "sft_pair", "dpo_pair", "random", "uniform", "oracle"),
     "tidpo": ("gradient", "uniform", "random"),
 }
 
@@ -42,8 +42,12 @@ PIPELINE_TRAINER_KEYS: dict[str, tuple[str | None, str | None, bool]] = {
     "inference_mode": (None, "validation runs without it: TI-DPO's attribution needs gradients there", False),
 }
 
-# The weight transforms of tisdpo/weights/transforms.py (TRANSFORMS), named here so that
-# validation does not import torch; tests/test_config_values.py checks the two agree.
+# Names of the losses (tisdpo.losses.LOSSES), dataset adapters (tisdpo.data.ADAPTERS) and weight
+# transforms (tisdpo.weights.transforms.TRANSFORMS), written out so that this module imports no
+# torch: run.py calls it before Hydra composes, and `--help` must stay instant.
+# tests/test_config_values.py checks they agree with the registries.
+LOSS_NAMES = ("dpo", "ipo", "kto", "tdpo", "tidpo", "tisdpo")
+DATASET_NAMES = ("hh", "pku_saferlhf", "tldr", "ultrafeedback")
 TRANSFORM_NAMES = ("exp_clamp", "rank_linear", "clamp_linear")
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 SEED_MAX = 2**32 - 1  # numpy and Lightning's seed_everything take 32-bit seeds
@@ -186,11 +190,9 @@ def _check_path(value, option: str) -> None:
 # the groups
 # ---------------------------------------------------------------------------------------
 def _check_choices(cfg: DictConfig) -> None:
-    from tisdpo.losses import LOSSES
-
     loss, estimator = cfg.loss.name, cfg.estimator.name
-    if loss not in LOSSES:
-        raise ConfigError(f"loss={loss!r} is not one of {sorted(LOSSES)}")
+    if loss not in LOSS_NAMES:
+        raise ConfigError(f"loss={loss!r} is not one of {sorted(LOSS_NAMES)}")
     estimators = [c for c in group_choices("estimator") if not c.startswith("_")]
     if estimator not in estimators:
         raise ConfigError(f"estimator.name={estimator!r} is not one of {', '.join(estimators)}")
@@ -208,10 +210,8 @@ def _check_choices(cfg: DictConfig) -> None:
 
 
 def _check_dataset(cfg: DictConfig) -> None:
-    from tisdpo.data.adapters import ADAPTERS
-
     ds = cfg.dataset
-    datasets = ["synthetic", *sorted(ADAPTERS)]
+    datasets = ["synthetic", *sorted(DATASET_NAMES)]
     if ds.name not in datasets:
         raise ConfigError(f"dataset.name={ds.name!r} is not one of {', '.join(datasets)}")
     _check(cfg, "dataset.max_length", low=2, integer=True)
