@@ -67,8 +67,8 @@ class ArtifactCache:
         self.events: list[dict[str, Any]] = []  # what each stage did, for logs and results.json
 
     def record(self, stage: str, **fields: Any) -> None:
-        """An event for a stage that is not a cached artifact (training, evaluation)."""
-        self.events.append({"stage": stage, **fields})
+        """An event for a stage that is not a cached artifact (training, evaluation): never reused."""
+        self.events.append({"stage": stage, "reused": None, **fields})
 
     def _dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -106,7 +106,8 @@ class ArtifactCache:
             if self.enabled and final.exists():
                 if self.is_valid(final):
                     log.info("stage %-10s reused  %s", stage, final)
-                    self.events.append({"stage": stage, "key": key, "reused": True, "seconds": 0.0})
+                    # no device: nothing ran (the artifact's key.json names what built it)
+                    self.events.append({"stage": stage, "key": key, "reused": True, "seconds": 0.0, "device": None})
                     return Artifact(stage, key, final, reused=True)
                 log.warning("stage %s: artifact %s is corrupt or partial (hash mismatch); rebuilding", stage, final)
                 shutil.rmtree(final)

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from tisdpo.eval.run_judges import evaluate_with_judges
@@ -12,6 +13,11 @@ from tisdpo.eval.synthetic_metrics import evaluate_policy
 from tisdpo.pipeline.data_stage import PreparedData
 
 log = logging.getLogger(__name__)
+
+
+def training_evaluators(cfg: DictConfig, data: PreparedData, reference) -> list[Callback]:
+    """Callbacks that evaluate the policy during preference training (none yet)."""
+    return []
 
 
 def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_dir: Path) -> dict[str, Any]:

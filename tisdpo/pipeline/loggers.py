@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -34,3 +36,20 @@ def build_logger(cfg: DictConfig, config_dict: dict[str, Any]):
         log.info("W&B logging %s to %s", "offline" if node.offline else "online", node.save_dir)
         return logger
     return instantiate(node)
+
+
+def finish_logging(logger, output_dir: Path, results: dict[str, Any]) -> None:
+    """At the end of a run: the token-weight page and histogram into W&B (as HTML and image), when W&B
+    is the logger; then the W&B run is closed."""
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb  # optional at import time: only a W&B run gets here
+
+    files = {}
+    if (output_dir / "token_weights.html").is_file():
+        files["weights/token_view"] = wandb.Html((output_dir / "token_weights.html").read_text())
+    if (output_dir / "weights_hist.png").is_file():
+        files["weights/histogram"] = wandb.Image(str(output_dir / "weights_hist.png"))
+    if files:
+        logger.experiment.log(files)
+    logger.experiment.finish()

@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning.pytorch.loggers import WandbLogger
-
 from tisdpo.jsonio import write_json_atomic
 from tisdpo.models.lora import policy_and_reference
 from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.data_stage import prepare_data
-from tisdpo.pipeline.eval_stage import eval_stage
+from tisdpo.pipeline.eval_stage import eval_stage, training_evaluators
 from tisdpo.pipeline.export import export_policy
 from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.loggers import build_logger
+from tisdpo.pipeline.loggers import build_logger, finish_logging
 from tisdpo.pipeline.models import frozen_dtype, initial_model, stage_device
 from tisdpo.pipeline.run_dir import begin_run, prepare_run_dir
 from tisdpo.pipeline.sft_stage import sft_stage
@@ -32,22 +29,6 @@ from tisdpo.pipeline.validate import validate_config
 from tisdpo.pipeline.weights_stage import weights_stage
 
 log = logging.getLogger(__name__)
-
-
-def log_run_files(logger, output_dir: Path) -> None:
-    """The token-weight page and histogram into W&B (as HTML and image), when W&B is the logger."""
-    if not isinstance(logger, WandbLogger):
-        return
-    import wandb  # optional at import time: only a W&B run gets here
-
-    files = {}
-    if (output_dir / "token_weights.html").is_file():
-        files["weights/token_view"] = wandb.Html((output_dir / "token_weights.html").read_text())
-    if (output_dir / "weights_hist.png").is_file():
-        files["weights/histogram"] = wandb.Image(str(output_dir / "weights_hist.png"))
-    if files:
-        logger.experiment.log(files)
-    logger.experiment.finish()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -104,7 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module, val_metrics = train_stage(
         cfg, policy=policy, reference=reference, train_examples=weighting.train_examples, val_examples=val_examples,
         tokenizer=data.tokenizer, logger=logger, output_dir=output_dir, online_weights=weighting.online_weights,
-        callbacks=weighting.monitors, cache=cache, sft_dir=sft_dir,
+        callbacks=[*weighting.monitors, *training_evaluators(cfg, data, reference)], cache=cache, sft_dir=sft_dir,
     )
     results.update(val_metrics)
     for monitor in weighting.monitors:  # e.g. TI-DPO's weight quality, measured during training
@@ -134,7 +115,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["stages"] = cache.events
     if logger:
         logger.log_metrics({k: v for k, v in results.items() if isinstance(v, (int, float))}, step=int(module.global_step))
-        log_run_files(logger, output_dir)
+        finish_logging(logger, output_dir, results)
     results["config"] = config_dict
     write_json_atomic(output_dir / "results.json", results)
     log.info("results: %s", {k: v for k, v in results.items() if k not in ("config", "stages")})
