@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.data.adapters import load_preference_rows
+from tisdpo.data.dedupe import drop_duplicate_pairs, holdout_split
 from tisdpo.data.errors import DropCounter
 from tisdpo.data.noise import flip_labels
 from tisdpo.models.loading import load_tokenizer
@@ -73,22 +74,26 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
         common = {k: ds[k] for k in ("preference",) if k in ds}
         train_rows, train_drops = load_preference_rows(
             ds.name, path=ds.get("path"), hub_id=ds.hub_id, hub_config=ds.get("hub_config"),
-            split=ds.train_split, limit=ds.get("limit"), seed=cfg.seed, **common,
+            split=ds.train_split, limit=ds.get("limit"), seed=cfg.seed, option="dataset.path", **common,
         )
         test_path = ds.get("test_path")
         if ds.get("path") and not test_path:
-            # One local file and no test file: hold out the last rows for validation.
-            n_test = min(int(ds.get("test_limit") or 256), max(1, len(train_rows) // 10))
-            train_rows, test_rows = train_rows[:-n_test], train_rows[-n_test:]
+            # One local file and no test file: drop duplicate pairs first (no copy of a training
+            # pair is held out), then hold out the last rows for validation.
+            train_rows, _, dedupe = drop_duplicate_pairs(train_rows, [], dataset=ds.name)
+            train_rows, test_rows = holdout_split(train_rows, ds.get("test_limit"), dataset=ds.name,
+                                                  source=f"dataset.path {str(ds.path)!r}")
             test_drops = DropCounter()
         else:
             test_rows, test_drops = load_preference_rows(
                 ds.name, path=test_path, hub_id=ds.hub_id, hub_config=ds.get("hub_config"),
-                split=ds.test_split, limit=ds.get("test_limit"), seed=cfg.seed, **common,
+                split=ds.test_split, limit=ds.get("test_limit"), seed=cfg.seed, option="dataset.test_path", **common,
             )
+            train_rows, test_rows, dedupe = drop_duplicate_pairs(train_rows, test_rows, dataset=ds.name)
         sft_rows = [{"prompt": r["prompt"], "response": r["chosen"]} for r in train_rows]
         # -> results.json "data/source/train/dropped/<reason>", "data/source/train/kept", ...
-        drops = {**train_drops.as_dict(prefix="train"), **test_drops.as_dict(prefix="test")}
+        drops = {**train_drops.as_dict(prefix="train"), **test_drops.as_dict(prefix="test"),
+                 **{f"dedupe/{k}": v for k, v in dedupe.items()}}
         log.info("data: train %s", train_drops.summary())
     n_flipped = 0
     if float(ds.get("label_noise") or 0.0) > 0:
