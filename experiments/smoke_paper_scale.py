@@ -86,6 +86,8 @@ def stand_in_overrides(cfg, files: tuple[Path, Path | None], models: dict[str, P
         f"eval.judges.harm.model_name_or_path={models['reward_model']}",
         f"eval.judges.help.model_name_or_path={models['reward_model']}",
         f"eval.judges.safety.model_name_or_path={models['guard']}", "eval.judges.safety.max_new_tokens=4",
+        # the LLM judges (MT-Bench, win rate vs DPO) call an API and read hub question files
+        "++eval.mt_bench=null", "++eval.pairwise=null",
         "logger=csv", "trainer.enable_progress_bar=false",
         f"cache.dir={out / 'cache'}", f"hydra.run.dir={out / 'run'}",
     ]

@@ -69,7 +69,7 @@ def test_tidpo_selects_the_gradient_estimator(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["loss=tisdpo"], "loss=tisdpo needs token weights: add estimator=<one of prompt, sft_pair, dpo_pair, random, uniform>"),
+    (["loss=tisdpo"], "loss=tisdpo needs token weights: add estimator=<one of prompt, sft_pair, dpo_pair, random, uniform, oracle>"),
     (["loss=tidpo", "estimator=dpo_pair"], "estimator=dpo_pair cannot be used with loss=tidpo; valid: gradient, uniform, random"),
     (["loss=dpo", "estimator=prompt"], "estimator=prompt has no effect with loss=dpo"),
     (["dataset.max_prompt_length=100"], "dataset.max_prompt_length=100 must be positive and below dataset.max_length=64"),

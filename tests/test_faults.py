@@ -203,7 +203,7 @@ def test_cli_config_error_is_one_line_and_exit_status_2(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert lines == ["config error: loss=tisdpo needs token weights: add estimator=<one of prompt, sft_pair, dpo_pair, "
-                     "random, uniform>"], done.stderr[-2000:]
+                     "random, uniform, oracle>"], done.stderr[-2000:]
     [marker] = (tmp_path / "outputs" / "runs").glob("*/*/failed.json")
     assert json.loads(marker.read_text())["type"] == "ConfigError"
 

@@ -8,9 +8,11 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
+from tisdpo.eval.benchmarks import run_benchmarks
 from tisdpo.eval.run_judges import evaluate_with_judges
 from tisdpo.eval.synthetic_metrics import evaluate_policy
 from tisdpo.pipeline.data_stage import PreparedData
+from tisdpo.pipeline.export import POLICY_DIR
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,13 @@ def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_di
         )
         return metrics
     if cfg.eval.name == "judges":
-        prompts = [row["prompt"] for row in data.test_rows]
-        return evaluate_with_judges(cfg.eval, policy.eval(), data.tokenizer, prompts, cfg.seed, output_dir)
-    raise ValueError(f"eval={cfg.eval.name!r} is not one of synthetic, none, judges")
+        rows = data.test_rows
+        # references: the test set's chosen responses (TL;DR's win rate against the reference summaries)
+        return evaluate_with_judges(cfg.eval, policy.eval(), data.tokenizer, [r["prompt"] for r in rows], cfg.seed,
+                                    output_dir, references=[r["chosen"] for r in rows])
+    if cfg.eval.name == "benchmarks":
+        policy_dir = output_dir / POLICY_DIR
+        if not policy_dir.is_dir():
+            raise ValueError(f"eval=benchmarks reads the exported policy {policy_dir}: keep export.enabled=true")
+        return run_benchmarks(policy_dir, cfg.eval, output_dir)
+    raise ValueError(f"eval={cfg.eval.name!r} is not one of synthetic, judges, benchmarks, none")
