@@ -82,13 +82,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     logger = build_logger(cfg, config_dict)
 
     t0 = time.perf_counter()
+    # Callbacks that measure during training (TI-DPO's weight quality, the eval curve) leave their
+    # last values in `latest` for results.json.
+    monitors = [*weighting.monitors, *training_evaluators(cfg, data, reference)]
     module, val_metrics = train_stage(
         cfg, policy=policy, reference=reference, train_examples=weighting.train_examples, val_examples=val_examples,
         tokenizer=data.tokenizer, logger=logger, output_dir=output_dir, online_weights=weighting.online_weights,
-        callbacks=[*weighting.monitors, *training_evaluators(cfg, data, reference)], cache=cache, sft_dir=sft_dir,
+        callbacks=monitors, cache=cache, sft_dir=sft_dir,
     )
     results.update(val_metrics)
-    for monitor in weighting.monitors:  # e.g. TI-DPO's weight quality, measured during training
+    for monitor in monitors:
         results.update(getattr(monitor, "latest", {}))
     timed("train", t0)
     results["train/steps"] = int(module.global_step)
