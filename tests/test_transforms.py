@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tisdpo.weights import (TRANSFORMS, clamp_linear, exp_clamp, gaussian_prior,
+from tisdpo.weights import (TRANSFORMS, at_bound, clamp_linear, exp_clamp, gaussian_prior,
                             mix_importance, random_weights, rank_linear, uniform_weights)
 
 E = math.exp
@@ -38,11 +38,63 @@ def test_exp_clamp_mask_and_rescale():
 def test_rank_linear_by_hand():
     r = torch.tensor([[3.0, 1.0, 2.0, 2.0, 7.0], [5.0, 0.0, 0.0, 0.0, 0.0]])
     m = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
-    w = rank_linear(r, m, sign=1)
+    w = rank_linear(r, m, sign=1, ties="average")
     # ranks [3, 0, 1.5, 1.5] of 4 -> 0.7 + 0.6 * rank / 3; a 1-token response -> 1.0
     close(w, [[1.3, 0.7, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
-    close(rank_linear(r, m, sign=-1)[0], [0.7, 1.3, 1.0, 1.0, 0.0])
-    close(rank_linear(torch.tensor([1.0, 1.0, 1.0]), sign=1, low=0.5, high=2.0), [1.25] * 3)
+    close(rank_linear(r, m, sign=-1, ties="average")[0], [0.7, 1.3, 1.0, 1.0, 0.0])
+    close(rank_linear(torch.tensor([1.0, 1.0, 1.0]), sign=1, low=0.5, high=2.0, ties="average"), [1.25] * 3)
+    # default ties="ordinal" (released code: stable sort, the earlier of two tied tokens ranks lower):
+    # ranks [3, 0, 1, 2]
+    close(rank_linear(r, m, sign=1), [[1.3, 0.7, 0.9, 1.1, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="ties"):
+        rank_linear(r, m, sign=1, ties="dense")
+
+
+def _released_rank_based(nums, min_scale=0.7, max_scale=1.3):
+    """The released code's rank_based_transform, re-derived: stable ascending sort, evenly spaced values."""
+    order = sorted(range(len(nums)), key=lambda k: nums[k])
+    out = [0.0] * len(nums)
+    for i, k in enumerate(order):
+        out[k] = 1.0 if len(nums) == 1 else min_scale + i / (len(nums) - 1) * (max_scale - min_scale)
+    return out
+
+
+def test_rank_linear_matches_the_released_transform_on_both_sides():
+    """Released: score = log pi-(y_t) - log pi+(y_t); chosen negated (= our r), rejected as is (= -r),
+    then ranked ascending. Ours: rank sign*r. Same weights, ties included (scores rounded to 0.1)."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 17):
+        r = (torch.randn(n, generator=g) * 3).round(decimals=1)
+        released_score = (-r).tolist()  # log pi- - log pi+
+        chosen = _released_rank_based([-x for x in released_score])
+        rejected = _released_rank_based(released_score)
+        close(rank_linear(r, sign=1), chosen, atol=1e-5)
+        close(rank_linear(r, sign=-1), rejected, atol=1e-5)
+
+
+@pytest.mark.parametrize("ties", ["ordinal", "average"])
+def test_rank_linear_mean_is_one_per_response_whatever_the_scores(ties):
+    g = torch.Generator().manual_seed(1)
+    r = (torch.randn(6, 20, generator=g) * 9).round()  # large scores with many ties
+    m = torch.arange(20)[None, :] < torch.tensor([1, 2, 5, 11, 19, 20])[:, None]
+    for sign in (1, -1):
+        w = rank_linear(r, m, sign=sign, ties=ties)
+        assert torch.allclose(w.sum(-1) / m.sum(-1), torch.ones(6), atol=1e-6)
+        assert w[m].min() >= 0.7 - 1e-6 and w[m].max() <= 1.3 + 1e-6
+
+
+def test_at_bound_exp_clamp_saturation_and_rank_extremes():
+    r = torch.tensor([[-2.0, -0.5, 0.1, 0.49, 0.6, 9.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]).bool()
+    hit = at_bound(r, m, name="exp_clamp", sign=1, lower=-0.5, upper=0.5)
+    assert hit[0].tolist() == [True, True, False, False, True, True] and not hit[1].any()
+    assert at_bound(r, m, name="clamp_linear", sign=-1, bound=1.5)[0].tolist() == [True, False, False, False, False, True]
+    # rank: the lowest and the highest token of each response; a 1-token response sits in the middle
+    hit = at_bound(r, m, name="rank_linear", sign=1, low=0.7, high=1.3, ties="ordinal")
+    assert hit[0].tolist() == [True, False, False, False, False, True] and hit[1].sum() == 2
+    assert not at_bound(torch.tensor([3.0]), name="rank_linear", sign=1).any()
+    with pytest.raises(ValueError, match="transform.name"):
+        at_bound(r, m, name="softmax", sign=1)
 
 
 def test_clamp_linear_by_hand():

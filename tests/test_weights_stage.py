@@ -11,9 +11,10 @@ from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.eval.weight_quality import true_token_rewards
 from tisdpo.pipeline.estimator_models import swap_pair
+from tisdpo.losses import tisdpo_loss
 from tisdpo.pipeline.weights_stage import apply_transform, attach_weights
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
-from tisdpo.weights.estimators import score_difference
+from tisdpo.weights.estimators import oracle_scores, score_difference, weighted_token_masks
 from tisdpo.weights.scoring import naive_response_logps, response_logps
 
 
@@ -58,7 +59,7 @@ def test_sign_convention_rejected_tokens_that_pi_minus_prefers_weigh_more():
     torch.testing.assert_close(rejected, torch.exp(-scores[0]))
 
 
-def test_attach_weights_puts_one_on_prompt_and_weights_on_response(task_data):
+def test_attach_weights_puts_zero_on_prompt_and_weights_on_response(task_data):
     _, _, _, examples = task_data
     weights = {side: [torch.arange(1, 1 + sum(l != -100 for l in e[f"{side}_labels"]), dtype=torch.float)
                       for e in examples[:3]] for side in ("chosen", "rejected")}
@@ -67,7 +68,7 @@ def test_attach_weights_puts_one_on_prompt_and_weights_on_response(task_data):
         labels = example["chosen_labels"]
         w = out["chosen_weights"]
         assert len(w) == len(labels)
-        assert all(v == 1.0 for v, label in zip(w, labels) if label == -100)
+        assert all(v == 0.0 for v, label in zip(w, labels) if label == -100)  # released code: prompt weight 0
         assert [v for v, label in zip(w, labels) if label != -100] == list(range(1, 1 + sum(l != -100 for l in labels)))
 
 
@@ -114,3 +115,65 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
         cache.get_or_build("stage", {"a": 1}, build)
     leftovers = [p for p in (tmp_path / "stage").iterdir() if not p.name.endswith(".lock")]
     assert leftovers == []
+
+
+def test_eos_carries_no_weight_and_no_rank_by_default(task_data):
+    """Released code: the final EOS gets weight 0; the other tokens are ranked among themselves, so
+    their mean weight is exactly 1. weight_eos=True (the ablation) ranks EOS with them."""
+    _, tokenizer, _, examples = task_data
+    eos = tokenizer.eos_token_id
+    cfg = compose_config([], tiny=False)
+    assert cfg.estimator.get("weight_eos") is None  # estimator=none has no weights at all
+    transform = compose_config(["loss=tisdpo", "estimator=dpo_pair"], tiny=False).estimator.transform
+    assert transform.name == "rank_linear"
+    masks = weighted_token_masks(examples, "chosen", eos)
+    scores = [torch.randn(len(m), generator=torch.Generator().manual_seed(i)) for i, m in enumerate(masks)]
+    weights = apply_transform(scores, "chosen", transform, masks)
+    for w, m in zip(weights, masks):
+        assert not m[-1] and m[:-1].all()
+        assert w[-1] == 0 and torch.isclose(w[:-1].mean(), torch.tensor(1.0))
+    with_eos = weighted_token_masks(examples, "chosen", eos, weight_eos=True)
+    weights = apply_transform(scores, "chosen", transform, with_eos)
+    assert all(m.all() and w[-1] > 0 and torch.isclose(w.mean(), torch.tensor(1.0)) for w, m in zip(weights, with_eos))
+
+
+def test_a_zero_eos_weight_takes_eos_out_of_the_margin_and_eta():
+    """What the released code does with weight 0 (weights x loss_mask in every sum), ours does too:
+    TIS-DPO with w_EOS = 0 equals TIS-DPO with EOS masked out."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 5
+    x = [torch.randn(B, T, generator=g) for _ in range(4)]
+    kl = [torch.rand(B, T, generator=g) for _ in range(2)]
+    w = [0.7 + 0.6 * torch.rand(B, T, generator=g) for _ in range(2)]
+    mask = torch.ones(B, T)
+    w[0][:, -1] = 0.0
+    w[1][:, -1] = 0.0
+    no_eos = mask.clone()
+    no_eos[:, -1] = 0.0
+    kwargs = dict(chosen_kl=kl[0], rejected_kl=kl[1], beta=0.1, alpha=0.5, use_eta=True)
+    zero_weight = tisdpo_loss(*x, mask, mask, chosen_weights=w[0], rejected_weights=w[1], **kwargs)
+    masked = tisdpo_loss(*x, no_eos, no_eos, chosen_weights=w[0], rejected_weights=w[1], **kwargs)
+    for a, b in zip(zero_weight, masked):
+        torch.testing.assert_close(a, b)
+
+
+def test_dpo_pair_estimator_trains_with_the_runs_own_dpo_recipe():
+    """pi+/pi- use the DPO baseline's optimiser, lr, schedule, batch and length at each scale."""
+    tiny = compose_config(["loss=tisdpo", "estimator=dpo_pair"], tiny=False)
+    assert OmegaConf.to_container(tiny.estimator.optim, resolve=True) == OmegaConf.to_container(tiny.optim, resolve=True)
+    assert (tiny.estimator.max_steps, tiny.estimator.batch_size) == (tiny.train.max_steps, tiny.train.batch_size)
+    paper = compose_config(["loss=tisdpo", "estimator=dpo_pair", "scale=paper", "model=hf", "model.name_or_path=x"],
+                           tiny=False)
+    assert paper.estimator.optim.optimizer._target_ == "torch.optim.RMSprop"
+    assert (paper.estimator.optim.lr, paper.estimator.max_steps) == (5e-7, paper.train.max_steps)
+
+
+def test_oracle_scores_are_the_true_rewards_with_zero_on_eos(task_data):
+    _, _, rows, examples = task_data
+    truth = true_token_rewards(rows, examples, "rejected")
+    lengths = [len(m) for m in weighted_token_masks(examples, "rejected", None)]
+    scores = oracle_scores(truth, lengths)
+    for s, t in zip(scores, truth):
+        assert len(s) == len(t) + 1 and s[-1] == 0
+        torch.testing.assert_close(s[:-1], torch.tensor(t, dtype=torch.float32))
+    assert oracle_scores([[1.0, 2.0, 3.0]], [2])[0].tolist() == [1.0, 2.0]  # truncated response

@@ -1,8 +1,15 @@
 """Token-weight stage: estimator models -> per-token scores -> transform -> weights on the examples.
 
-Offline estimators (prompt, sft_pair, dpo_pair, random, uniform) attach ``chosen_weights`` /
-``rejected_weights`` (aligned with ``*_input_ids``, 1.0 on prompt positions) to every tokenised
-training example. The estimator models and the scores are cached artifacts; the transform is
+Offline estimators (prompt, sft_pair, dpo_pair, oracle, random, uniform) attach ``chosen_weights`` /
+``rejected_weights`` (aligned with ``*_input_ids``) to every tokenised training example. As the
+authors' released code, prompt positions and the final EOS get weight 0 (``estimator.weight_eos``:
+true estimates EOS like any token); the transform ranks/rescales the other response tokens only.
+
+Diagnostics, on the weights the loss sees: ``weights/mean_{side}`` and ``weights/std_{side}`` over
+the response tokens that carry weight, ``weights/bound_fraction`` (share of those at a transform
+bound), ``weights/spearman_{side}`` / ``weights/auroc_{side}`` of the final weights signed as the
+loss uses them (chosen w − 1, rejected 1 − w) against the true token rewards; the raw scores'
+versions under ``weights/raw/``. The estimator models and the scores are cached artifacts; the transform is
 cheap and recomputed, so a sweep over transforms reuses the scores. The gradient estimator
 (TI-DPO) is online: it returns a hook the training step calls instead.
 """
@@ -25,10 +32,11 @@ from tisdpo.pipeline.data_stage import PreparedData
 from tisdpo.pipeline.estimator_models import train_pair
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.models import initial_model_identity, stage_device
-from tisdpo.weights.estimators import PAIR_ESTIMATORS, contrast_scores, contrastive_rows, response_lengths
+from tisdpo.weights.estimators import (PAIR_ESTIMATORS, contrast_scores, contrastive_rows, oracle_scores,
+                                      response_lengths, weighted_token_masks)
 from tisdpo.weights.gradient import GradientWeights
 from tisdpo.weights.scoring import response_logps
-from tisdpo.weights.transforms import TRANSFORMS
+from tisdpo.weights.transforms import TRANSFORMS, at_bound
 from tisdpo.weights.views import write_weight_views
 
 log = logging.getLogger(__name__)
@@ -52,35 +60,68 @@ def tokenization_key(cfg: DictConfig) -> dict[str, Any]:
     return {k: cfg.dataset.get(k) for k in keys}
 
 
-def apply_transform(scores: list[torch.Tensor], side: str, transform_cfg: DictConfig) -> list[torch.Tensor]:
+def _transform_params(transform_cfg: DictConfig) -> tuple[str, dict]:
     name = transform_cfg.name
     if name not in TRANSFORMS:
         raise ValueError(f"estimator.transform.name={name!r} is not one of {sorted(TRANSFORMS)}")
-    params = OmegaConf.to_container(transform_cfg.get(name) or {}, resolve=True)
+    return name, OmegaConf.to_container(transform_cfg.get(name) or {}, resolve=True)
+
+
+def apply_transform(scores: list[torch.Tensor], side: str, transform_cfg: DictConfig,
+                    masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Weights from scores, one response at a time; tokens outside ``masks`` (the EOS) get 0."""
+    name, params = _transform_params(transform_cfg)
     fn = TRANSFORMS[name]
-    return [fn(r, sign=SIGN[side], **params) if len(r) else r for r in scores]
+    masks = masks if masks is not None else [None] * len(scores)
+    return [fn(r, m, sign=SIGN[side], **params) if len(r) else r for r, m in zip(scores, masks)]
+
+
+def bound_fraction(scores: dict[str, list[torch.Tensor]], masks: dict[str, list[torch.Tensor]],
+                   transform_cfg: DictConfig) -> float:
+    """Share of the weighted response tokens (both sides) whose weight sits at a transform bound."""
+    name, params = _transform_params(transform_cfg)
+    hits = total = 0
+    for side in SIDES:
+        for r, m in zip(scores[side], masks[side]):
+            if len(r):
+                hits += int(at_bound(r, m, name=name, sign=SIGN[side], **params).sum())
+                total += int(m.sum())
+    return hits / total if total else 0.0
 
 
 def attach_weights(examples: list[dict], weights: dict[str, list[torch.Tensor]]) -> list[dict]:
-    """Copies of the examples with per-position weights (1.0 on prompt positions)."""
+    """Copies of the examples with per-position weights: 0 on prompt positions (as the released
+    code; the losses mask the prompt out anyway), the response weights after them."""
     out = []
     for i, example in enumerate(examples):
         example = dict(example)
         for side in SIDES:
             w = iter(weights[side][i].tolist())
-            example[f"{side}_weights"] = [1.0 if label == IGNORE_INDEX else next(w) for label in example[f"{side}_labels"]]
+            example[f"{side}_weights"] = [0.0 if label == IGNORE_INDEX else next(w) for label in example[f"{side}_labels"]]
         out.append(example)
     return out
 
 
-def weight_summary(weights: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+def weight_summary(weights: dict[str, list[torch.Tensor]],
+                   masks: dict[str, list[torch.Tensor]] | None = None) -> dict[str, float]:
+    """Mean and std of the weights over the response tokens that carry weight (``masks``; all
+    response tokens when None), per side."""
     metrics = {}
     for side in SIDES:
-        flat = torch.cat([w for w in weights[side] if len(w)]) if weights[side] else torch.zeros(0)
+        side_masks = masks[side] if masks is not None else [torch.ones(len(w), dtype=torch.bool) for w in weights[side]]
+        kept = [w[m] for w, m in zip(weights[side], side_masks) if len(w)]
+        flat = torch.cat(kept) if kept else torch.zeros(0)
         if len(flat):
             metrics[f"weights/mean_{side}"] = float(flat.mean())
             metrics[f"weights/std_{side}"] = float(flat.std()) if len(flat) > 1 else 0.0
     return metrics
+
+
+def signed_weights(weights: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """The weights as the loss uses them, oriented so that larger = better token: chosen w − 1
+    (up-weighting a chosen token pushes it up), rejected 1 − w (up-weighting a rejected token
+    pushes it down). Spearman/AUROC of these against the true token rewards."""
+    return {side: [SIGN[side] * (w - 1.0) for w in weights[side]] for side in SIDES}
 
 
 def weights_stage(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cache: ArtifactCache,
@@ -91,29 +132,46 @@ def weights_stage(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cac
     if name == "gradient":
         return gradient_weighting(cfg, data, train_examples)
 
+    est = cfg.estimator
     lengths = {side: response_lengths(train_examples, side) for side in SIDES}
+    masks = {side: weighted_token_masks(train_examples, side, data.tokenizer.eos_token_id,
+                                        weight_eos=bool(est.get("weight_eos", False))) for side in SIDES}
     scores = None
     if name == "uniform":
-        weights = {side: [torch.ones(n) for n in lengths[side]] for side in SIDES}
+        weights = {side: [m.float() for m in masks[side]] for side in SIDES}
     elif name == "random":
         generator = torch.Generator().manual_seed(cfg.seed)
-        low, high = float(cfg.estimator.low), float(cfg.estimator.high)
-        weights = {side: [low + (high - low) * torch.rand(n, generator=generator) for n in lengths[side]] for side in SIDES}
+        low, high = float(est.low), float(est.high)
+        weights = {side: [(low + (high - low) * torch.rand(n, generator=generator)) * m
+                          for n, m in zip(lengths[side], masks[side])] for side in SIDES}
     else:
-        scores = estimator_scores(cfg, data, sft_dir, cache, train_examples)
-        weights = {side: apply_transform(scores[side], side, cfg.estimator.transform) for side in SIDES}
+        scores = oracle_weight_scores(data, train_examples, lengths) if name == "oracle" else \
+            estimator_scores(cfg, data, sft_dir, cache, train_examples)
+        weights = {side: apply_transform(scores[side], side, est.transform, masks[side]) for side in SIDES}
 
-    metrics = weight_summary(weights)
-    # Weight quality against the true token rewards: the estimator's raw scores when it has
-    # them; for random/uniform the weights themselves (signed by side, as the loss sees them).
-    signed = scores or {side: [SIGN[side] * (w - 1.0) for w in weights[side]] for side in SIDES}
-    metrics.update(quality_metrics(data.train_rows, train_examples, signed))
+    metrics = weight_summary(weights, masks)
+    metrics["weights/bound_fraction"] = bound_fraction(scores, masks, est.transform) if scores is not None else 0.0
+    # Weight quality against the true token rewards, on the weights the loss sees; the estimator's
+    # raw scores (before the transform) under weights/raw/.
+    metrics.update(quality_metrics(data.train_rows, train_examples, signed_weights(weights)))
+    if scores is not None:
+        metrics.update(quality_metrics(data.train_rows, train_examples, scores, prefix="weights/raw"))
     for key, value in metrics.items():
         log.info("%s = %.4f", key, value)
 
     write_weight_views(output_dir, data.tokenizer, train_examples, weights, scores,
                        true_rewards={s: true_token_rewards(data.train_rows, train_examples, s) for s in SIDES})
     return TokenWeighting(attach_weights(train_examples, weights), metrics)
+
+
+def oracle_weight_scores(data: PreparedData, train_examples: list[dict],
+                         lengths: dict[str, list[int]]) -> dict[str, list[torch.Tensor]]:
+    """estimator=oracle: the built-in task's true token rewards as the scores (refuses on real data)."""
+    truth = {side: true_token_rewards(data.train_rows, train_examples, side) for side in SIDES}
+    if data.task is None or any(t is None for t in truth.values()):
+        raise ValueError("estimator=oracle needs true token rewards, which only the built-in task has "
+                         "(dataset=synthetic or a synthetic_* variant); use prompt, sft_pair or dpo_pair on real data")
+    return {side: oracle_scores(truth[side], lengths[side]) for side in SIDES}
 
 
 def gradient_weighting(cfg: DictConfig, data: PreparedData, train_examples: list[dict]) -> TokenWeighting:
@@ -137,7 +195,7 @@ def estimator_scores(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, 
     if est.name in PAIR_ESTIMATORS:
         models_key = {
             "estimator": {k: v for k, v in OmegaConf.to_container(est, resolve=True).items()
-                          if k not in ("transform", "score_batch_size")},
+                          if k not in ("transform", "score_batch_size", "weight_eos")},
             "upstream": upstream, "data": data.fingerprint, "tokenization": tokenization_key(cfg),
             "trainer": {"precision": cfg.trainer.get("precision")}, "seed": cfg.seed,
         }

@@ -1,8 +1,8 @@
 """Token weights: score transforms and TI-DPO prior/mixing (estimators live alongside)."""
 from .prior import gaussian_prior, mix_importance, random_weights, uniform_weights
-from .transforms import TRANSFORMS, clamp_linear, exp_clamp, rank_linear
+from .transforms import TRANSFORMS, at_bound, clamp_linear, exp_clamp, rank_linear
 
 __all__ = [
-    "TRANSFORMS", "exp_clamp", "rank_linear", "clamp_linear",
+    "TRANSFORMS", "at_bound", "exp_clamp", "rank_linear", "clamp_linear",
     "gaussian_prior", "mix_importance", "uniform_weights", "random_weights",
 ]

@@ -5,6 +5,11 @@ shape (None = all valid) and the response side: sign=+1 for chosen, −1 for rej
 token that π⁺ prefers (r > 0) and a rejected token that π⁻ prefers (r < 0) both weigh more.
 Masked positions get weight 0: a padding token carries no weight, so summing w over a row
 (or averaging over valid tokens) needs no extra masking; the losses multiply by the mask anyway.
+
+Default (conf/estimator/_transform.yaml): rank_linear in [0.7, 1.3], the transform of the
+authors' released code (README step 3, ``transform.method=rank_based``); exp_clamp is the
+paper's formula (which publishes no L, U and saturates at k = μ = 1, ±0.5). ``at_bound`` says
+which tokens sit at a transform's bound (the ``weights/bound_fraction`` diagnostic).
 """
 from __future__ import annotations
 
@@ -61,14 +66,35 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     return (less + less_equal - 1).to(x.dtype) / 2  # mean of ranks less .. less_equal-1
 
 
-def rank_linear(scores, mask=None, *, sign: int, low: float = 0.7, high: float = 1.3):
-    """Rank transform (authors' released code): rank sign·r per response, map to [low, high].
+def _ordinal_ranks(x: torch.Tensor) -> torch.Tensor:
+    """0-based ranks of a 1-D tensor, ties broken by position (the earlier token ranks lower):
+    what the released code's ``sorted(range(n), key=lambda k: nums[k])`` (a stable sort) gives."""
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(x.numel(), device=x.device)
+    return ranks.to(x.dtype)
+
+
+RANK_TIES = {"ordinal": _ordinal_ranks, "average": _average_ranks}
+
+
+def rank_linear(scores, mask=None, *, sign: int, low: float = 0.7, high: float = 1.3,
+                ties: str = "ordinal"):
+    """Rank transform (the authors' released code, ``rank_based_transform``): rank sign·r within
+    each response, map the ranks linearly onto [low, high].
 
         w_t = low + (high − low) · rank_t / (n − 1),   rank_t ∈ {0..n−1} among the n valid tokens
 
-    Ties get their average rank; a 1-token response gets (low + high)/2. The token with the
-    largest sign·r gets `high`. Rank-based, so invariant to the scale of the scores.
+    The token with the largest sign·r gets `high`, the smallest `low`; the ranks are evenly spaced,
+    so the mean weight of every response is exactly (low + high)/2 (= 1 for [0.7, 1.3]) whatever
+    the scores: no rescaling of β, the two sides stay symmetric. Invariant to the scale of the
+    scores. A 1-token response gets (low + high)/2. ``ties``: "ordinal" (released code: a stable
+    sort, the earlier token ranks lower) or "average" (tied tokens share their mean rank; the
+    mean stays (low + high)/2).
     """
+    if ties not in RANK_TIES:
+        raise ValueError(f"estimator.transform.rank_linear.ties={ties!r} is not one of {sorted(RANK_TIES)}")
+    rank = RANK_TIES[ties]
     r, m, was_1d = _prepare(scores, mask, sign)
     w = torch.zeros_like(r)
     for b in range(r.shape[0]):  # ranks are per response; a loop keeps memory at T² per row
@@ -77,7 +103,7 @@ def rank_linear(scores, mask=None, *, sign: int, low: float = 0.7, high: float =
         if n == 1:
             w[b][m[b]] = (low + high) / 2
         elif n > 1:
-            w[b][m[b]] = low + (high - low) * _average_ranks(x) / (n - 1)
+            w[b][m[b]] = low + (high - low) * rank(x) / (n - 1)
     return _finish(w, m, was_1d)
 
 
@@ -97,3 +123,31 @@ def clamp_linear(scores, mask=None, *, sign: int, bound: float = 1.5, low: float
 
 
 TRANSFORMS = {"exp_clamp": exp_clamp, "rank_linear": rank_linear, "clamp_linear": clamp_linear}
+
+
+def at_bound(scores, mask=None, *, name: str, sign: int, **params) -> torch.Tensor:
+    """Bool mask of the valid tokens whose weight sits at a bound of transform ``name`` (same
+    arguments as the transform): where the transform stops telling tokens apart.
+
+        exp_clamp:    r_t ≤ L or r_t ≥ U                (the clamp is active)
+        clamp_linear: |sign · r_t| ≥ bound              (the clamp is active)
+        rank_linear:  w_t = low or w_t = high           (the lowest / highest rank of its response;
+                                                          2 of n tokens, fewer with tied extremes)
+
+    A saturating transform (most tokens at a bound) turns the weights into a binary signal.
+    """
+    if name not in TRANSFORMS:
+        raise ValueError(f"estimator.transform.name={name!r} is not one of {sorted(TRANSFORMS)}")
+    r, m, was_1d = _prepare(scores, mask, sign)
+    if name == "exp_clamp":
+        hit = (r <= params.get("lower", -0.5)) | (r >= params.get("upper", 0.5))
+    elif name == "clamp_linear":
+        hit = (sign * r).abs() >= params.get("bound", 1.5)
+    else:
+        w = rank_linear(r, m, sign=sign, **params)
+        low, high = params.get("low", 0.7), params.get("high", 1.3)
+        one = m.sum(-1, keepdim=True) == 1  # a 1-token response sits at the middle, not a bound
+        hit = ((w - low).abs() < 1e-6) | ((w - high).abs() < 1e-6)
+        hit = hit & ~one
+    hit = hit & m
+    return hit[0] if was_1d else hit
