@@ -20,6 +20,7 @@ from tisdpo.pipeline.cache import RESUME_SUBDIR
 from tisdpo.pipeline.checkpoints import stage_every_n_steps
 from tisdpo.pipeline.fit import fit_stage
 from tisdpo.pipeline.loaders import preference_loader, tokenize_sft
+from tisdpo.pipeline.loggers import RUN_RECORD, stage_logger, stage_run_name
 from tisdpo.pipeline.models import frozen_dtype, initial_model, master_dtype
 from tisdpo.pipeline.sft_stage import train_sft
 
@@ -36,7 +37,7 @@ def swap_pair(example: dict) -> dict:
 
 
 def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], tokenizer, *, seed: int,
-                    checkpoint_dir: Path | None = None):
+                    checkpoint_dir: Path | None = None, run_name: str = "estimator", record: Path | None = None):
     """A DPO model trained from ``init_dir`` on ``examples`` with the estimator's settings
     (checkpointed in, and resumed from, ``checkpoint_dir`` when given)."""
     est = cfg.estimator
@@ -48,19 +49,20 @@ def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], token
                               logits_chunk_size=int(cfg.train.logits_chunk_size))
     loader = preference_loader(examples, tokenizer, int(est.batch_size), shuffle=True, seed=seed)
     fit_stage(cfg.trainer, module, loader, max_steps=int(est.max_steps), checkpoint_dir=checkpoint_dir,
-              checkpoint_every=stage_every_n_steps(cfg))
+              checkpoint_every=stage_every_n_steps(cfg),
+              logger=stage_logger(cfg, "estimator", run_name, record=record))
     return policy
 
 
 def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed: int,
-                    checkpoint_dir: Path | None = None):
+                    checkpoint_dir: Path | None = None, run_name: str = "estimator", record: Path | None = None):
     """An SFT model trained from ``init`` on {prompt, response} rows with the estimator's settings."""
     est = cfg.estimator
     sft_cfg = OmegaConf.merge(cfg, {"sft": {"optim": OmegaConf.to_container(est.optim, resolve=True),
                                             "batch_size": int(est.batch_size)}})
     examples = tokenize_sft(rows, tokenizer, cfg.dataset, int(cfg.sft.max_length))
     return train_sft(init, examples, tokenizer, sft_cfg, max_steps=int(est.max_steps), seed=seed,
-                     checkpoint_dir=checkpoint_dir)
+                     checkpoint_dir=checkpoint_dir, job_type="estimator", run_name=run_name, record=record)
 
 
 def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: list[dict],
@@ -71,14 +73,19 @@ def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: 
     marked done once saved, so a killed build resumes where it stopped (pi+ is not trained again)."""
     name = cfg.estimator.name
     work = out / RESUME_SUBDIR
+
+    def stage_run(side: str) -> dict:  # each model's W&B run, named in the artifact's wandb_run.json
+        return {"run_name": stage_run_name("estimator", out, side), "record": out / RUN_RECORD}
+
     if name == "dpo_pair":
         if sft_dir is None:
             raise ValueError("estimator=dpo_pair starts from an SFT model: the SFT stage was skipped and no checkpoint is on disk")
         trainers = {
             "positive": lambda: train_dpo_model(cfg, sft_dir, train_examples, tokenizer, seed=cfg.seed,
-                                                checkpoint_dir=work / "positive"),
+                                                checkpoint_dir=work / "positive", **stage_run("positive")),
             "negative": lambda: train_dpo_model(cfg, sft_dir, [swap_pair(e) for e in train_examples], tokenizer,
-                                                seed=cfg.seed + 1, checkpoint_dir=work / "negative"),
+                                                seed=cfg.seed + 1, checkpoint_dir=work / "negative",
+                                                **stage_run("negative")),
         }
     elif name == "sft_pair":
         start_dir = sft_dir if cfg.estimator.init == "sft" else None  # init=base: from the base model
@@ -86,7 +93,7 @@ def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: 
         def sft_side(side: str, key: str, offset: int):
             rows = [{"prompt": r["prompt"], "response": r[key]} for r in train_rows]
             return lambda: train_sft_model(cfg, initial_model(cfg, start_dir, tokenizer), rows, tokenizer,
-                                           seed=cfg.seed + offset, checkpoint_dir=work / side)
+                                           seed=cfg.seed + offset, checkpoint_dir=work / side, **stage_run(side))
 
         trainers = {side: sft_side(side, key, offset)
                     for side, key, offset in (("positive", "chosen", 0), ("negative", "rejected", 1))}

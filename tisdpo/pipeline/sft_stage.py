@@ -8,27 +8,31 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.modules.sft import SFTModule
-from tisdpo.pipeline.cache import RESUME_SUBDIR, ArtifactCache
+from tisdpo.pipeline.cache import RESUME_SUBDIR, ArtifactCache, stable_hash
 from tisdpo.pipeline.checkpoints import stage_every_n_steps
 from tisdpo.pipeline.data_stage import PreparedData, rows_fingerprint
 from tisdpo.pipeline.fit import fit_stage
 from tisdpo.pipeline.loaders import sft_loader, tokenize_sft
+from tisdpo.pipeline.loggers import RUN_RECORD, stage_logger
 from tisdpo.pipeline.models import base_model, base_model_identity, stage_device
 
 log = logging.getLogger(__name__)
 
 
 def train_sft(model, examples, tokenizer, cfg: DictConfig, *, max_steps: int, seed: int,
-              checkpoint_dir: Path | None = None):
+              checkpoint_dir: Path | None = None, job_type: str = "sft", run_name: str | None = None,
+              record: Path | None = None):
     """Plain next-token SFT with the ``sft.optim`` settings; returns the trained model (in place).
 
     With ``checkpoint_dir`` (inside an artifact's build dir) it checkpoints there and resumes from
-    what a killed earlier attempt left."""
+    what a killed earlier attempt left. Its curves go to their own W&B run (``job_type``, ``run_name``;
+    ``record``: the artifact's wandb_run.json naming that run), see ``loggers.stage_logger``."""
     L.seed_everything(seed, workers=True, verbose=False)
     module = SFTModule(model, cfg.sft.optim, total_steps=max_steps)
     loader = sft_loader(examples, tokenizer, int(cfg.sft.batch_size), shuffle=True, seed=seed)
     fit_stage(cfg.trainer, module, loader, max_steps=max_steps, checkpoint_dir=checkpoint_dir,
-              checkpoint_every=stage_every_n_steps(cfg))
+              checkpoint_every=stage_every_n_steps(cfg),
+              logger=stage_logger(cfg, job_type, run_name or job_type, record=record))
     return model
 
 
@@ -51,7 +55,8 @@ def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path
         model = base_model(cfg, data.tokenizer)
         examples = tokenize_sft(data.sft_rows, data.tokenizer, cfg.dataset, int(cfg.sft.max_length))
         train_sft(model, examples, data.tokenizer, cfg, max_steps=int(cfg.sft.max_steps), seed=cfg.seed,
-                  checkpoint_dir=out / RESUME_SUBDIR / "sft")
+                  checkpoint_dir=out / RESUME_SUBDIR / "sft", run_name=f"sft-{stable_hash(key_fields)}",
+                  record=out / RUN_RECORD)
         model.save_pretrained(out)
         data.tokenizer.save_pretrained(out)
 
