@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -72,8 +72,12 @@ def _chat_texts(tokenizer, conversations: list[list[dict[str, str]]]) -> list[st
 
 
 def evaluate_with_judges(eval_cfg: DictConfig, policy, tokenizer, prompts: list[str], seed: int,
-                         output_dir: Path, references: Sequence[str] | None = None) -> dict[str, Any]:
+                         output_dir: Path, references: Sequence[str] | None = None,
+                         format_prompt: Callable[[str], str] | None = None) -> dict[str, Any]:
     """Flat metrics of ``policy`` under every judge of ``eval_cfg``; writes ``samples.json``.
+
+    ``format_prompt``: how the policy saw prompts in training (``dataset.prompt_template``); the
+    policy samples from formatted prompts, the judges read the plain ones.
 
     ``references``: the test set's reference responses, aligned with ``prompts`` (used when
     ``eval.baseline_from=dataset``).
@@ -88,7 +92,8 @@ def evaluate_with_judges(eval_cfg: DictConfig, policy, tokenizer, prompts: list[
     metrics: dict[str, Any] = {}
     samples: list[dict[str, Any]] = []
     for temperature, suffixes in temperature_suffixes(temperatures).items():
-        ids = sample_responses(policy, tokenizer, prompts, temperature=temperature, top_p=eval_cfg.get("top_p"),
+        policy_prompts = [format_prompt(p) for p in prompts] if format_prompt else prompts
+        ids = sample_responses(policy, tokenizer, policy_prompts, temperature=temperature, top_p=eval_cfg.get("top_p"),
                                max_new_tokens=int(eval_cfg.max_new_tokens), batch_size=int(eval_cfg.batch_size), seed=seed)
         responses = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
         samples += [{"prompt": p, "response": r, "temperature": temperature} for p, r in zip(prompts, responses)]

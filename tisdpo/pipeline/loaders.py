@@ -21,9 +21,22 @@ from tisdpo.data.tokenize import tokenize_dataset, tokenize_sft_example
 log = logging.getLogger(__name__)
 
 
+def format_prompt(prompt: str, dataset_cfg: DictConfig) -> str:
+    """The prompt as the model sees it: ``dataset.prompt_template`` (e.g. the released code's
+    ``"\n\nHuman: {prompt}\n\nAssistant:"``) applied, or as given when the template is null."""
+    template = dataset_cfg.get("prompt_template")
+    return template.format(prompt=prompt) if template else prompt
+
+
+def _formatted(rows: list[dict], dataset_cfg: DictConfig) -> list[dict]:
+    if not dataset_cfg.get("prompt_template"):
+        return rows
+    return [{**row, "prompt": format_prompt(row["prompt"], dataset_cfg)} for row in rows]
+
+
 def tokenize_pairs(rows: list[dict], tokenizer, dataset_cfg: DictConfig, what: str) -> tuple[list[dict], dict]:
     examples, drops = tokenize_dataset(
-        rows, tokenizer,
+        _formatted(rows, dataset_cfg), tokenizer,
         max_length=int(dataset_cfg.max_length),
         max_prompt_length=int(dataset_cfg.max_prompt_length),
         truncation_mode=str(dataset_cfg.truncation_mode),
@@ -35,7 +48,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, dataset_cfg: DictConfig, what: s
 
 def tokenize_sft(rows: list[dict], tokenizer, dataset_cfg: DictConfig, max_length: int) -> list[dict]:
     examples = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(_formatted(rows, dataset_cfg)):
         example = tokenize_sft_example(
             row["prompt"], row["response"], tokenizer, max_length=max_length,
             max_prompt_length=int(dataset_cfg.max_prompt_length),

@@ -224,6 +224,9 @@ def _check_dataset(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.label_noise={ds.label_noise} must be a share in [0, 1]")
     if ds.get("truncation_mode") not in ("keep_end", "keep_start"):
         raise ConfigError(f"dataset.truncation_mode={ds.get('truncation_mode')!r} is not one of keep_end, keep_start")
+    template = ds.get("prompt_template")
+    if template is not None and (not isinstance(template, str) or "{prompt}" not in template):
+        raise ConfigError(f"dataset.prompt_template={template!r} must be a string holding '{{prompt}}' (or null: the prompt as given)")
     for option in ("limit", "test_limit"):
         _check(cfg, f"dataset.{option}", low=1, integer=True, nullable=True, note="null: every row")
     for option in ("n_sft", "n_train_pairs", "n_test_pairs"):

@@ -1,0 +1,34 @@
+"""dataset.prompt_template: the released code's "\\n\\nHuman: {prompt}\\n\\nAssistant:" format for base models."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import SHARED_DATA, compose_config
+from tisdpo.models.loading import load_tokenizer
+from tisdpo.pipeline.loaders import format_prompt, tokenize_pairs, tokenize_sft
+from tisdpo.pipeline.validate import ConfigError, validate_config
+
+ROWS = [{"prompt": "How do I bake bread?", "chosen": "Knead, rest, bake.", "rejected": "No idea."}]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gpt2_tokenizer").is_dir(), reason="../shared/data is absent")
+def test_the_template_wraps_every_prompt_the_model_sees():
+    tokenizer = load_tokenizer(str(SHARED_DATA / "gpt2_tokenizer"))
+    cfg = compose_config(["dataset=pku_saferlhf", "dataset.prompt_template='\n\nHuman: {prompt}\n\nAssistant:'",
+                          f"model.tokenizer={SHARED_DATA / 'gpt2_tokenizer'}"])
+    assert format_prompt("hi", cfg.dataset) == "\n\nHuman: hi\n\nAssistant:"
+    [example], _ = tokenize_pairs(ROWS, tokenizer, cfg.dataset, "train")
+    assert tokenizer.decode(example["prompt_input_ids"]) == "\n\nHuman: How do I bake bread?\n\nAssistant:"
+    [sft] = tokenize_sft([{"prompt": ROWS[0]["prompt"], "response": ROWS[0]["chosen"]}], tokenizer, cfg.dataset, 64)
+    assert tokenizer.decode(sft["input_ids"]).startswith("\n\nHuman: How do I bake bread?\n\nAssistant:")
+
+
+def test_paper_scale_uses_the_released_format_and_tiny_scale_the_raw_prompt():
+    paper = compose_config(["experiment=tisdpo_pku_main", "scale=paper"], tiny=False)
+    assert paper.dataset.prompt_template == "\n\nHuman: {prompt}\n\nAssistant:"
+    assert compose_config(["experiment=tisdpo_pku_main"], tiny=False).dataset.prompt_template is None
+
+
+def test_a_template_without_the_prompt_is_refused():
+    with pytest.raises(ConfigError, match="dataset.prompt_template"):
+        validate_config(compose_config(["dataset.prompt_template='Human:'"]))
