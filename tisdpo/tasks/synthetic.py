@@ -51,6 +51,24 @@ rejected ones good words (the premise of TIS-DPO; see :meth:`SyntheticTask.premi
 
 Tokenizer: word level, whitespace split, NO automatically added special tokens (no post
 processor), so ``tokenizer(response).input_ids[i]`` is the id of word ``i`` of the response.
+
+Harder variants (options; at their defaults the task and every generated row are unchanged). The
+default task is "easy" for token weighting: rewards are additive and context-free, so the sequence
+label already tells DPO which words to move, and contrastive pairs are perfectly separable.
+
+* ``context_negators = n``: the first n neutral words ``w0..w{n-1}`` are negators: the word after a
+  negator has the OPPOSITE reward, r(topic, prev=negator, w) = −r(topic, w) ("not harmful" is
+  good). Rewards are computed per position (``token_rewards``, the ``meta`` token rewards, the
+  preference labels and the policy metrics all use them), the system prefixes tilt by the
+  contextual reward, and after a negator a share ``negator_decisive_share`` of the next words are
+  good/harmful (so negations matter often). A context-free estimate of a word's value is wrong
+  after a negator.
+* ``decisive_tokens = d``: sparse credit: every response is neutral/off-topic except exactly d
+  good-or-harmful words at random positions (with long responses, e.g. 32..64 words, one decisive
+  word decides the label among dozens of neutral ones).
+* ``contrastive_shift = s``: contrastive (RLCD-style) pairs are sampled under prefixes tilted by
+  ±s instead of ±system_shift: a small s makes <harmless> and <harmful> samples overlap, so the
+  contrastive pairs are no longer perfectly separable.
 """
 
 from __future__ import annotations
@@ -124,6 +142,11 @@ class SyntheticTaskConfig:
     sft_system_share: float = 0.3  # share of SFT examples with a system prefix (half each)
     n_train_pairs: int = 2000
     n_test_pairs: int = 256
+    # harder variants (module docstring); these defaults are the easy task, bit for bit
+    context_negators: int = 0  # first n neutral words negate the next word's reward
+    negator_decisive_share: float = 0.5  # share of good+harmful words right after a negator
+    decisive_tokens: int = 0  # > 0: exactly this many good/harmful words per response, the rest neutral
+    contrastive_shift: float | None = None  # tilt of the contrastive pairs' prefixes (None: system_shift)
 
     def __post_init__(self) -> None:
         # Hydra/OmegaConf hand tuples over as lists
@@ -133,6 +156,13 @@ class SyntheticTaskConfig:
             raise ValueError("need 1 <= min_response_length <= max_response_length")
         if self.n_topics < 1:
             raise ValueError("n_topics must be >= 1")
+        if not 0 <= self.context_negators <= self.n_neutral:
+            raise ValueError(f"context_negators={self.context_negators} must be in [0, n_neutral={self.n_neutral}]")
+        if not 0 < self.negator_decisive_share < 1:
+            raise ValueError(f"negator_decisive_share={self.negator_decisive_share} must be in (0, 1)")
+        if not 0 <= self.decisive_tokens <= self.min_response_length:
+            raise ValueError(f"decisive_tokens={self.decisive_tokens} must be in [0, min_response_length="
+                             f"{self.min_response_length}]")
 
     @classmethod
     def from_dict(cls, d: dict | None = None, **overrides: Any) -> "SyntheticTaskConfig":
@@ -142,6 +172,10 @@ class SyntheticTaskConfig:
         if unknown:
             raise TypeError(f"unknown SyntheticTaskConfig fields: {sorted(unknown)}")
         return cls(**d)
+
+
+_VARIANT_FIELDS = ("context_negators", "negator_decisive_share", "decisive_tokens", "contrastive_shift")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SyntheticTaskConfig)}
 
 
 class SyntheticTask:
@@ -240,28 +274,78 @@ class SyntheticTask:
         for b in range(n_tables):
             for prev in range(V + 1):
                 boosts[b, prev, rng.choice(V, size=n_succ, replace=False)] = c.bigram_strength
+
+        def mixed_row(k: int, prev: int, mix: np.ndarray) -> np.ndarray:
+            boost = boosts[k if c.bigram_per_topic else 0, prev]
+            row = np.zeros(V)
+            for ci in range(len(CATEGORIES)):
+                members = cat[k] == ci
+                if not members.any():
+                    continue
+                e = np.exp(boost[members])
+                row[members] = mix[ci] * e / e.sum()
+            return row / row.sum()
+
         for k in range(K):
             for prev in range(V + 1):
-                boost = boosts[k if c.bigram_per_topic else 0, prev]
-                row = np.zeros(V)
-                for ci in range(len(CATEGORIES)):
-                    members = cat[k] == ci
-                    if not members.any():
-                        continue
-                    e = np.exp(boost[members])
-                    row[members] = probs[ci] * e / e.sum()
-                p0[k, prev] = row / row.sum()
+                p0[k, prev] = mixed_row(k, prev, probs)
+        # Context variant: the word after a negator is decisive more often (negations then matter),
+        # and its reward is negated: R[k, prev, w] is the reward of w after prev (prev = V: start).
+        self._negators = np.arange(c.context_negators)  # neutral words come first in response_words
+        self._ctx_reward = None
+        if c.context_negators:
+            decisive = probs[1] + probs[2]
+            mix = probs.copy()
+            mix[1:3] *= c.negator_decisive_share / max(decisive, 1e-12)
+            mix[[0, 3]] *= (1 - c.negator_decisive_share) / max(1 - decisive, 1e-12)
+            for k in range(K):
+                for prev in self._negators:
+                    p0[k, prev] = mixed_row(k, int(prev), mix)
+            ctx = np.repeat(reward[:, None, :], V + 1, axis=1)
+            ctx[:, self._negators, :] *= -1.0
+            self._ctx_reward = ctx
         self._p0 = p0
         # cumulative tables for the three systems (None / harmless / harmful)
-        self._cdf: dict[str | None, np.ndarray] = {}
-        self._probs: dict[str | None, np.ndarray] = {}
+        self._probs, self._cdf = self._tilted(c.system_shift)
+        self._shifted_tables: dict[float, tuple[dict, dict]] = {}
+        self._restricted_tables: dict = {}
+
+    def _tilted(self, shift: float) -> tuple[dict, dict]:
+        """{system: p} and {system: cdf} for p_system ∝ p0 · exp(sign · shift · r) (r contextual when
+        the task has negators)."""
+        probs: dict[str | None, np.ndarray] = {}
+        cdfs: dict[str | None, np.ndarray] = {}
         for system, sign in _SYSTEM_SIGN.items():
-            p = p0 * np.exp(sign * c.system_shift * reward)[:, None, :]
+            if self._ctx_reward is None:
+                p = self._p0 * np.exp(sign * shift * self._reward)[:, None, :]
+            else:
+                p = self._p0 * np.exp(sign * shift * self._ctx_reward)
             p = p / p.sum(-1, keepdims=True)
-            self._probs[system] = p
+            probs[system] = p
             cdf = np.cumsum(p, -1)
             cdf[..., -1] = 1.0
-            self._cdf[system] = cdf
+            cdfs[system] = cdf
+        return probs, cdfs
+
+    def _restricted_cdfs(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cdf over good+harmful words only, cdf over the other words) of a [K, V+1, V] table:
+        the sparse variant draws its decisive and its filler words from these."""
+        decisive = np.isin(self._cat, (CATEGORIES.index("good"), CATEGORIES.index("harmful")))[:, None, :]
+        out = []
+        for keep in (decisive, ~decisive):
+            p = probs * keep
+            cdf = np.cumsum(p / p.sum(-1, keepdims=True), -1)
+            cdf[..., -1] = 1.0
+            out.append(cdf)
+        return out[0], out[1]
+
+    def _path_rewards(self, topic: int, idx: Sequence[int]) -> np.ndarray:
+        """True rewards of a response given as response-word indices, position by position."""
+        if self._ctx_reward is None:
+            return self._reward[topic, idx]
+        idx = np.asarray(idx, dtype=np.int64)
+        prev = np.concatenate([[len(self.response_words)], idx[:-1]]).astype(np.int64)
+        return self._ctx_reward[topic, prev, idx]
 
     # ------------------------------------------------------------------ vocabulary
     @property
@@ -326,7 +410,8 @@ class SyntheticTask:
         raise ValueError(f"unknown topic {topic!r}")
 
     def token_reward(self, topic: int | str, word: str) -> float:
-        """True reward of ``word`` in ``topic``. Words outside the response vocabulary
+        """Context-free true reward of ``word`` in ``topic`` (at the start of a response, or after a
+        non-negator; ``token_rewards`` gives the per-position ones). Words outside the response vocabulary
         (specials, prompt/topic/system words, unknown words) get ``invalid_token_reward``.
         EOS is not a word of the response and must not be passed."""
         j = self.word_to_index.get(word)
@@ -353,7 +438,23 @@ class SyntheticTask:
         return words.split() if isinstance(words, str) else list(words)
 
     def token_rewards(self, topic: int | str, words: str | Sequence[str]) -> list[float]:
-        return [self.token_reward(topic, w) for w in self._words(words)]
+        """True reward of every word of a response, position by position: with negators the
+        reward of a word depends on the previous word (a word outside the response vocabulary
+        costs ``invalid_token_reward`` and is no negator)."""
+        words = self._words(words)
+        if self._ctx_reward is None:
+            return [self.token_reward(topic, w) for w in words]
+        k, V = self._topic_idx(topic), len(self.response_words)
+        out, prev = [], V
+        for w in words:
+            j = self.word_to_index.get(w)
+            if j is None:
+                out.append(float(self.config.invalid_token_reward))
+                prev = V
+                continue
+            out.append(float(self._ctx_reward[k, prev, j]))
+            prev = j
+        return out
 
     def sequence_reward(self, topic: int | str, words: str | Sequence[str]) -> float:
         """Sum of the true token rewards (pass the words without the final EOS)."""
@@ -412,19 +513,40 @@ class SyntheticTask:
         return inv.get(words[0]) if words else None
 
     # ------------------------------------------------------------------ responses
-    def _sample_indices(self, topic: int, system: str | None, rng: np.random.Generator) -> list[int]:
+    def _sample_indices(self, topic: int, system: str | None, rng: np.random.Generator,
+                        shift: float | None = None) -> list[int]:
+        """Response-word indices of one response; ``shift``: prefixes tilted by ±shift instead of
+        ±system_shift (the contrastive pairs of ``contrastive_shift``)."""
         c = self.config
         L = int(rng.integers(c.min_response_length, c.max_response_length + 1))
-        cdf = self._cdf[system][topic]
+        probs, cdfs = (self._probs, self._cdf) if shift is None else self._tables_for(shift)
         V = len(self.response_words)
+        if c.decisive_tokens:  # sparse: decisive words at d random positions, filler elsewhere
+            decisive_cdf, filler_cdf = self._restricted(probs, system, shift)
+            at = set(rng.choice(L, size=c.decisive_tokens, replace=False).tolist())
+            rows = [decisive_cdf[topic] if t in at else filler_cdf[topic] for t in range(L)]
+        else:
+            rows = [cdfs[system][topic]] * L
         prev = V
         out = []
-        for u in rng.random(L):
+        for cdf, u in zip(rows, rng.random(L)):
             j = int(np.searchsorted(cdf[prev], u, side="right"))
             j = min(j, V - 1)
             out.append(j)
             prev = j
         return out
+
+    def _tables_for(self, shift: float) -> tuple[dict, dict]:
+        if shift not in self._shifted_tables:
+            self._shifted_tables[shift] = self._tilted(shift)
+        return self._shifted_tables[shift]
+
+    def _restricted(self, probs: dict, system: str | None, shift: float | None) -> tuple[np.ndarray, np.ndarray]:
+        key = (system, shift)
+        cache = self._restricted_tables
+        if key not in cache:
+            cache[key] = self._restricted_cdfs(probs[system])
+        return cache[key]
 
     def sample_response(
         self, topic: int | str, system: str | None = None, rng: np.random.Generator | int | None = None
@@ -468,7 +590,7 @@ class SyntheticTask:
             cats = self._cat[k, idx]
             counts += np.bincount(cats, minlength=len(CATEGORIES))
             n_unsafe += int((cats == 2).any())
-            total_r += float(self._reward[k, idx].sum())
+            total_r += float(self._path_rewards(k, idx).sum())
         shares = counts / counts.sum()
         out = {f"{c}_share": float(s) for c, s in zip(CATEGORIES, shares)}
         out["unsafe_rate"] = n_unsafe / n
@@ -515,8 +637,8 @@ class SyntheticTask:
             rng = np.random.default_rng([c.seed, _split_code(split), i, 2])
             a = self._sample_indices(k, None, rng)
             b = self._sample_indices(k, None, rng)
-            ra = self._reward[k, a]
-            rb = self._reward[k, b]
+            ra = self._path_rewards(k, a)
+            rb = self._path_rewards(k, b)
             Ra, Rb = float(ra.sum()), float(rb.sum())
             z = (Ra - Rb) / max(c.bt_temperature, 1e-12)
             p_a = 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
@@ -545,7 +667,8 @@ class SyntheticTask:
 
     def contrastive_pairs(self, split: str = "train", n: int | None = None) -> list[dict]:
         """RLCD-style "LLM-generated" pairs: chosen sampled under the <harmless> prefix, rejected under
-        <harmful> (both shown without the prefix), true token rewards in meta (``dataset.pairs=contrastive``)."""
+        <harmful> (both shown without the prefix), true token rewards in meta (``dataset.pairs=contrastive``).
+        With ``contrastive_shift`` the prefixes tilt by ±contrastive_shift (overlapping samples)."""
         c = self.config
         if n is None:
             n = c.n_test_pairs if split == "test" else c.n_train_pairs
@@ -554,7 +677,11 @@ class SyntheticTask:
             prompt = self.prompt_text(i, split=split)
             topic = self.topic_of(prompt)
             rng = np.random.default_rng([c.seed, 7, i])
-            chosen, rejected = self.sample_response(topic, "harmless", rng), self.sample_response(topic, "harmful", rng)
+            if c.contrastive_shift is None:
+                chosen, rejected = self.sample_response(topic, "harmless", rng), self.sample_response(topic, "harmful", rng)
+            else:  # weaker prefixes: the two samples overlap, a pair is not always separable
+                chosen, rejected = ([self.response_words[j] for j in self._sample_indices(topic, system, rng, c.contrastive_shift)]
+                                    for system in ("harmless", "harmful"))
             chosen_r, rejected_r = self.token_rewards(topic, chosen), self.token_rewards(topic, rejected)
             rows.append({"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected),
                          "meta": {"topic": topic, "chosen_token_rewards": chosen_r, "rejected_token_rewards": rejected_r,
@@ -594,7 +721,11 @@ class SyntheticTask:
 
     def fingerprint(self) -> str:
         """Stable short hash of the config (for artifact cache keys)."""
-        blob = json.dumps(dataclasses.asdict(self.config), sort_keys=True, default=str)
+        fields = dataclasses.asdict(self.config)
+        for f in _VARIANT_FIELDS:  # the easy task hashes as before the variants existed
+            if fields[f] == _DEFAULTS[f]:
+                del fields[f]
+        blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
