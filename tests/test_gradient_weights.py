@@ -147,3 +147,52 @@ def test_anchors_are_resampled_only_when_stale(setup):
     first = dict(module.loss.auxiliary.anchors)
     module.loss.auxiliary.anchor_batch(module, batch)  # same step: reuse
     assert module.loss.auxiliary.anchors == first
+
+
+def _released_sequence_weights(importance: torch.Tensor, attention: torch.Tensor, lam: float, sigma_div: float = 4.0):
+    """The released code's _compute_token_importance_weights on its TDPO path (no labels), re-derived:
+    span = every attended position; I / sum(I) mixed with a Gaussian over the span; x n."""
+    out = torch.zeros_like(importance)
+    for i in range(importance.shape[0]):
+        idx = torch.nonzero(attention[i].bool()).squeeze(-1)
+        n = len(idx)
+        scores = importance[i][idx].clamp_min(0)
+        pos = torch.arange(n, dtype=torch.float32)
+        prior = torch.exp(-0.5 * ((pos - (n - 1) / 2) / max(1.0, n / sigma_div)) ** 2)
+        mixed = lam * scores / scores.sum() + (1 - lam) * prior / prior.sum()
+        out[i][idx] = mixed / mixed.sum() * n
+    return out
+
+
+def test_sequence_normalisation_is_the_released_arithmetic(setup):
+    _, batch, policy = setup
+    chosen, _ = GradientWeights(lam=0.7, normalize="sequence")(_Holder(policy), batch)
+    ids, attention = batch["chosen_input_ids"], batch["chosen_attention_mask"]
+    expected = _released_sequence_weights(embedding_attribution(policy, ids, attention), attention, 0.7)
+    response = batch["chosen_labels"] != -100
+    torch.testing.assert_close(chosen[response], expected[response], atol=1e-5, rtol=1e-4)
+    means = (chosen * response).sum(-1) / response.sum(-1)
+    assert not torch.allclose(means, torch.ones_like(means))  # the response's share is not mean 1
+    policy.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("normalize", ["response", "sequence"])
+def test_weight_eos_false_gives_eos_zero_and_leaves_it_out_of_the_span(setup, normalize):
+    tokenizer, batch, policy = setup
+    eos = tokenizer.eos_token_id
+    weights, _ = GradientWeights(lam=0.7, normalize=normalize, weight_eos=False, eos_token_id=eos)(_Holder(policy), batch)
+    response = batch["chosen_labels"] != -100
+    at_eos = response & (batch["chosen_input_ids"] == eos)
+    assert at_eos.sum(-1).eq(1).all() and torch.all(weights[at_eos] == 0)
+    if normalize == "response":
+        rest = response & ~at_eos
+        means = (weights * rest).sum(-1) / rest.sum(-1)
+        torch.testing.assert_close(means, torch.ones_like(means))
+    with pytest.raises(ValueError, match="eos_token_id"):
+        GradientWeights(weight_eos=False)
+
+
+def test_tidpo_defaults_follow_the_released_code():
+    cfg = compose_config(["loss=tidpo"], tiny=False)
+    assert (cfg.loss.base, cfg.loss.alpha, cfg.estimator.normalize, cfg.estimator.weight_eos) == ("tdpo2", 0.5, "sequence", True)
+    assert (cfg.estimator.lam, cfg.loss.beta, cfg.loss.triplet.gamma) == (0.7, 0.1, 0.1)  # the paper's values

@@ -178,7 +178,8 @@ def gradient_weighting(cfg: DictConfig, data: PreparedData, train_examples: list
     """TI-DPO: weights computed online from the current policy (estimator=gradient), monitored
     against the true token rewards on the built-in task."""
     est = cfg.estimator
-    weights = GradientWeights(lam=float(est.lam), normalize=str(est.normalize))
+    weights = GradientWeights(lam=float(est.lam), normalize=str(est.normalize),
+                              weight_eos=bool(est.get("weight_eos", True)), eos_token_id=data.tokenizer.eos_token_id)
     monitors = []
     if data.task is not None and int(est.get("quality_every_n_steps") or 0) > 0:
         monitors.append(GradientWeightQuality(weights, data.train_rows, train_examples, data.tokenizer.pad_token_id,
