@@ -80,7 +80,7 @@ def stand_in_overrides(cfg, files: tuple[Path, Path | None], models: dict[str, P
         f"model.name_or_path={models['policy']}",
         f"dataset.path={train_file}",
         "dataset.limit=64", "dataset.test_limit=16", "dataset.max_length=128", "dataset.max_prompt_length=64",
-        "train.batch_size=4", "train.grad_accum=2", "train.eval_batch_size=8", "train.max_steps=4",
+        "train.batch_size=4", "train.global_batch_size=8", "train.eval_batch_size=8", "train.max_steps=4",
         "train.val_every_n_steps=2", "checkpoint.every_n_steps=2", "sft.max_steps=4", "sft.batch_size=4",
         "eval.n_prompts=8", "eval.max_new_tokens=16", "eval.batch_size=8",
         f"eval.judges.harm.model_name_or_path={models['reward_model']}",

@@ -153,21 +153,69 @@ def test_upstream_stages_run_on_one_device():
     for name in ("cpu", "gpu"):
         cfg = compose_config([f"trainer={name}"], tiny=False)
         assert single_process_config(cfg) is cfg
-    for name in ("ddp", "ddp_cpu", "fsdp", "deepspeed"):
+    for name in ("ddp", "ddp_cpu", "fsdp"):
         cfg = compose_config([f"trainer={name}"], tiny=False)
         single = single_process_config(cfg)
         assert single.trainer.devices == 1 and single.trainer.strategy == "auto"
         assert cfg.trainer.devices != 1 or cfg.trainer.strategy != "auto"  # the original is untouched
 
 
-def test_fsdp_strategy_wraps_decoder_layers():
-    from hydra.utils import instantiate
+def test_fsdp_strategy_wraps_the_models_own_decoder_layers():
+    """The wrap unit comes from the model's _no_split_modules (Llama, Mistral, Qwen alike), and
+    activation checkpointing (train.gradient_checkpointing) wraps the same layers."""
+    from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers import MistralConfig, MistralForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
-    strategy = instantiate(compose_config(["trainer=fsdp"], tiny=False).trainer.strategy, _convert_="all")
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy) and LlamaDecoderLayer in policy._module_classes
+    from tisdpo.pipeline.fit import _strategy
+
+    trainer_cfg = compose_config(["trainer=fsdp"], tiny=False).trainer
+    llama = _setup()[2]
+    strategy = _strategy(trainer_cfg.strategy, llama, activation_checkpointing=True)
+    assert isinstance(strategy, FSDPStrategy)
+    wrap = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(wrap, ModuleWrapPolicy) and wrap._module_classes == {LlamaDecoderLayer}
+    assert strategy._activation_checkpointing_kwargs  # the same layers are recomputed in backward
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=2))
+    assert _strategy(trainer_cfg.strategy, mistral, False).kwargs["auto_wrap_policy"]._module_classes == {MistralDecoderLayer}
+
+
+def test_fsdp_clips_gradient_norm_through_the_sharded_root():
+    """Lightning's FSDP precision plugin refuses norm clipping; the modules call FSDP's own clip_grad_norm_."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    tokenizer, _, policy = _setup()
+    cfg = compose_config(["loss=dpo"], tiny=False)
+    module = PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss), OmegaConf.create(OPTIM),
+                              pad_token_id=tokenizer.pad_token_id)
+    root = mock.Mock()
+    strategy = mock.Mock(spec=FSDPStrategy)
+    type(strategy).__name__ = "FSDPStrategy"
+    strategy.model = root
+    module._trainer = SimpleNamespace(strategy=strategy)
+    module.configure_gradient_clipping(mock.Mock(), 10.0, "norm")
+    root.clip_grad_norm_.assert_called_once_with(10.0)
+
+
+def test_global_batch_is_the_papers_whatever_the_device_count():
+    from tisdpo.pipeline.fit import accumulation, optimizer_steps, world_size
+
+    cfg = compose_config(["experiment=tisdpo_pku_main", "scale=paper", "trainer=fsdp", "trainer.devices=8"], tiny=False)
+    assert cfg.train.global_batch_size == 64 and world_size(cfg.trainer) == 8
+    assert accumulation(8, 1, 64, world=8) == 1 and accumulation(8, 1, 64, world=1) == 8
+    assert accumulation(4, 3, None, world=2) == 3  # no global batch: grad_accum as given
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation(8, 1, 64, world=3)
+    # one epoch of 74k pairs at 64 per step, as the released code trains
+    assert optimizer_steps(None, 1, 74_000, 8, 8, 1) == 74_000 // 64
+    assert optimizer_steps(None, 1, 74_000, 8, 1, 8) == 74_000 // 64
+    assert optimizer_steps(30, 1, 74_000, 8, 1, 8) == 30  # max_steps wins
 
 
 def test_run_py_under_two_process_ddp_writes_one_results_file(tmp_path):

@@ -33,3 +33,22 @@ def configure_optimizer(params, optim_cfg: Any, total_steps: int | None):
     factor = warmup_lambda(int(optim_cfg.warmup_steps), str(optim_cfg.schedule), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class ShardedNormClipping:
+    """Gradient-norm clipping that also works under FSDP.
+
+    Lightning's FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``: with sharded
+    parameters the norm must be reduced across ranks, which ``torch.nn.utils.clip_grad_norm_``
+    does not do. FSDP's root module has its own ``clip_grad_norm_`` that does; under FSDP this
+    mixin calls it, elsewhere it leaves clipping to Lightning.
+    """
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        strategy = self.trainer.strategy
+        root = getattr(strategy, "model", None)
+        sharded = type(strategy).__name__ == "FSDPStrategy" and hasattr(root, "clip_grad_norm_")
+        if sharded and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            root.clip_grad_norm_(float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -18,7 +18,7 @@ import torch
 
 from tisdpo.data.collate import concat_pair
 from tisdpo.losses.logprobs import per_position_kl, token_logps
-from tisdpo.modules.optim import configure_optimizer
+from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer
 from tisdpo.modules.shared_prefix import PackedPairs, pack_pairs, packed_logps, packing_matches, packing_supported
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class LossSpec:
         return self.kl_direction is not None or self.extra_inputs is not None or self.auxiliary is not None
 
 
-class PreferenceModule(L.LightningModule):
+class PreferenceModule(ShardedNormClipping, L.LightningModule):
     def __init__(
         self,
         policy,

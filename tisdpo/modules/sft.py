@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from tisdpo.constants import IGNORE_INDEX
-from tisdpo.modules.optim import configure_optimizer
+from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(ShardedNormClipping, L.LightningModule):
     def __init__(self, model, optim_cfg: Any, total_steps: int | None = None):
         super().__init__()
         self.model = model

@@ -37,8 +37,10 @@ class TripletTerm:
         policy.eval()
         prompt_ids = batch["prompt_input_ids"][rows]
         prompt_mask = batch["prompt_attention_mask"][rows]
+        # Under FSDP every rank must join each forward of generate (their parameters are shards):
+        # synced_gpus keeps ranks that finished early stepping until all have.
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, pad_token_id=self.tokenizer.pad_token_id,
-                              eos_token_id=self.tokenizer.eos_token_id, **self.generation)
+                              eos_token_id=self.tokenizer.eos_token_id, synced_gpus=_sharded(module), **self.generation)
         policy.train(was_training)
         new = out[:, prompt_ids.shape[1]:].tolist()
         for row, tokens in zip(rows, new):
@@ -75,6 +77,11 @@ class TripletTerm:
             margin=self.margin,
         )
         return self.gamma * loss, {"triplet/loss": loss.detach(), "triplet/anchor_length": anchor_mask.sum(-1).float().mean()}
+
+
+def _sharded(module) -> bool:
+    trainer = getattr(module, "_trainer", None)
+    return trainer is not None and type(trainer.strategy).__name__ == "FSDPStrategy" and trainer.world_size > 1
 
 
 def build_triplet(triplet_cfg: DictConfig, tokenizer, chunk_size: int = 256) -> TripletTerm:

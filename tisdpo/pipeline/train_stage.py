@@ -8,14 +8,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
 from tisdpo.modules.preference import LossSpec, PreferenceModule
 from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.callbacks import RNGStateCallback
-from tisdpo.pipeline.checkpoints import CHECKPOINT_DIR, train_checkpoint
-from tisdpo.pipeline.fit import fit_stage
+from tisdpo.pipeline.callbacks import RNGStateCallback, SignalCheckpoint
+from tisdpo.pipeline.checkpoints import CHECKPOINT_DIR, VerifiedCheckpoint, train_checkpoint
+from tisdpo.pipeline.fit import accumulation, fit_stage, optimizer_steps, world_size
 from tisdpo.pipeline.loaders import length_grouped, preference_loader
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.pipeline.models import initial_model_identity, stage_device
@@ -46,7 +45,8 @@ def train_stage(
     """Fit the preference module; returns it and the final validation metrics (val/...)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loss = build_loss_spec(cfg.loss, tokenizer, int(cfg.train.logits_chunk_size))
-    if cfg.train.get("gradient_checkpointing"):
+    sharded = _is_fsdp(cfg.trainer)
+    if cfg.train.get("gradient_checkpointing") and not sharded:  # under FSDP: the strategy's own, per wrapped layer
         enable_gradient_checkpointing(policy)
     module_reference = reference
     if cfg.train.get("reference_cache"):
@@ -56,7 +56,13 @@ def train_stage(
             # every batch carries its reference log-probs and nothing else runs the reference:
             # the module goes without it (never moved to the accelerator; the caller keeps it for eval)
             module_reference = None
-    max_steps = int(cfg.train.max_steps)
+    world = world_size(cfg.trainer)
+    batch_size = int(cfg.train.batch_size)
+    accumulate = accumulation(batch_size, int(cfg.train.grad_accum), cfg.train.get("global_batch_size"), world)
+    max_steps = optimizer_steps(cfg.train.get("max_steps"), cfg.train.get("epochs"), len(train_examples), batch_size,
+                                world, accumulate)
+    log.info("preference training: %d optimiser steps of %d pairs (%d per device x %d device(s) x %d accumulated)",
+             max_steps, batch_size * world * accumulate, batch_size, world, accumulate)
     module = PreferenceModule(
         policy, module_reference, loss, cfg.optim, total_steps=max_steps,
         logits_chunk_size=int(cfg.train.logits_chunk_size), check_finite=bool(cfg.train.check_finite),
@@ -71,7 +77,8 @@ def train_stage(
         train_loader = length_grouped(train_loader, int(cfg.train.batch_size), cfg.seed)
     val_loader = preference_loader(val_examples, tokenizer, int(cfg.train.eval_batch_size), shuffle=False, seed=cfg.seed,
                                    pad_to_multiple_of=cfg.train.get("pad_to_multiple_of"))
-    checkpoint = ModelCheckpoint(
+    # sha256 sidecars, no partial files on a failed write, no last-v1.ckpt (checkpoints.VerifiedCheckpoint)
+    checkpoint = VerifiedCheckpoint(
         dirpath=output_dir / CHECKPOINT_DIR, every_n_train_steps=int(cfg.checkpoint.every_n_steps),
         save_last=True, save_top_k=-1 if cfg.checkpoint.get("keep_all") else 1, save_weights_only=False,
     )
@@ -79,15 +86,21 @@ def train_stage(
     trainer = fit_stage(
         cfg.trainer, module, train_loader, max_steps=max_steps, val_loader=val_loader if val_every > 0 else None,
         ckpt_path=train_checkpoint(cfg, output_dir), logger=logger,
-        callbacks=[checkpoint, RNGStateCallback(), *(callbacks or [])],
+        callbacks=[checkpoint, RNGStateCallback(), SignalCheckpoint(output_dir / CHECKPOINT_DIR), *(callbacks or [])],
         val_check_interval=min(val_every, max_steps) if val_every > 0 else None,
         check_val_every_n_epoch=None, limit_val_batches=1.0 if val_every > 0 else 0,
-        accumulate_grad_batches=int(cfg.train.grad_accum),
+        accumulate_grad_batches=accumulate, model=policy,
+        activation_checkpointing=sharded and bool(cfg.train.get("gradient_checkpointing")),
         # no_grad instead of inference_mode in validation: TI-DPO's attribution needs enable_grad there.
         inference_mode=False,
     )
     final = trainer.validate(module, val_loader, verbose=False)
     return module, metrics_to_floats(final[0] if final else {})
+
+
+def _is_fsdp(trainer_cfg: DictConfig) -> bool:
+    strategy = trainer_cfg.get("strategy")
+    return isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("FSDPStrategy")
 
 
 def single_process_config(cfg: DictConfig) -> DictConfig:

@@ -259,8 +259,18 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _check_train(cfg: DictConfig) -> None:
-    for option in ("batch_size", "max_steps", "eval_batch_size", "grad_accum", "logits_chunk_size"):
+    for option in ("batch_size", "eval_batch_size", "grad_accum", "logits_chunk_size"):
         _check(cfg, f"train.{option}", low=1, integer=True)
+    _check(cfg, "train.max_steps", low=1, integer=True, nullable=True, note="null: train.epochs passes over the data")
+    _check(cfg, "train.epochs", low=0, low_open=True, nullable=True)
+    _check(cfg, "train.global_batch_size", low=1, integer=True, nullable=True,
+           note="null: train.batch_size x devices x train.grad_accum")
+    if _get(cfg, "train.max_steps") is None and not _get(cfg, "train.epochs"):
+        raise ConfigError("train.max_steps=null needs train.epochs (how many passes over the training pairs)")
+    global_batch = _get(cfg, "train.global_batch_size")
+    if global_batch not in (_ABSENT, None) and int(global_batch) % int(cfg.train.batch_size):
+        raise ConfigError(f"train.global_batch_size={global_batch} is not a multiple of train.batch_size="
+                          f"{cfg.train.batch_size}")
     _check(cfg, "train.val_every_n_steps", low=0, integer=True, note="0: no validation during training")
     _check(cfg, "train.num_workers", low=0, integer=True)
     _check(cfg, "train.pad_to_multiple_of", low=1, integer=True, nullable=True)
@@ -373,12 +383,14 @@ def _check_transform(cfg: DictConfig) -> None:
 
 def _check_eval(cfg: DictConfig) -> None:
     ev = cfg.get("eval") or {}
-    _check(cfg, "eval.max_new_tokens", low=1, integer=True)
+    _check(cfg, "eval.max_new_tokens", low=1, integer=True, nullable=True,
+           note="null: as long as the longest training response")
     if not ev.get("enabled", False):
         return
     _check(cfg, "eval.n_prompts", low=1, integer=True, note="with eval enabled; eval=none turns evaluation off")
-    for option in ("samples_per_prompt", "batch_size"):
-        _check(cfg, f"eval.{option}", low=1, integer=True)
+    _check(cfg, "eval.samples_per_prompt", low=1, integer=True)
+    if not (ev.get("name") == "benchmarks" and ev.get("batch_size") == "auto"):  # lm-eval sizes its own batches
+        _check(cfg, "eval.batch_size", low=1, integer=True)
     _check(cfg, "eval.top_p", low=0, high=1, low_open=True, nullable=True)
     temperatures = _get(cfg, "eval.temperatures")
     if temperatures is _ABSENT:
