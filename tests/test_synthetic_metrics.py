@@ -180,17 +180,23 @@ def test_evaluate_policy_end_to_end(task, tok, tiny_models, tmp_path):
     assert 0 <= out["eval/safe_rate"] <= 1 and 0 <= out["eval/win_rate"] <= 1
     # samples are consistent with the metrics
     t1 = [s for s in samples if s["temperature"] == 1.0]
-    assert out["eval/true_reward"] == pytest.approx(np.mean([s["reward"] for s in t1]))
+    finished = [s for s in t1 if s["finished"]]  # eval.unfinished=exclude (the default)
+    assert out["eval/true_reward"] == pytest.approx(np.mean([s["reward"] for s in finished]))
+    assert out["eval/n_counted"] == len(finished)
+    assert out["eval/finished_rate"] == pytest.approx(len(finished) / len(t1))
     assert out["eval/kl_ref"] == pytest.approx(np.mean([s["logp"] - s["ref_logp"] for s in t1]))
     assert load_samples(path) == samples
 
     # a policy against itself: identical samples (same seed) -> KL 0, win rate 1/2
-    same = evaluate_policy(task, policy, policy, tok, n_prompts=8)
+    same = evaluate_policy(task, policy, policy, tok, n_prompts=8, unfinished="keep")  # a random model rarely ends
     assert same["eval/kl_ref"] == pytest.approx(0.0, abs=1e-6)
     assert same["eval/win_rate"] == pytest.approx(0.5)
 
     # win rate against another run's saved samples (here: its own samples -> ties -> 1/2)
     vs = evaluate_policy(task, policy, None, tok, n_prompts=16, temperatures=(0.7, 1.0),
                          samples_per_prompt=2, reference_samples=str(path))
-    assert vs["eval/win_rate"] == pytest.approx(0.5) and vs["eval/win_rate_n"] == 32
+    assert vs["eval/win_rate"] == pytest.approx(0.5) and vs["eval/win_rate_n"] == len(finished)  # pairs of finished samples
+    kept = evaluate_policy(task, policy, None, tok, n_prompts=16, temperatures=(0.7, 1.0), samples_per_prompt=2,
+                           reference_samples=str(path), unfinished="keep")
+    assert kept["eval/win_rate_n"] == 32  # keep: every sample counts, unfinished or not
     assert "eval/kl_ref" not in vs
