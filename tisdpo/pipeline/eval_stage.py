@@ -1,4 +1,5 @@
-"""Evaluation stage: the built-in task's true-reward metrics (real-data judges: `eval=judges`)."""
+"""Evaluation stage: the built-in task's true-reward metrics (real-data judges: `eval=judges`),
+and the evaluations that run during preference training (the reward-vs-KL curve)."""
 from __future__ import annotations
 
 import logging
@@ -9,18 +10,68 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from tisdpo.eval.benchmarks import run_benchmarks
+from tisdpo.eval.curve import EvalCurve
 from tisdpo.eval.run_judges import evaluate_with_judges
-from tisdpo.eval.synthetic_metrics import evaluate_policy
+from tisdpo.eval.synthetic_metrics import UNFINISHED_MODES, UNFINISHED_REWARD, evaluate_policy
 from tisdpo.pipeline.data_stage import PreparedData
 from tisdpo.pipeline.export import POLICY_DIR
-from tisdpo.pipeline.loaders import format_prompt
+from tisdpo.pipeline.validate import ConfigError
 
 log = logging.getLogger(__name__)
 
 
+def longest_response_tokens(data: PreparedData) -> int:
+    """The longest chosen or rejected training response in tokens, EOS included (as training saw
+    it: responses tokenised without special tokens, then EOS appended)."""
+    texts = [r[side] for r in data.train_rows for side in ("chosen", "rejected")]
+    if not texts:
+        raise ConfigError("eval.max_new_tokens=null takes the longest training response, but there are no "
+                          "training pairs; set eval.max_new_tokens")
+    ids = data.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return max(len(i) for i in ids) + 1
+
+
+def eval_max_new_tokens(cfg: DictConfig, data: PreparedData) -> int:
+    """``eval.max_new_tokens``, or (null) the training data's longest response incl. EOS: a policy
+    that writes longer than anything it was trained on cannot win by length (reward is a sum)."""
+    value = cfg.eval.get("max_new_tokens")
+    if value is not None:
+        return int(value)
+    cap = longest_response_tokens(data)
+    log.info("eval.max_new_tokens=null: sampling up to %d tokens (the longest training response, EOS included)", cap)
+    return cap
+
+
+def _unfinished_rules(cfg: DictConfig) -> dict[str, Any]:
+    mode = str(cfg.eval.get("unfinished") or "exclude")
+    if mode not in UNFINISHED_MODES:
+        raise ConfigError(f"eval.unfinished={mode!r} is not one of {', '.join(UNFINISHED_MODES)}")
+    reward = cfg.eval.get("unfinished_reward")
+    return {"unfinished": mode, "unfinished_reward": UNFINISHED_REWARD if reward is None else float(reward)}
+
+
+def _whole(cfg: DictConfig, option: str, default: int, low: int) -> int:
+    value = cfg.eval.get(option, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"eval.{option}={value!r} must be a whole number >= {low}")
+    return value
+
+
 def training_evaluators(cfg: DictConfig, data: PreparedData, reference) -> list[Callback]:
-    """Callbacks that evaluate the policy during preference training (none yet)."""
-    return []
+    """Callbacks that evaluate the policy during preference training: the reward-vs-KL curve
+    (``eval.every_n_steps`` > 0, built-in task only; see tisdpo/eval/curve.py)."""
+    every = _whole(cfg, "every_n_steps", 0, 0) if cfg.get("eval") is not None else 0
+    if every == 0:
+        return []
+    if cfg.eval.name != "synthetic" or not cfg.eval.get("enabled", False) or data.task is None:
+        # Judges per training step would cost more than the training: real data gets no curve.
+        log.warning("eval.every_n_steps=%d: no eval curve with eval=%s (the curve needs the built-in task's true "
+                    "rewards: eval=synthetic with dataset=synthetic)", every, cfg.eval.name)
+        return []
+    return [EvalCurve(data.task, data.tokenizer, reference, every_n_steps=every,
+                      n_prompts=_whole(cfg, "curve_n_prompts", 64, 1), seed=int(cfg.seed),
+                      max_new_tokens=eval_max_new_tokens(cfg, data), batch_size=int(cfg.eval.get("batch_size") or 64),
+                      **_unfinished_rules(cfg))]
 
 
 def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_dir: Path) -> dict[str, Any]:
@@ -33,16 +84,15 @@ def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_di
             data.task, policy.eval(), reference.eval(), data.tokenizer,
             n_prompts=int(cfg.eval.n_prompts), temperatures=tuple(cfg.eval.temperatures),
             samples_per_prompt=int(cfg.eval.samples_per_prompt), seed=cfg.seed,
-            max_new_tokens=int(cfg.eval.max_new_tokens), samples_path=output_dir / "samples.json",
-            reference_samples=cfg.eval.get("reference_samples"),
+            max_new_tokens=eval_max_new_tokens(cfg, data), samples_path=output_dir / "samples.json",
+            reference_samples=cfg.eval.get("reference_samples"), **_unfinished_rules(cfg),
         )
         return metrics
     if cfg.eval.name == "judges":
         rows = data.test_rows
         # references: the test set's chosen responses (TL;DR's win rate against the reference summaries)
         return evaluate_with_judges(cfg.eval, policy.eval(), data.tokenizer, [r["prompt"] for r in rows], cfg.seed,
-                                    output_dir, references=[r["chosen"] for r in rows],
-                                    format_prompt=lambda prompt: format_prompt(prompt, cfg.dataset))
+                                    output_dir, references=[r["chosen"] for r in rows])
     if cfg.eval.name == "benchmarks":
         policy_dir = output_dir / POLICY_DIR
         if not policy_dir.is_dir():

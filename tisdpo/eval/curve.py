@@ -1,0 +1,118 @@
+"""The reward-vs-KL curve of a policy during preference training, on the built-in task.
+
+A comparison between methods is a verdict only at matched KL to the reference
+(experiments/frontier.py reads this curve). Every ``every_n_steps`` optimizer steps, at the
+start (step 0: the SFT policy, KL 0) and at the end, :class:`EvalCurve` samples the policy on a
+fixed prompt set at T=1 and records one point::
+
+    {"step", "kl_ref", "true_reward", "safe_rate", "length", "finished_rate",
+     "true_reward_per_token", "true_reward_lc", "win_rate", "n_counted", "seconds"}
+
+with the same definitions as the final evaluation (tisdpo/eval/synthetic_metrics.py), on
+``n_prompts`` test prompts (the first ones of the final evaluation's set) and the same rule for
+unfinished samples; ``win_rate`` and ``true_reward_lc`` compare with the reference model's
+samples of the same prompts, drawn once. ``seconds`` is what the point cost.
+
+It must not change training: sampling runs under ``torch.random.fork_rng`` with the same seed at
+every point (common random numbers: the points differ by the policy, not by sampling noise), and
+the policy's train/eval mode is restored. The points live in the callback's checkpoint state, so
+a resumed run keeps its curve. ``latest`` holds ``{"eval/curve": [points], "time/curve_s": total}``
+for results.json; each point is also logged to the trainer's logger as ``curve/<key>``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from tisdpo.eval.synthetic_metrics import UNFINISHED_REWARD, add_kl, eval_prompts, sample_and_score, summarize
+
+log = logging.getLogger(__name__)
+
+#: the metrics of each point, besides ``step`` and ``seconds`` (names as in synthetic_metrics, no prefix)
+CURVE_METRICS = ("kl_ref", "true_reward", "safe_rate", "length", "finished_rate", "true_reward_per_token",
+                 "true_reward_lc", "win_rate", "n_counted")
+_PREFIX = "curve"
+
+
+class EvalCurve(L.Callback):
+    """Evaluate ``pl_module.policy`` against ``reference`` on the built-in ``task`` during training."""
+
+    def __init__(self, task, tokenizer, reference, *, every_n_steps: int, n_prompts: int = 64, seed: int = 0,
+                 max_new_tokens: int, batch_size: int = 64, unfinished: str = "exclude",
+                 unfinished_reward: float = UNFINISHED_REWARD, temperature: float = 1.0):
+        if every_n_steps < 1:
+            raise ValueError(f"eval.every_n_steps={every_n_steps} must be >= 1 for a curve (0: no curve)")
+        self.task, self.tokenizer, self.reference = task, tokenizer, reference
+        self.every = int(every_n_steps)
+        self.prompts, self.prompt_idx, self.sample_idx = eval_prompts(task, int(n_prompts))
+        # A seed of its own, fixed for the run: not the final evaluation's samples, the same at every point.
+        self.seed = int(seed) * 1000 + 997
+        self.temperature = float(temperature)
+        self.gen = dict(max_new_tokens=int(max_new_tokens), batch_size=int(batch_size))
+        self.rules = dict(unfinished=unfinished, unfinished_reward=float(unfinished_reward))
+        self.points: list[dict[str, Any]] = []
+        self.latest: dict[str, Any] = {}
+        self._reference_samples: list[dict] | None = None
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": [dict(p) for p in self.points]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.points = [dict(p) for p in state_dict.get("points", [])]
+        self._publish()
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._point_at(trainer, pl_module)  # step 0 (or the step a resumed run starts from)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self._point_at(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._point_at(trainer, pl_module)  # the final step, whatever every_n_steps
+
+    # ------------------------------------------------------------------ measuring
+    def _point_at(self, trainer, pl_module) -> None:
+        step = int(trainer.global_step)
+        # Under gradient accumulation the step repeats over micro-batches: one point per step.
+        if any(p["step"] == step for p in self.points):
+            return
+        started = time.perf_counter()
+        metrics = self.measure(getattr(pl_module, "policy", pl_module), pl_module.device)
+        point = {"step": step, **metrics, "seconds": round(time.perf_counter() - started, 3)}
+        self.points.append(point)
+        self._publish()
+        if trainer.logger:
+            trainer.logger.log_metrics({f"{_PREFIX}/{k}": float(v) for k, v in point.items() if k != "step"}, step=step)
+        log.info("eval curve step %d: kl_ref %.4f true_reward %.3f safe_rate %.3f (%.1fs)", step,
+                 point["kl_ref"], point["true_reward"], point["safe_rate"], point["seconds"])
+
+    def measure(self, policy, device: torch.device | None = None) -> dict[str, float]:
+        """One point's metrics (no step) for ``policy``, without touching the global RNG state."""
+        if device is not None:
+            self.reference.to(device)  # frozen, unused by training when the reference log-probs are cached
+        cuda = [device] if device is not None and device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            if self._reference_samples is None:  # the reference is frozen: its samples are drawn once
+                self._reference_samples = self._sample(self.reference)
+            scored = self._sample(policy)
+            m = summarize(scored, self._reference_samples, prefix=_PREFIX, **self.rules)
+            m[f"{_PREFIX}/kl_ref"] = add_kl(scored, policy, self.reference, self.tokenizer, self.gen["batch_size"])
+        return {k: float(m[f"{_PREFIX}/{k}"]) for k in CURVE_METRICS}
+
+    def _sample(self, model) -> list[dict]:
+        return sample_and_score(self.task, model, self.tokenizer, self.prompts, temperature=self.temperature,
+                                seed=self.seed, prompt_idx=self.prompt_idx, sample_idx=self.sample_idx, **self.gen)
+
+    def _publish(self) -> None:
+        points = sorted(self.points, key=lambda p: p["step"])
+        self.latest = {"eval/curve": points, "time/curve_s": round(sum(p.get("seconds", 0.0) for p in points), 2)}
+
+
+__all__ = ["CURVE_METRICS", "EvalCurve"]
