@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.jsonio import write_json_atomic
 from tisdpo.models.lora import policy_and_reference
+from tisdpo.pipeline import run_cache
 from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.data_stage import prepare_data
 from tisdpo.pipeline.eval_stage import eval_stage, training_evaluators
@@ -22,7 +23,7 @@ from tisdpo.pipeline.export import export_policy
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.loggers import build_logger, finish_logging
 from tisdpo.pipeline.models import frozen_dtype, initial_model, stage_device
-from tisdpo.pipeline.run_dir import begin_run, prepare_run_dir
+from tisdpo.pipeline.run_dir import begin_run, check_resume_data, prepare_run_dir
 from tisdpo.pipeline.sft_stage import sft_stage
 from tisdpo.pipeline.train_stage import single_process_config, train_stage
 from tisdpo.pipeline.validate import validate_config
@@ -40,6 +41,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finished = begin_run(cfg, output_dir, config_dict)  # run_config.json; a resumed, finished run returns as is
     if finished is not None:
         return finished
+    reused = run_cache.reuse(cfg, config_dict, output_dir)  # cache.reuse_runs: an identical run done before
+    if reused is not None:
+        return reused
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     if cfg.get("torch_threads"):
@@ -53,6 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     data = prepare_data(cfg)
+    check_resume_data(cfg, output_dir, data)  # a resume on different data is refused; a first start records it
     timed("data", t0)
 
     # The upstream stages train on one device: under DDP, Lightning starts the other ranks at the
@@ -125,6 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         finish_logging(logger, output_dir, results)
     results["config"] = config_dict
     write_json_atomic(output_dir / "results.json", results)
+    run_cache.store(cfg, config_dict, output_dir)
     log.info("results: %s", {k: v for k, v in results.items() if k not in ("config", "stages")})
     log.info("wrote %s (%.1fs)", output_dir / "results.json", timings["time/total_s"])
     return results
