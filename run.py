@@ -14,12 +14,20 @@ import tisdpo.resolvers  # noqa: F401  (registers ${slug:...} used in conf/hydra
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     # Imported late: `--help` and `--cfg` stay instant. A failure leaves failed.json in the run dir
-    # (then propagates: Hydra marks the job failed and a sweep's other jobs still run).
+    # (then propagates: Hydra marks the job failed and a sweep's other jobs still run); a signal
+    # (SIGTERM, Ctrl+C) checkpoints, records "interrupted" and exits with 128 + its number.
     from tisdpo.pipeline.failures import run_recorded
 
-    results = run_recorded(cfg)
+    results = run_recorded(cfg, run_pipeline)
     # The returned value is what Hydra sweepers (e.g. Optuna) optimise.
     return results.get("val/rewards/accuracies")
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    # The runner imports torch and Lightning: only once the config has been checked (a typo answers at once).
+    from tisdpo.pipeline.runner import run
+
+    return run(cfg)
 
 
 def reject_pipeline_trainer_keys(args: list[str]) -> None:

@@ -183,6 +183,7 @@ def test_unknown_group_choice_lists_the_valid_ones(tmp_path, override, valid):
 def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, overrides, message):
     import tisdpo.models.loading as loading
     from tisdpo.pipeline.failures import run_recorded
+    from tisdpo.pipeline.runner import run
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the config was checked")
@@ -191,7 +192,7 @@ def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, override
     monkeypatch.setattr(loading, "load_tokenizer", forbidden)
     cfg = compose_config(overrides, tmp_path)
     with pytest.raises((ConfigError, SystemExit)):
-        run_recorded(cfg)
+        run_recorded(cfg, run)
     with pytest.raises(ConfigError) as error:
         validate_config(cfg)
     assert message in str(error.value) and "\n" not in str(error.value)
@@ -249,7 +250,7 @@ def test_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     overrides = ["eval=none", "train.max_steps=6", "checkpoint.every_n_steps=3", f"cache.dir={shared_cache}"]
     cfg = compose_config(overrides, tmp_path)
     with pytest.raises(FloatingPointError, match=expected):
-        run_recorded(cfg)
+        run_recorded(cfg, run)
     out = Path(cfg.paths.output_dir)
     failure = json.loads((out / "failed.json").read_text())
     assert failure["type"] == "FloatingPointError" and "at step 4" in failure["message"]

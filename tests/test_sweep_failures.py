@@ -29,7 +29,7 @@ def test_one_failing_job_does_not_stop_the_sweep(tmp_path):
     assert json.loads((ok_dir / "results.json").read_text())["train/steps"] == 2
 
     summary = json.loads((sweep / "sweep_summary.json").read_text())
-    assert summary["counts"] == {"jobs": 2, "ok": 1, "failed": 1}
+    assert summary["counts"] == {"jobs": 2, "ok": 1, "failed": 1, "interrupted": 0}
     job0, job1 = summary["jobs"]
     assert (job0["dir"], job0["status"], job1["dir"], job1["status"]) == (failed_dir.name, "failed", ok_dir.name, "ok")
     assert job0["error"].startswith("FloatingPointError: non-finite gradient at step 1")

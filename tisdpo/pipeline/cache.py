@@ -7,6 +7,9 @@ killed build never leaves a half-written artifact behind; the build directory is
 next request resumes a killed build from the checkpoints it left in ``<build dir>/_resume``.
 A ``MANIFEST.json`` records the sha256 of every file; a read whose hashes do not match is treated as corrupt: warned about, deleted, rebuilt.
 A file lock per key means two sweep jobs that need the same artifact build it once.
+A cache that cannot be written (read-only mount, another user's files) still serves its valid
+artifacts: a sealed artifact is immutable, so it is read without the lock; a lock that cannot be
+created beside the artifact is taken in the temporary dir instead (keyed by the artifact's path).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -100,15 +104,16 @@ class ArtifactCache:
         final = self._dir(stage, key)
         if not self.enabled:
             final = self.root / "_uncached" / stage / f"{key}-{uuid.uuid4().hex[:8]}"
+        # Sealed artifacts are renamed into place whole and never change: a valid one needs no lock
+        # (a read-only cache serves it).
+        if self.enabled and final.exists() and self.is_valid(final):
+            return self._reused(stage, key, final)
         final.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        with FileLock(str(final) + ".lock"):
+        with _lock(final):
             if self.enabled and final.exists():
                 if self.is_valid(final):
-                    log.info("stage %-10s reused  %s", stage, final)
-                    # no device: nothing ran (the artifact's key.json names what built it)
-                    self.events.append({"stage": stage, "key": key, "reused": True, "seconds": 0.0, "device": None})
-                    return Artifact(stage, key, final, reused=True)
+                    return self._reused(stage, key, final)
                 log.warning("stage %s: artifact %s is corrupt or partial (hash mismatch); rebuilding", stage, final)
                 shutil.rmtree(final)
             # A stable build dir per key: a build killed mid-way (SIGKILL, preemption) leaves its
@@ -136,3 +141,22 @@ class ArtifactCache:
             event["resumed_build"] = True
         self.events.append(event)
         return Artifact(stage, key, final, reused=False)
+
+    def _reused(self, stage: str, key: str, final: Path) -> Artifact:
+        log.info("stage %-10s reused  %s", stage, final)
+        # no device: nothing ran (the artifact's key.json names what built it)
+        self.events.append({"stage": stage, "key": key, "reused": True, "seconds": 0.0, "device": None})
+        return Artifact(stage, key, final, reused=True)
+
+
+def _lock(final: Path) -> FileLock:
+    """The build lock beside the artifact; in the temporary dir when the cache dir cannot hold it."""
+    path = Path(str(final) + ".lock")
+    try:
+        with open(path, "a"):
+            pass
+        return FileLock(str(path))
+    except OSError as error:  # read-only cache, or not ours: jobs on this machine still build once
+        fallback = Path(tempfile.gettempdir()) / f"tisdpo-lock-{hashlib.sha256(str(final.resolve()).encode()).hexdigest()[:16]}.lock"
+        log.warning("cache: cannot create the lock %s (%s); locking with %s instead", path, error.strerror or error, fallback)
+        return FileLock(str(fallback))

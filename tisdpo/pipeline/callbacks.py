@@ -1,19 +1,31 @@
-"""Lightning callbacks of the pipeline: the global RNG streams, saved and restored for exact resume.
+"""Lightning callbacks of the pipeline: the global RNG streams, saved and restored for exact resume;
+a checkpoint taken when a signal stops training.
 
 A Lightning checkpoint holds the weights, the optimiser, the LR schedule and the loop counters;
 for a resumed run to end with the same parameters as an uninterrupted one it also needs the
 global RNG streams (python, numpy, torch, CUDA): :class:`RNGStateCallback` saves them with the
 checkpoint and restores them when training restarts; validation runs on a forked stream, so where
 validation falls does not change training randomness (TI-DPO samples during validation).
+
+:class:`SignalCheckpoint` works with Lightning's SIGTERM handling rather than against it: Lightning
+only sets ``trainer.received_sigterm`` (and raises its SIGTERMException, a ``SystemExit`` with
+status 0, at the end of the step); our handlers (``failures.handled_signals``, and SIGUSR1 composed
+here during the fit) only note the signal. At the end of the step the callback saves a verified
+checkpoint and raises ``failures.Interrupted``, which ``failures.run_recorded`` records.
 """
 from __future__ import annotations
 
 import random
+import signal
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from tisdpo.pipeline.checkpoint_files import LAST, save_verified
+from tisdpo.pipeline.failures import Interrupted, fit_running, on_signal, pending_signal
 
 
 def rng_states() -> dict[str, Any]:
@@ -67,3 +79,70 @@ class RNGStateCallback(Callback):
         if self._outside_validation is not None:
             set_rng_states(self._outside_validation)
             self._outside_validation = None
+
+
+class SignalCheckpoint(Callback):
+    """On SIGTERM, SIGINT or SIGUSR1 during a fit: finish the step, save ``<dirpath>/last.ckpt`` (with
+    its sha256 sidecar), raise :class:`Interrupted`. A resume continues from exactly that step."""
+
+    def __init__(self, dirpath: Path):
+        self.dirpath = Path(dirpath)
+        self._usr1 = None
+        self._handler = None
+        self._active = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning registers its handlers just before this hook (SLURM auto-requeue on SIGUSR1:
+        # save an hpc checkpoint + `scontrol requeue`); ours runs after it, then training stops.
+        self._active = True
+        fit_running(True)
+        previous = signal.getsignal(signal.SIGUSR1)
+        self._handler = _compose(previous, on_signal)
+        try:
+            signal.signal(signal.SIGUSR1, self._handler)
+            self._usr1 = previous
+        except ValueError:  # not the main thread
+            self._usr1 = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        name = pending_signal() or ("SIGTERM" if trainer.received_sigterm else None)
+        if name is None:
+            return
+        saved = None
+        if not _mid_accumulation(trainer):  # accumulated gradients are not in a checkpoint
+            saved = str(save_verified(trainer, self.dirpath / LAST))
+        raise Interrupted(name, checkpoint=saved)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._stop()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        fit_running(False)
+        # Lightning's teardown may already have put its own original back: only undo what is still ours.
+        if self._usr1 is not None and signal.getsignal(signal.SIGUSR1) is self._handler:
+            try:
+                signal.signal(signal.SIGUSR1, self._usr1)
+            except ValueError:
+                pass
+        self._usr1 = self._handler = None
+
+
+def _compose(first, then):
+    def handler(signum, frame):
+        if callable(first) and first not in (signal.default_int_handler,):
+            first(signum, frame)
+        then(signum, frame)
+
+    return handler
+
+
+def _mid_accumulation(trainer) -> bool:
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    should = getattr(loop, "_should_accumulate", None)
+    return bool(should()) if callable(should) else False

@@ -1,61 +1,56 @@
-"""Which checkpoint a run or a stage resumes from, and the stage checkpointing callbacks.
+"""Which checkpoint a run or a stage resumes from, and the checkpointing callbacks.
 
 Preference training checkpoints into ``<run dir>/checkpoints/`` (``last.ckpt`` + ``...step=N.ckpt``).
 Pipeline stages (SFT, estimator models) checkpoint into their artifact's stable build dir
-(``cache.py``): a killed build resumes there on the next request.
+(``cache.py``): a killed build resumes there on the next request. Every checkpoint is written by
+:class:`VerifiedCheckpoint` (or :func:`checkpoint_files.save_verified`): a ``.sha256`` sidecar
+beside it, checked before a resume trusts it (``checkpoint_files.py``).
 """
 from __future__ import annotations
 
 import logging
-import zipfile
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from tisdpo.pipeline.callbacks import RNGStateCallback
+from tisdpo.pipeline.callbacks import RNGStateCallback, SignalCheckpoint
+from tisdpo.pipeline.checkpoint_files import (CHECKPOINT_DIR, LAST, checkpoint_problem, discard_partial,
+                                              find_checkpoint, readable_zip, sidecar_path, write_sidecar)
 from tisdpo.pipeline.run_dir import parse_resume
+from tisdpo.pipeline.validate import ConfigError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.ckpt"
+__all__ = ["CHECKPOINT_DIR", "LAST", "VerifiedCheckpoint", "find_checkpoint", "readable_checkpoint",
+           "stage_checkpointing", "stage_every_n_steps", "train_checkpoint"]
+
+readable_checkpoint = readable_zip  # the old name: a complete zip, whatever its content
 
 
-def readable_checkpoint(path: Path) -> bool:
-    """A complete torch.save file (a zip archive with its central directory): a truncated or
-    half-written file fails this without loading the tensors."""
-    try:
-        if path.stat().st_size == 0:
-            return False
-        with zipfile.ZipFile(path) as archive:
-            return bool(archive.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
+class VerifiedCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus a sha256 sidecar written once each checkpoint is complete;
+    a write that fails (a full disk) leaves no partial file behind. No version counter: a run dir
+    moved or resumed keeps writing ``last.ckpt`` (a ``last-v1.ckpt`` beside a stale ``last.ckpt``
+    made the stale one win the next resume)."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
 
-def _step_of(path: Path) -> int:
-    for part in path.stem.split("-"):
-        if part.startswith("step="):
-            try:
-                return int(part.split("=", 1)[1].split("_")[0])
-            except ValueError:
-                return -1
-    return -1
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+            if trainer.is_global_zero:
+                write_sidecar(Path(filepath), trainer.global_step)
+        except BaseException:
+            if trainer.is_global_zero:
+                discard_partial(Path(filepath))
+            raise
 
-
-def find_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint to resume from in ``directory``: ``last.ckpt``, or else the newest readable
-    ``...step=N.ckpt``; an unreadable file is skipped with a warning."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    candidates = [directory / LAST] if (directory / LAST).is_file() else []
-    candidates += sorted((p for p in directory.glob("*.ckpt") if p.name != LAST), key=_step_of, reverse=True)
-    for candidate in candidates:
-        if readable_checkpoint(candidate):
-            return candidate
-        log.warning("resume: checkpoint %s is unreadable (partial or corrupt); trying an older one", candidate)
-    return None
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            sidecar_path(Path(filepath)).unlink(missing_ok=True)
 
 
 def train_checkpoint(cfg, output_dir: Path) -> str | None:
@@ -64,6 +59,10 @@ def train_checkpoint(cfg, output_dir: Path) -> str | None:
     if not resume.requested:
         return None
     if resume.checkpoint is not None and resume.checkpoint.is_file():  # resume=<a checkpoint file>: exactly that one
+        problem = checkpoint_problem(resume.checkpoint)
+        if problem is not None:  # the user named this file: no silent fallback to another one
+            raise ConfigError(f"resume={resume.checkpoint}: the checkpoint {problem}; pass resume=<its run dir> to "
+                              "continue from the newest intact checkpoint")
         log.info("resuming training from %s", resume.checkpoint)
         return str(resume.checkpoint)
     found = find_checkpoint(output_dir / CHECKPOINT_DIR)
@@ -73,7 +72,7 @@ def train_checkpoint(cfg, output_dir: Path) -> str | None:
                         "run: pass hydra.run.dir=<the previous run dir>, or resume=<the previous run dir>)",
                         output_dir / CHECKPOINT_DIR)
         else:
-            log.warning("resume=%s: the run has no readable checkpoint yet: training starts from scratch", output_dir)
+            log.warning("resume=%s: the run has no intact checkpoint: training starts from scratch", output_dir)
         return None
     log.info("resuming training from %s", found)
     return str(found)
@@ -96,6 +95,6 @@ def stage_checkpointing(work_dir: Path | None, every_n_steps: int) -> tuple[list
     resume_from = find_checkpoint(work_dir)
     if resume_from is not None:
         log.info("stage: resuming an interrupted training from %s", resume_from)
-    checkpoint = ModelCheckpoint(dirpath=work_dir, every_n_train_steps=every_n_steps, save_last=True, save_top_k=1,
-                                 enable_version_counter=False)
-    return [checkpoint, RNGStateCallback()], str(resume_from) if resume_from else None
+    checkpoint = VerifiedCheckpoint(dirpath=work_dir, every_n_train_steps=every_n_steps, save_last=True, save_top_k=1)
+    # A signal mid-stage: checkpoint where the stage is, then stop (the next request resumes the build).
+    return [checkpoint, RNGStateCallback(), SignalCheckpoint(work_dir)], str(resume_from) if resume_from else None

@@ -1,7 +1,9 @@
 """Hydra callbacks (``hydra.callbacks`` in conf/hydra/default.yaml).
 
 :class:`SweepSummary` keeps ``<multirun dir>/sweep_summary.json`` up to date: one entry per job
-(dir, overrides, status, error), rewritten as each job ends. It is written per job and not only at
+(dir, overrides, status, error), rewritten as each job ends. ``status`` is ``ok``, ``failed``, or
+``interrupted`` (a signal stopped the job: its failed.json says ``"interrupted": true``; resume it
+with ``resume=true``); ``counts`` counts each. It is written per job and not only at
 the end because Hydra skips ``on_multirun_end`` when a job failed (the basic sweeper re-raises the
 first failure once every job of the batch has run). Jobs running in parallel (joblib launcher)
 update it under a file lock. Light imports only: Hydra instantiates callbacks for every run.
@@ -22,6 +24,7 @@ from omegaconf import DictConfig
 from tisdpo.jsonio import write_json_atomic
 
 SUMMARY = "sweep_summary.json"
+STATUSES = ("ok", "failed", "interrupted")
 
 
 def _is_multirun(config: DictConfig) -> bool:
@@ -43,9 +46,15 @@ def _update(sweep_dir: Path, change) -> None:
         summary.setdefault("jobs", [])
         change(summary)
         jobs = summary["jobs"]
-        summary["counts"] = {"jobs": len(jobs), "ok": sum(j["status"] == "ok" for j in jobs),
-                             "failed": sum(j["status"] == "failed" for j in jobs)}
+        summary["counts"] = {"jobs": len(jobs), **{status: sum(j["status"] == status for j in jobs) for status in STATUSES}}
         write_json_atomic(path, summary)
+
+
+def _interrupted(job_dir: Path) -> bool:
+    try:
+        return json.loads((job_dir / "failed.json").read_text()).get("interrupted") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class SweepSummary(Callback):
@@ -66,7 +75,7 @@ class SweepSummary(Callback):
             "num": int(config.hydra.job.num),
             "dir": job_dir.name,
             "overrides": list(job_return.overrides or []),
-            "status": "failed" if failed else "ok",
+            "status": ("interrupted" if _interrupted(job_dir) else "failed") if failed else "ok",
             "error": f"{type(error).__name__}: {error}" if error is not None else None,
             "failed_json": str(job_dir / "failed.json") if (job_dir / "failed.json").is_file() else None,
             "results_json": str(job_dir / "results.json") if (job_dir / "results.json").is_file() else None,

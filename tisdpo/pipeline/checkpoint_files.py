@@ -1,0 +1,148 @@
+"""Checkpoint files on disk: whether one is intact, and which one a run resumes from.
+
+Light on purpose (no torch, no Lightning): ``failures.py`` names the last good checkpoint in
+``failed.json`` and must stay importable in a second. ``checkpoints.py`` holds the Lightning side.
+
+Every checkpoint the pipeline writes gets a sidecar ``<ckpt>.sha256`` (JSON: ``sha256``, ``size``,
+``step``, ``file``), written atomically once the checkpoint file is complete. A resume trusts a
+checkpoint only if its content matches the sidecar; the newest is the one with the highest step
+(from the sidecar, else from ``step=N`` in the name), not whichever is called ``last.ckpt``. A
+checkpoint without a sidecar (runs from before sidecars) is accepted if its zip is readable.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import zipfile
+from pathlib import Path
+
+from tisdpo.jsonio import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+SIDECAR = ".sha256"
+_STEP = re.compile(r"(?:^|-)step=(\d+)")
+
+
+def sidecar_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + SIDECAR)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_sidecar(path: Path, step: int) -> Path:
+    """Hash the complete checkpoint ``path`` into ``<path>.sha256`` (atomic: never half a sidecar)."""
+    path = Path(path)
+    record = {"sha256": file_sha256(path), "size": path.stat().st_size, "step": int(step), "file": path.name}
+    return write_json_atomic(sidecar_path(path), record)
+
+
+def read_sidecar(path: Path) -> dict | None:
+    try:
+        record = json.loads(sidecar_path(path).read_text())
+        return record if isinstance(record, dict) and "sha256" in record else None
+    except (OSError, ValueError):
+        return None
+
+
+def readable_zip(path: Path) -> bool:
+    """A complete torch.save file (a zip archive with its central directory): a truncated or
+    half-written file fails this without loading the tensors."""
+    try:
+        if Path(path).stat().st_size == 0:
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def checkpoint_problem(path: Path, content: bool = True) -> str | None:
+    """Why ``path`` cannot be trusted, or None. ``content=False`` skips the sha256 (size and zip
+    only): for naming the last checkpoint in failed.json, where hashing gigabytes would delay exit."""
+    path = Path(path)
+    if not path.is_file():
+        return "is missing"
+    sidecar = read_sidecar(path)
+    if sidecar is None:
+        if not readable_zip(path):
+            return "is unreadable (partial or corrupt)"
+        if content:
+            log.warning("checkpoint %s has no %s sidecar (written before checkpoints were hashed): accepted because "
+                        "its zip is readable", path, SIDECAR)
+        return None
+    size = path.stat().st_size
+    if size != sidecar.get("size", size):
+        return f"is {size} bytes, its sidecar says {sidecar['size']} (partial write)"
+    if content and file_sha256(path) != sidecar["sha256"]:
+        return "does not match its sha256 sidecar (corrupt: flipped bytes or an overwritten file)"
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint holds: from its sidecar, else ``step=N`` in its name, else -1."""
+    sidecar = read_sidecar(path)
+    if sidecar is not None and isinstance(sidecar.get("step"), int):
+        return sidecar["step"]
+    match = _STEP.search(Path(path).stem)
+    return int(match.group(1)) if match else -1
+
+
+def _newest_first(paths: list[Path]) -> list[Path]:
+    steps = {p: checkpoint_step(p) for p in paths}
+    known = max(steps.values(), default=-1)
+    # An old-style last.ckpt (no sidecar, no step in its name) was written at or after the newest step file.
+    order = {p: (known if s < 0 and p.name.startswith("last") else s, p.name.startswith("last")) for p, s in steps.items()}
+    return sorted(paths, key=lambda p: order[p], reverse=True)
+
+
+def find_checkpoint(directory: Path, content: bool = True) -> Path | None:
+    """The newest trustworthy checkpoint in ``directory`` (by step), or None; each newer one that
+    fails its check is skipped with a warning saying why."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    candidates = [p for p in directory.glob("*.ckpt") if p.is_file() and not p.name.startswith(".")]
+    for candidate in _newest_first(candidates):
+        problem = checkpoint_problem(candidate, content=content)
+        if problem is None:
+            return candidate
+        if content:
+            log.warning("resume: checkpoint %s %s; trying an older one", candidate, problem)
+    return None
+
+
+def discard_partial(path: Path) -> bool:
+    """After a failed write: remove ``path`` (and its sidecar) unless it still checks out (the write
+    failed before touching it). True when something was removed."""
+    path = Path(path)
+    if not path.exists() or checkpoint_problem(path, content=True) is None:
+        return False
+    log.warning("checkpoint %s was left incomplete by a failed write: removed", path)
+    path.unlink(missing_ok=True)
+    sidecar_path(path).unlink(missing_ok=True)
+    return True
+
+
+def save_verified(trainer, path: Path) -> Path:
+    """``trainer.save_checkpoint(path)`` plus its sidecar; a failed write leaves no partial file."""
+    path = Path(path)
+    try:
+        trainer.save_checkpoint(str(path))
+        if trainer.is_global_zero:
+            write_sidecar(path, trainer.global_step)
+    except BaseException:
+        if trainer.is_global_zero:
+            discard_partial(path)
+        raise
+    return path
