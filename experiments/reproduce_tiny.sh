@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every paper table at `scale=tiny` on the built-in task (3 seeds each), then one report per table.
+# Every paper table at `scale=tiny` on the built-in task (SEEDS, default 5 seeds), then one report per
+# table with its matched-KL verdicts; then the harder task variants (conf/experiment/variant_*.yaml).
 #
 #   bash experiments/reproduce_tiny.sh [OUT]          # default OUT=outputs/tiny_reproduction
 #
@@ -12,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-outputs/tiny_reproduction}
 LANES=${LANES:-2}
+SEEDS=${SEEDS:-0,1,2,3,4}
 PYTHON=${PYTHON:-python}
 export WANDB_MODE=${WANDB_MODE:-disabled}
 mkdir -p "$OUT/sweeps" "$OUT/reports" "$OUT/logs"
@@ -22,20 +24,27 @@ EXPERIMENTS=(
   tidpo_label_noise tidpo_ablation tisdpo_comparison tisdpo_pku_main tisdpo_llm_generated
   tidpo_main tisdpo_tldr tisdpo_ultrafeedback tisdpo_ablation
 )
+# The harder task variants (one experiment each: DPO, TIS-DPO(D), the oracle control, TI-DPO).
+for variant in conf/experiment/variant_*.yaml; do
+  [ -e "$variant" ] && EXPERIMENTS+=("$(basename "$variant" .yaml)")
+done
 
 sweep() {  # one table: the multirun, then its report; appends "name  seconds  rc" to timing.tsv
   local name=$1 start rc=0
   start=$(date +%s)
-  "$PYTHON" run.py -m "experiment=$name" scale=tiny logger=csv trainer.enable_progress_bar=false \
-    "hydra.sweep.dir=$OUT/sweeps/$name" >"$OUT/logs/$name.log" 2>&1 || rc=$?
+  # cache.reuse_runs: a row two tables share (same config, seed and code) runs once
+  "$PYTHON" run.py -m "experiment=$name" scale=tiny "seed=$SEEDS" cache.reuse_runs=true logger=csv \
+    trainer.enable_progress_bar=false "hydra.sweep.dir=$OUT/sweeps/$name" >"$OUT/logs/$name.log" 2>&1 || rc=$?
   printf '%s\t%s\t%s\n' "$name" "$(( $(date +%s) - start ))" "$rc" >>"$OUT/timing.tsv"
   "$PYTHON" -m experiments.report "$OUT/sweeps/$name" --out "$OUT/reports/$name" >>"$OUT/logs/$name.log" 2>&1 || rc=$?
   echo "$name: rc=$rc ($(( $(date +%s) - start )) s)"
 }
 export -f sweep
-export OUT PYTHON
+export OUT PYTHON SEEDS
 
 : >"$OUT/timing.tsv"
 start=$(date +%s)
 printf '%s\n' "${EXPERIMENTS[@]}" | xargs -P "$LANES" -I{} bash -c 'sweep {}'
 echo "all tables: $(( $(date +%s) - start )) s wall on $LANES lanes; per table: $OUT/timing.tsv"
+# CPU time of the whole reproduction (children of this shell: every sweep and report)
+times | tail -1 | awk '{print "CPU time (user, sys) of all sweeps and reports: " $1 ", " $2}' | tee -a "$OUT/timing.tsv"
