@@ -23,6 +23,7 @@ from tisdpo.pipeline.export import export_policy
 from tisdpo.pipeline.loaders import tokenize_pairs
 from tisdpo.pipeline.loggers import build_logger, finish_logging
 from tisdpo.pipeline.models import frozen_dtype, initial_model, stage_device
+from tisdpo.pipeline.pairs_stage import generated_pairs_stage
 from tisdpo.pipeline.run_dir import begin_run, check_resume_data, prepare_run_dir
 from tisdpo.pipeline.sft_stage import sft_stage
 from tisdpo.pipeline.train_stage import single_process_config, train_stage
@@ -68,6 +69,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     sft_dir = sft_stage(upstream_cfg, data, cache)
     timed("sft", t0)
+    # dataset.pairs=generated: the SFT model writes the pairs (RLCD); a cached artifact, like SFT
+    data = generated_pairs_stage(upstream_cfg, data, sft_dir, cache, results)
 
     train_examples, train_drops = tokenize_pairs(data.train_rows, data.tokenizer, cfg.dataset, "train")
     val_examples, val_drops = tokenize_pairs(data.test_rows, data.tokenizer, cfg.dataset, "test")

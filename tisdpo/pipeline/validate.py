@@ -103,6 +103,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (one line) for the first config value that cannot work."""
     _check_choices(cfg)
     _check_dataset(cfg)
+    _check_pairs(cfg)
     _check_model(cfg)
     _check_train(cfg)
     _check_optim(cfg, "optim")
@@ -236,6 +237,27 @@ def _check_dataset(cfg: DictConfig) -> None:
     for option in ("path", "test_path"):
         if ds.get(option):
             _check_data_file(f"dataset.{option}", ds[option])
+
+
+def _check_pairs(cfg: DictConfig) -> None:
+    """``dataset.pairs``: human, or pairs the SFT model generates (RLCD, pipeline/pairs_stage.py);
+    a real dataset has no other source of contrastive pairs, so anything but human generates there."""
+    _one_of(cfg, "dataset.pairs", ("human", "contrastive", "generated"))
+    pairs = cfg.dataset.get("pairs", "human")
+    if pairs == "human" or (pairs == "contrastive" and cfg.dataset.name == "synthetic"):
+        return  # the built-in task samples contrastive pairs from its own prefixed distributions
+    for option in ("max_new_tokens", "n_train", "n_test"):
+        _check(cfg, f"dataset.generation.{option}", low=1, integer=True, nullable=True)
+    _check(cfg, "dataset.generation.batch_size", low=1, integer=True)
+    _check(cfg, "dataset.generation.temperature", low=0, note="0: greedy decoding")
+    _check(cfg, "dataset.generation.top_p", low=0, high=1, low_open=True)
+    template = _get(cfg, "dataset.generation.template")
+    if template is not _ABSENT and not (isinstance(template, str) and "{system}" in template and "{prompt}" in template):
+        raise ConfigError(f"dataset.generation.template={template!r} must be a string holding '{{system}}' and '{{prompt}}'")
+    positive, negative = _get(cfg, "dataset.generation.positive_system"), _get(cfg, "dataset.generation.negative_system")
+    if positive is not _ABSENT and positive == negative:
+        raise ConfigError("dataset.generation.positive_system and negative_system are the same: the generated pairs "
+                          "would have no contrast (RLCD labels the positive prompt's answer chosen)")
 
 
 def _check_data_file(option: str, value: Any) -> None:
