@@ -170,7 +170,7 @@ def test_unknown_group_choice_lists_the_valid_ones(tmp_path, override, valid):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["estimator.name=nope"], "estimator.name='nope' is not one of dpo_pair, gradient, none, prompt, random, sft_pair, uniform"),
+    (["estimator.name=nope"], "estimator.name='nope' is not one of dpo_pair, gradient, none, oracle, prompt, random, sft_pair, uniform"),
     (["dataset.name=nope"], "dataset.name='nope' is not one of synthetic, hh, pku_saferlhf, tldr, ultrafeedback"),
     (["loss.name=nope"], "loss='nope' is not one of"),
     (["loss=tisdpo", "estimator=gradient"], "estimator=gradient cannot be used with loss=tisdpo; valid: prompt, sft_pair"),
