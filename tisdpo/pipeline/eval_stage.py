@@ -57,6 +57,16 @@ def _whole(cfg: DictConfig, option: str, default: int, low: int) -> int:
     return value
 
 
+def check_eval_options(cfg: DictConfig) -> None:
+    """The eval options config validation does not know yet (ConfigError naming the option)."""
+    if cfg.get("eval") is None or not cfg.eval.get("enabled", False):
+        return
+    _whole(cfg, "every_n_steps", 0, 0)
+    _whole(cfg, "curve_n_prompts", 64, 1)
+    if cfg.eval.name == "synthetic":
+        _unfinished_rules(cfg)
+
+
 def training_evaluators(cfg: DictConfig, data: PreparedData, reference) -> list[Callback]:
     """Callbacks that evaluate the policy during preference training: the reward-vs-KL curve
     (``eval.every_n_steps`` > 0, built-in task only; see tisdpo/eval/curve.py)."""
