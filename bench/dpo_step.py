@@ -1,11 +1,13 @@
 """One DPO optimiser step, side by side: ours vs TRL's DPOTrainer vs a bare torch loop.
 
-    python -m bench.dpo_step            # anchors' shape: tiny Llama 4 x 256, vocab 2000, 8 pairs x 128 tokens
-    python -m bench.dpo_step --quick    # a smaller model and fewer steps: a smoke run in about a minute
-    pip install -e '.[bench]'           # TRL (optional: without it the TRL columns are skipped)
+    python -m bench.dpo_step                      # tiny Llama 4 x 256, vocab 2000, 8 pairs x 128 tokens
+    python -m bench.dpo_step --quick              # a smaller model, fewer steps: a smoke run
+    python -m bench.dpo_step --precision all      # 32-true, then bf16-mixed, one section each
+    python -m bench.dpo_step --device cuda --model llama-1b      # the GPU figure: Llama-3.2-1B's shape, bf16-mixed
+    pip install -e '.[bench]'                     # TRL (optional: without it the TRL columns are skipped)
 
 Contenders, all on the same model init, the same batches, the same precision, optimiser
-(AdamW), gradient clipping and checkpointing setting:
+(fused AdamW, TRL's default), gradient clipping (max norm 1.0, TRL's default) and checkpointing:
 
   ours         PreferenceModule (DPO) under the Lightning Trainer with run.py's train defaults, as
                `python run.py` trains: shared-prefix packing on (one row per pair, the prompt once)
@@ -17,16 +19,24 @@ Contenders, all on the same model init, the same batches, the same precision, op
                log_softmax + gather, clip, AdamW, zero_grad
   bare_lean    the bare loop with our chunked log-prob kernel: ours/bare_lean = framework overhead
 
+Clipping: Lightning clips with a fused optimiser under 32-true but refuses under bf16-mixed (its
+mixed-precision plugin assumes a fused step unscales gradients itself). There `ours` clips in
+`on_before_optimizer_step`, the point where Lightning would clip (bf16 has no gradient scaler, so
+this is the same operation), and keeps the fused optimiser: every contender runs the same step.
+
 Step time = start-to-start time of consecutive optimiser steps (data loading, logging, callbacks
 included), median over the steps after warm-up. Contenders run in rounds, in a rotated order each
 round; a contender's step time is that median in its quietest round (on a machine shared with
 other jobs, bursts of load slow whole rounds several-fold), and the ratios are ratios of those.
-The per-round table and the median of per-round ratios are printed too. Peak memory: each contender again in a fresh subprocess (CUDA: peak
-allocated; CPU: peak RSS above the process before its models were built, sampled every ms).
-Also: estimator scoring throughput (tisdpo.weights.scoring.response_logps) vs a bare no-grad forward,
-and the one-off cost of the reference-cache pass. The last line is machine-readable:
+The per-round table and the median of per-round ratios are printed too. Tokens/s counts
+2 x pairs x length tokens per step for every contender; MFU = tokens/s x model FLOPs per token
+(6N policy forward+backward, + 2N reference forward unless cached; N = parameters) / the device's
+peak (--peak-tflops, 989 on CUDA). Peak memory: each contender again in a fresh subprocess (CUDA:
+torch.cuda.max_memory_allocated; CPU: peak RSS; both above the process before its models were built).
+Also: estimator scoring throughput vs a bare no-grad forward (bench.scoring), and the one-off cost
+of the reference-cache pass. Each precision's section ends with a machine-readable line:
 
-    ours/trl=<r> ours/bare=<r> cached/trl=<r> peak_mb_cached=<m> peak_mb_uncached=<m>
+    ours/trl=<r> ours/bare=<r> cached/trl=<r> peak_mb_cached=<m> peak_mb_uncached=<m> precision=<p>
 """
 from __future__ import annotations
 
@@ -35,7 +45,6 @@ import copy
 import functools
 import gc
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -46,67 +55,50 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+from lightning.pytorch.callbacks import Callback
 
-import torch  # noqa: E402
+from bench.common import ROOT, add_model_args, autocast, describe, fmt, make_data, make_model, make_tokenizer, \
+    median_after_warmup, mfu, n_params, quiet, resolve_model_args, sync, train_flops_per_token
+from bench.scoring import BATCH_SIZE, scoring_throughput
 
 CONTENDERS = ("ours", "ours_cached", "trl", "bare", "bare_lean")
 EXTRA_CONTENDERS = ("ours_standard",)  # --contenders ...,ours_standard: ours without shared-prefix packing
+PRECISIONS = ("32-true", "bf16-mixed")  # what --precision all runs, in this order
 
 
 # ----------------------------------------------------------------------------- setup
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2000)
-    p.add_argument("--pairs", type=int, default=8, help="preference pairs per optimiser step")
-    p.add_argument("--length", type=int, default=128, help="tokens per sequence (prompt + response)")
-    p.add_argument("--prompt-length", type=int, default=None, help="default length // 2")
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=8, help="timed steps per contender and round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--precision", default="auto", help="auto (bf16-mixed where supported, else 32-true) | 32-true | bf16-mixed")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing for every contender")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--clip", type=float, default=1.0, help="gradient clipping (TRL's max_grad_norm default)")
     p.add_argument("--chunk", type=int, default=256, help="our logits_chunk_size")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--no-trl", action="store_true", help="skip TRL even if installed")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-scoring", action="store_true", help="skip the estimator scoring throughput")
-    p.add_argument("--quick", action="store_true", help="2 x 128 model, 4 pairs x 64 tokens, 1 round")
     p.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: memory of one contender
     p.add_argument("--probe-logps", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.layers, args.hidden, args.pairs, args.length = 2, 128, 4, 64
         args.steps, args.warmup, args.rounds = min(args.steps, 4), min(args.warmup, 2), 1
-    args.intermediate = args.intermediate or 4 * args.hidden
-    args.prompt_length = args.prompt_length or args.length // 2
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.precision == "auto":
-        args.precision = "bf16-mixed" if bf16_supported(args.device) else "32-true"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.precision == "all":
+        args.precisions = list(PRECISIONS)
+        args.precision = PRECISIONS[0]
+    else:
+        args.precisions = None
+    resolve_model_args(args)
+    if args.precisions is None:
+        args.precisions = [args.precision]
+    elif args.device == "cuda" and not torch.cuda.is_bf16_supported():
+        args.precisions = ["32-true"]
     return args
-
-
-def bf16_supported(device: str) -> bool:
-    if device == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:  # oneDNN's native bf16 (avx512_bf16 / AMX); without it CPU bf16 is emulated and slower than fp32
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def have_trl() -> bool:
@@ -117,55 +109,9 @@ def have_trl() -> bool:
     return True
 
 
-def make_tokenizer(vocab: int):
-    """A word-level tokenizer w4..w{vocab-1}; ids 0-3 are <pad>, <s>, </s>, <unk>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab)}}
-    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
-def make_data(args, n_batches: int):
-    """Random pairs of exactly `length` tokens: (TRL text rows, our tokenised examples), the same ids."""
-    g = torch.Generator().manual_seed(1234)
-    n = args.pairs * n_batches
-    response = args.length - args.prompt_length - 1  # + EOS
-    rows, examples = [], []
-    for i in range(n):
-        ids = torch.randint(4, args.vocab, (args.prompt_length + 2 * response,), generator=g).tolist()
-        prompt, chosen, rejected = ids[: args.prompt_length], ids[args.prompt_length:][:response], ids[-response:]
-        text = lambda t: " ".join(f"w{x}" for x in t)  # noqa: E731
-        rows.append({"prompt": text(prompt), "chosen": " " + text(chosen) + " </s>", "rejected": " " + text(rejected) + " </s>"})
-        example = {"prompt_input_ids": prompt, "index": i}
-        for side, resp in (("chosen", chosen), ("rejected", rejected)):
-            example[f"{side}_input_ids"] = prompt + resp + [2]
-            example[f"{side}_labels"] = [-100] * len(prompt) + resp + [2]
-        examples.append(example)
-    return rows, examples
-
-
-def make_model(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(args.length, 128), tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    return model
-
-
-def fresh_policy(args, init_state):
-    model = make_model(args)
-    model.load_state_dict(init_state)
+def fresh_policy(args, init_model):
+    """A copy of the seeded initial model, in training mode (every contender starts from it)."""
+    model = copy.deepcopy(init_model)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(args.device).train()
@@ -180,27 +126,49 @@ def frozen(model):
     return reference
 
 
-def autocast(args):
-    enabled = args.precision.startswith("bf16")
-    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def adamw(params, args):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=True)  # TRL's default optimiser
 
 
-def sync(args):
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_after_warmup(times: list[float], warmup: int) -> float:
-    kept = times[warmup:] or times[-1:]
-    return statistics.median(kept)
+def lightning_clips_fused(precision: str) -> bool:
+    """Whether Lightning's own gradient clipping accepts a fused optimiser under this precision:
+    its mixed-precision plugin refuses one ("performs unscaling of gradients internally")."""
+    return not precision.endswith("-mixed")
 
 
 # ----------------------------------------------------------------------------- contenders
-def run_ours(args, init_state, examples, tokenizer, *, cached: bool, logps=None, n_steps: int,
+class StepTimer(Callback):
+    """Start time of every training batch, and the end of the last: the step times of a fit."""
+
+    def __init__(self, args):
+        self.args, self.starts, self.end = args, [], None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        sync(self.args)
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        sync(self.args)
+        self.end = time.perf_counter()
+
+    def durations(self) -> list[float]:
+        marks = self.starts + [self.end]
+        return [b - a for a, b in zip(marks[:-1], marks[1:])]
+
+
+class ClipGradNorm(Callback):
+    """Clip the policy's gradient norm just before the optimiser step: where Lightning's
+    `gradient_clip_val` would, for the precisions where Lightning refuses to clip a fused optimiser."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+
+
+def run_ours(args, init_model, examples, tokenizer, *, cached: bool, logps=None, n_steps: int,
              shared_prefix: bool | None = None) -> list[float]:
     """PreferenceModule (DPO) under the Lightning Trainer built from conf/trainer, like train_stage."""
     import lightning as L
@@ -208,10 +176,11 @@ def run_ours(args, init_state, examples, tokenizer, *, cached: bool, logps=None,
 
     from tisdpo.losses import dpo_loss
     from tisdpo.modules.preference import LossSpec, PreferenceModule
-    from tisdpo.pipeline.loaders import build_trainer, preference_loader
+    from tisdpo.pipeline.fit import build_trainer
+    from tisdpo.pipeline.loaders import preference_loader
     from tisdpo.pipeline.reference_cache import attach_reference_logps
 
-    policy = fresh_policy(args, init_state)
+    policy = fresh_policy(args, init_model)
     reference = None if cached else frozen(policy)
     if cached:
         examples = attach_reference_logps(examples, logps)
@@ -227,11 +196,14 @@ def run_ours(args, init_state, examples, tokenizer, *, cached: bool, logps=None,
         shared_prefix=bool(cfg.train.shared_prefix) if shared_prefix is None else shared_prefix,
     )
     loader = preference_loader(examples, tokenizer, args.pairs, shuffle=False, seed=0)
-    timer = _LightningTimer(args)
+    timer = StepTimer(args)
+    callbacks, clip = [timer], args.clip
+    if not lightning_clips_fused(args.precision):
+        callbacks, clip = [timer, ClipGradNorm(args.clip)], 0.0
     trainer = build_trainer(
-        cfg.trainer, max_steps=n_steps, logger=False, callbacks=[timer], enable_checkpointing=False,
+        cfg.trainer, max_steps=n_steps, logger=False, callbacks=callbacks, enable_checkpointing=False,
         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, precision=args.precision,
-        gradient_clip_val=args.clip, inference_mode=False, num_sanity_val_steps=0,
+        gradient_clip_val=clip, inference_mode=False, num_sanity_val_steps=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -248,30 +220,7 @@ def run_config(args):
         return compose("config", overrides=[f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}", "logger=none"])
 
 
-class _LightningTimer:
-    def __new__(cls, args):
-        from lightning.pytorch.callbacks import Callback
-
-        class Timer(Callback):
-            def __init__(self):
-                self.starts, self.end = [], None
-
-            def on_train_batch_start(self, trainer, module, batch, batch_idx):
-                sync(args)
-                self.starts.append(time.perf_counter())
-
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                sync(args)
-                self.end = time.perf_counter()
-
-            def durations(self):
-                marks = self.starts + [self.end]
-                return [b - a for a, b in zip(marks[:-1], marks[1:])]
-
-        return Timer()
-
-
-def run_trl(args, init_state, rows, tokenizer, *, n_steps: int, precompute: bool = False) -> list[float]:
+def run_trl(args, init_model, rows, tokenizer, *, n_steps: int, precompute: bool = False) -> list[float]:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -288,7 +237,7 @@ def run_trl(args, init_state, rows, tokenizer, *, n_steps: int, precompute: bool
             sync(args)
             self.end = time.perf_counter()
 
-    policy = fresh_policy(args, init_state)
+    policy = fresh_policy(args, init_model)
     reference = None if precompute else frozen(policy)
     timer = Timer()
     with tempfile.TemporaryDirectory() as out:
@@ -322,14 +271,14 @@ def naive_logps(logits, labels):
     return logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1) * mask, mask
 
 
-def run_bare(args, init_state, examples, tokenizer, *, n_steps: int, lean: bool) -> list[float]:
+def run_bare(args, init_model, examples, tokenizer, *, n_steps: int, lean: bool) -> list[float]:
     """The same work with no framework: what one would write by hand."""
     import torch.nn.functional as F
 
     from tisdpo.data.collate import PreferenceCollator
     from tisdpo.losses.logprobs import token_logps
 
-    policy = fresh_policy(args, init_state)
+    policy = fresh_policy(args, init_model)
     reference = frozen(policy)
     optimizer = adamw(policy.parameters(), args)
     collate = PreferenceCollator(tokenizer.pad_token_id)
@@ -357,60 +306,17 @@ def run_bare(args, init_state, examples, tokenizer, *, n_steps: int, lean: bool)
     return times
 
 
-def reference_pass(args, init_state, examples, tokenizer):
+def reference_pass(args, init_model, examples, tokenizer):
     """The reference-cache pass (what the pipeline stores once): (log-probs, seconds)."""
     from tisdpo.pipeline.reference_cache import compute_reference_logps
 
-    reference = frozen(fresh_policy(args, init_state))
+    reference = frozen(fresh_policy(args, init_model))
     sync(args)
     start = time.perf_counter()
     logps = compute_reference_logps(reference, examples, tokenizer.pad_token_id, batch_size=64, chunk_size=args.chunk,
                                     precision=args.precision, device=args.device)
     sync(args)
     return logps, time.perf_counter() - start
-
-
-def scoring_throughput(args, init_state, examples, tokenizer, reps: int = 6) -> dict[str, float]:
-    """Estimator scoring (response_logps: forward + log-probs + ragged split) vs a bare no-grad forward."""
-    from tisdpo.data.collate import PreferenceCollator
-    from tisdpo.weights.scoring import response_logps
-
-    model = frozen(fresh_policy(args, init_state))
-    tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
-    batch_size = 64
-    collate = PreferenceCollator(tokenizer.pad_token_id)
-    batches = [collate(examples[i: i + batch_size]) for i in range(0, len(examples), batch_size)]
-
-    def bare():
-        with torch.no_grad(), autocast(args):
-            for b in batches:
-                ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]]).to(args.device)
-                attention = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]]).to(args.device)
-                model(input_ids=ids, attention_mask=attention, use_cache=False).logits.sum().item()
-
-    def scoring():
-        with autocast(args):
-            response_logps(model, examples, tokenizer.pad_token_id, batch_size=batch_size, chunk_size=args.chunk)
-
-    def timed(fn) -> float:
-        sync(args)
-        start = time.perf_counter()
-        fn()
-        sync(args)
-        return time.perf_counter() - start
-
-    bare(), scoring()  # warm-up
-    times = {"bare_forward": [], "scoring": []}
-    ratios = []
-    for rep in range(reps):  # interleaved, order alternating: a busy moment hits both
-        pair = (("bare_forward", bare), ("scoring", scoring))[:: 1 if rep % 2 == 0 else -1]
-        got = {name: timed(fn) for name, fn in pair}
-        for name, t in got.items():
-            times[name].append(t)
-        ratios.append(got["bare_forward"] / got["scoring"])
-    out = {f"{name}_tokens_per_s": tokens / statistics.median(t) for name, t in times.items()}
-    out["scoring/bare_throughput"] = statistics.median(ratios)
-    return out
 
 
 # ----------------------------------------------------------------------------- memory
@@ -446,7 +352,7 @@ def probe_memory(args) -> dict[str, float]:
     tokenizer = make_tokenizer(args.vocab)
     n_steps = args.warmup + 2
     rows, examples = make_data(args, args.warmup + args.steps)  # the data (and cached log-probs) of the timed run
-    init_state = make_model(args).state_dict()
+    init_model = make_model(args)
     logps = torch.load(args.probe_logps) if args.probe_logps else None
     gc.collect()
     if args.device == "cuda":
@@ -454,7 +360,7 @@ def probe_memory(args) -> dict[str, float]:
         base_cuda = torch.cuda.memory_allocated()
     with _PeakRSS() as rss:
         base = rss.now()
-        run_contender(args.probe, args, init_state, rows, examples, tokenizer, logps, n_steps)
+        run_contender(args.probe, args, init_model, rows, examples, tokenizer, logps, n_steps)
     out = {"peak_rss_mb": (rss.peak - base) / 2**20}
     if args.device == "cuda":
         out["peak_cuda_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
@@ -474,39 +380,26 @@ def memory_in_subprocess(name: str, argv: list[str], logps_path: Path | None) ->
     return None
 
 
-# ----------------------------------------------------------------------------- main
-def run_contender(name, args, init_state, rows, examples, tokenizer, logps, n_steps) -> list[float]:
+def probe_argv(argv: list[str], precision: str) -> list[str]:
+    """The run's own arguments for a memory probe, for one precision (the last --precision wins)."""
+    return [a for a in argv if a not in ("--no-memory",)] + ["--precision", precision]
+
+
+# ----------------------------------------------------------------------------- results
+def run_contender(name, args, init_model, rows, examples, tokenizer, logps, n_steps) -> list[float]:
     if name == "ours":
-        return run_ours(args, init_state, examples, tokenizer, cached=False, n_steps=n_steps)
+        return run_ours(args, init_model, examples, tokenizer, cached=False, n_steps=n_steps)
     if name == "ours_cached":
-        return run_ours(args, init_state, examples, tokenizer, cached=True, logps=logps, n_steps=n_steps)
+        return run_ours(args, init_model, examples, tokenizer, cached=True, logps=logps, n_steps=n_steps)
     if name == "ours_standard":  # shared-prefix packing off: the [2B, T] forward
-        return run_ours(args, init_state, examples, tokenizer, cached=False, n_steps=n_steps, shared_prefix=False)
+        return run_ours(args, init_model, examples, tokenizer, cached=False, n_steps=n_steps, shared_prefix=False)
     if name == "trl":
-        return run_trl(args, init_state, rows, tokenizer, n_steps=n_steps)
+        return run_trl(args, init_model, rows, tokenizer, n_steps=n_steps)
     if name == "bare":
-        return run_bare(args, init_state, examples, tokenizer, n_steps=n_steps, lean=False)
+        return run_bare(args, init_model, examples, tokenizer, n_steps=n_steps, lean=False)
     if name == "bare_lean":
-        return run_bare(args, init_state, examples, tokenizer, n_steps=n_steps, lean=True)
+        return run_bare(args, init_model, examples, tokenizer, n_steps=n_steps, lean=True)
     raise ValueError(f"unknown contender {name!r}")
-
-
-def quiet():
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import lightning  # noqa: F401  (sets its loggers' levels on import: override them after)
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "trl", "datasets", "accelerate"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-        datasets.disable_caching()
-    except ImportError:
-        pass
 
 
 def best_round(results, name: str) -> float | None:
@@ -527,107 +420,138 @@ def ratio_per_round(results, a: str, b: str) -> float | None:
     return statistics.median(pairs) if pairs else None
 
 
-def fmt(x, digits=3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
+RATIOS = {  # name: (contender a, contender b) -> step time of a / step time of b
+    "ours/trl": ("ours", "trl"), "ours/bare": ("ours", "bare"), "ours/bare_lean": ("ours", "bare_lean"),
+    "cached/trl": ("ours_cached", "trl"), "cached/ours": ("ours_cached", "ours"), "trl/bare": ("trl", "bare"),
+    "standard/trl": ("ours_standard", "trl"), "ours/standard": ("ours", "ours_standard"),
+    "bare_lean/bare": ("bare_lean", "bare"),
+}
 
 
-def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    quiet()
-    if args.probe:
-        print("PROBE " + json.dumps(probe_memory(args)), flush=True)
-        return {}
-
-    contenders = [c for c in args.contenders.split(",") if c]
-    if (args.no_trl or not have_trl()) and "trl" in contenders:
-        print("TRL not installed (pip install -e '.[bench]') or --no-trl: skipping the TRL contender")
-        contenders.remove("trl")
-    tokenizer = make_tokenizer(args.vocab)
+def timed_rounds(args, contenders, init_model, rows, examples, tokenizer, logps) -> list[dict[str, float]]:
+    """Per round: each contender's median step time after warm-up, the order rotated each round."""
     n_steps = args.warmup + args.steps
-    rows, examples = make_data(args, n_steps)
-    init_state = copy.deepcopy(make_model(args).state_dict())
-    n_params = sum(t.numel() for t in init_state.values())
-    tokens_per_step = 2 * args.pairs * args.length
-    print(f"model: Llama {args.layers} x {args.hidden} (ffn {args.intermediate}), vocab {args.vocab}, "
-          f"{n_params / 1e6:.2f}M params | {args.pairs} pairs x {args.length} tokens (prompt {args.prompt_length}) | "
-          f"{args.precision} | grad ckpt {'on' if args.grad_ckpt else 'off'} | {args.device}, {torch.get_num_threads()} threads | "
-          f"torch {torch.__version__}" + (f", trl {__import__('trl').__version__}" if "trl" in contenders else ""))
-    print(f"timing: {args.rounds} round(s) x {args.steps} steps after {args.warmup} warm-up, medians; order rotates per round")
-
-    logps, ref_seconds = reference_pass(args, init_state, examples, tokenizer)
-    report: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    "reference_cache_pass_s": ref_seconds}
-
     results = []
     for r in range(args.rounds):
         order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
         row = {}
         for name in order:
-            times = run_contender(name, args, init_state, rows, examples, tokenizer, logps, n_steps)
+            times = run_contender(name, args, init_model, rows, examples, tokenizer, logps, n_steps)
             row[name] = median_after_warmup(times, args.warmup)
             gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
         results.append(row)
-        print(f"round {r + 1}: " + "  ".join(f"{k} {row[k]:.3f}s" for k in contenders))
-    report["rounds"] = results
+        print(f"  round {r + 1}: " + "  ".join(f"{k} {row[k]:.3f}s" for k in contenders), flush=True)
+    return results
 
-    print("\nstep time (median step of each contender's quietest round) and throughput")
+
+def throughput_table(args, contenders, results, params: int) -> dict:
+    """Step time, tokens/s and MFU per contender (printed), and every ratio."""
+    report = {}
+    tokens_per_step = 2 * args.pairs * args.length
+    print("  step time (median step of each contender's quietest round), tokens/s, MFU")
     for name in contenders:
         t = best_round(results, name)
         spread = max(r[name] for r in results) / t
-        report[f"step_s/{name}"] = t
-        print(f"  {name:13s} {t:8.3f} s/step   {tokens_per_step / t:9.0f} tokens/s"
+        tokens_per_s = tokens_per_step / t
+        flops = train_flops_per_token(params, reference=name != "ours_cached")
+        util = mfu(tokens_per_s, flops, args.peak_tflops)
+        report.update({f"step_s/{name}": t, f"tokens_per_s/{name}": tokens_per_s, f"mfu/{name}": util})
+        print(f"    {name:13s} {t:8.3f} s/step {tokens_per_s:11.0f} tokens/s   MFU {fmt(util)}"
               + (f"   (rounds spread x{spread:.1f}: the machine was busy)" if spread > 1.3 else ""))
-    ratios = {
-        "ours/trl": ratio(results, "ours", "trl"),
-        "ours/bare": ratio(results, "ours", "bare"),
-        "ours/bare_lean": ratio(results, "ours", "bare_lean"),
-        "cached/trl": ratio(results, "ours_cached", "trl"),
-        "cached/ours": ratio(results, "ours_cached", "ours"),
-        "trl/bare": ratio(results, "trl", "bare"),
-        "standard/trl": ratio(results, "ours_standard", "trl"),
-        "ours/standard": ratio(results, "ours", "ours_standard"),
-        "bare_lean/bare": ratio(results, "bare_lean", "bare"),
-    }
-    report.update(ratios)
-    names = {"ours": "ours", "cached": "ours_cached", "trl": "trl", "bare": "bare", "bare_lean": "bare_lean",
-             "standard": "ours_standard"}
-    per_round = {k: ratio_per_round(results, *(names[x] for x in k.split("/"))) for k in ratios}
-    report.update({f"{k} (median of per-round ratios)": v for k, v in per_round.items()})
-    print("ratios of those step times (< 1 = first is faster); in brackets the median of per-round ratios")
-    for k, v in ratios.items():
-        if v is not None:
-            print(f"  {k:15s} {v:.3f}   [{per_round[k]:.3f}]")
-    saved = report.get("step_s/ours", 0) - report.get("step_s/ours_cached", 0)
-    print(f"reference cache: one pass over {len(examples)} pairs took {ref_seconds:.2f}s "
+    per_round = {}
+    for key, (a, b) in RATIOS.items():
+        report[key] = ratio(results, a, b)
+        per_round[key] = ratio_per_round(results, a, b)
+        report[f"{key} (median of per-round ratios)"] = per_round[key]
+    print("  ratios of step times (< 1 = first is faster); in brackets the median of per-round ratios")
+    for key in RATIOS:
+        if report[key] is not None:
+            print(f"    {key:15s} {report[key]:.3f}   [{per_round[key]:.3f}]")
+    if report["ours/trl"] is not None:
+        print(f"  tokens/s ours vs TRL: x{1 / report['ours/trl']:.2f}"
+              + (f"; cached vs TRL: x{1 / report['cached/trl']:.2f}" if report["cached/trl"] else ""))
+    return report
+
+
+def peak_memory(args, argv, contenders, logps) -> dict[str, float]:
+    """Each contender's peak memory, from a fresh subprocess."""
+    memory = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "logps.pt"
+        torch.save(logps, path)
+        for name in contenders:
+            probe = memory_in_subprocess(name, probe_argv(argv, args.precision), path if name == "ours_cached" else None)
+            if probe:
+                memory[name] = probe["peak_mb"]
+    kind = ("GPU, torch.cuda.max_memory_allocated" if args.device == "cuda"
+            else "peak RSS")
+    print(f"  peak memory ({kind}, above the process before its models were built): "
+          + "  ".join(f"{k} {v:.0f} MB" for k, v in memory.items()))
+    return memory
+
+
+def run_precision(args, argv, contenders) -> dict:
+    """Every number for one precision; ends with the machine-readable line."""
+    print(f"\n== {args.precision} ==")
+    tokenizer = make_tokenizer(args.vocab)
+    rows, examples = make_data(args, args.warmup + args.steps)
+    init_model = make_model(args)
+    params = n_params(init_model)
+    logps, ref_seconds = reference_pass(args, init_model, examples, tokenizer)
+    report: dict = {"precision": args.precision, "params": params, "reference_cache_pass_s": ref_seconds}
+    results = timed_rounds(args, contenders, init_model, rows, examples, tokenizer, logps)
+    report["rounds"] = results
+    report.update(throughput_table(args, contenders, results, params))
+    saved = (report.get("step_s/ours") or 0) - (report.get("step_s/ours_cached") or 0)
+    print(f"  reference cache: one pass over {len(examples)} pairs took {ref_seconds:.2f}s "
           f"({2 * len(examples) * args.length / ref_seconds:.0f} tokens/s)"
           + (f"; pays for itself after {ref_seconds / saved:.1f} steps" if saved > 0 else ""))
-
     if not args.no_scoring:
-        scoring = scoring_throughput(args, init_state, examples, tokenizer)
+        frozen_model = frozen(fresh_policy(args, init_model))
+        scoring = scoring_throughput(args, frozen_model, examples, tokenizer.pad_token_id,
+                                     batch_size=min(BATCH_SIZE, len(examples)), chunk=args.chunk, reps=6 if not args.quick else 2)
+        del frozen_model
         report.update(scoring)
-        print(f"estimator scoring: {scoring['scoring_tokens_per_s']:.0f} tokens/s vs bare forward "
+        print(f"  estimator scoring: {scoring['scoring_tokens_per_s']:.0f} tokens/s vs bare forward "
               f"{scoring['bare_forward_tokens_per_s']:.0f} tokens/s (scoring/bare throughput "
               f"{scoring['scoring/bare_throughput']:.3f})")
+    del init_model
+    gc.collect()
+    memory = {} if args.no_memory else peak_memory(args, argv, contenders, logps)
+    report.update({f"peak_mb/{k}": v for k, v in memory.items()})
+    print(f"ours/trl={fmt(report['ours/trl'])} ours/bare={fmt(report['ours/bare'])} cached/trl={fmt(report['cached/trl'])} "
+          f"peak_mb_cached={fmt(memory.get('ours_cached'), 0)} peak_mb_uncached={fmt(memory.get('ours'), 0)} "
+          f"precision={args.precision}", flush=True)
+    return report
 
-    memory = {}
-    if not args.no_memory:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "logps.pt"
-            torch.save(logps, path)
-            base_argv = [a for a in argv if a not in ("--no-memory",)]
-            for name in contenders:
-                probe = memory_in_subprocess(name, base_argv, path if name == "ours_cached" else None)
-                if probe:
-                    memory[name] = probe["peak_mb"]
-                    report[f"peak_mb/{name}"] = probe["peak_mb"]
-        kind = "CUDA peak allocated" if args.device == "cuda" else "peak RSS above the process before models"
-        print(f"peak memory ({kind}): " + "  ".join(f"{k} {v:.0f} MB" for k, v in memory.items()))
 
+def main(argv=None) -> dict:
+    """{"args": ..., "<precision>": {every number}} (also written to --json)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    quiet()
+    torch.set_float32_matmul_precision("high")  # as the pipeline sets it (TF32 on GPUs that have it)
+    if args.probe:
+        print("PROBE " + json.dumps(probe_memory(args)), flush=True)
+        return {}
+    contenders = [c for c in args.contenders.split(",") if c]
+    if (args.no_trl or not have_trl()) and "trl" in contenders:
+        print("TRL not installed (pip install -e '.[bench]') or --no-trl: skipping the TRL contender")
+        contenders.remove("trl")
+    print(f"model: {describe(args)} | {args.pairs} pairs x {args.length} tokens (prompt {args.prompt_length}) | "
+          f"grad ckpt {'on' if args.grad_ckpt else 'off'} | {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f", {torch.get_num_threads()} threads")
+          + f" | torch {torch.__version__}" + (f", trl {__import__('trl').__version__}" if "trl" in contenders else ""))
+    print(f"timing: {args.rounds} round(s) x {args.steps} steps after {args.warmup} warm-up, medians; order rotates "
+          f"per round | precisions: {', '.join(args.precisions)}")
+    report: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    for precision in args.precisions:
+        args.precision = precision
+        report[precision] = run_precision(args, argv, contenders)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
-    print(f"ours/trl={fmt(ratios['ours/trl'])} ours/bare={fmt(ratios['ours/bare'])} cached/trl={fmt(ratios['cached/trl'])} "
-          f"peak_mb_cached={fmt(memory.get('ours_cached'), 0)} peak_mb_uncached={fmt(memory.get('ours'), 0)}")
     return report
 
 
