@@ -475,6 +475,8 @@ def collect_wandb_runs(path: str, group: str | None = None, table: str | None = 
     runs = []
     filters = wandb_filters(group, table, scale)
     for wb_run in wandb.Api().runs(project, filters=filters or None):
+        if getattr(wb_run, "job_type", None) in ("sft", "estimator"):  # stage runs of a job, not jobs
+            continue
         config = {k: v for k, v in dict(wb_run.config).items() if not str(k).startswith("_")}
         summary = getattr(wb_run.summary, "_json_dict", None)
         if summary is None:

@@ -57,12 +57,13 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
         task = _task_from_cfg(ds)
         tokenizer = task.tokenizer() if not cfg.model.get("tokenizer") else load_tokenizer(cfg.model.tokenizer)
         pairs = ds.get("pairs", "human")
-        if pairs == "human":  # Bradley-Terry labels on two samples of the SFT distribution
+        # generated: the same prompts, answered by the SFT model after the SFT stage (pipeline/pairs_stage.py)
+        if pairs in ("human", "generated"):  # human: Bradley-Terry labels on two samples of the SFT distribution
             train_rows, test_rows = task.preference_pairs("train"), task.preference_pairs("test")
         elif pairs == "contrastive":
             train_rows, test_rows = task.contrastive_pairs("train"), task.contrastive_pairs("test")
         else:
-            raise ValueError(f"dataset.pairs={pairs!r} is not one of human, contrastive")
+            raise ValueError(f"dataset.pairs={pairs!r} is not one of human, contrastive, generated")
         sft_rows = task.sft_examples()
         drops: dict[str, Any] = {}
     else:

@@ -18,7 +18,7 @@ from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import LossSpec, PreferenceModule
 from tisdpo.pipeline.cache import RESUME_SUBDIR
 from tisdpo.pipeline.checkpoints import stage_every_n_steps
-from tisdpo.pipeline.fit import fit_stage
+from tisdpo.pipeline.fit import accumulation, fit_stage, optimizer_steps, world_size
 from tisdpo.pipeline.loaders import preference_loader, tokenize_sft
 from tisdpo.pipeline.loggers import RUN_RECORD, stage_logger, stage_run_name
 from tisdpo.pipeline.models import frozen_dtype, initial_model, master_dtype
@@ -45,11 +45,16 @@ def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], token
     policy = build_model(name_or_path=str(init_dir), dtype=master_dtype(cfg))
     reference = frozen_copy(policy).to(frozen_dtype(cfg) or policy.dtype)
     loss = LossSpec("dpo", functools.partial(dpo_loss, beta=float(est.beta)))
-    module = PreferenceModule(policy, reference, loss, est.optim, total_steps=int(est.max_steps),
+    # The DPO baseline's recipe, batch included: the global batch and length of the run's training
+    # (one device here: the estimator stage runs single-process).
+    batch_size, world = int(est.batch_size), world_size(cfg.trainer)
+    accumulate = accumulation(batch_size, int(est.get("grad_accum") or 1), est.get("global_batch_size"), world)
+    steps = optimizer_steps(est.get("max_steps"), est.get("epochs"), len(examples), batch_size, world, accumulate)
+    module = PreferenceModule(policy, reference, loss, est.optim, total_steps=steps,
                               logits_chunk_size=int(cfg.train.logits_chunk_size))
-    loader = preference_loader(examples, tokenizer, int(est.batch_size), shuffle=True, seed=seed)
-    fit_stage(cfg.trainer, module, loader, max_steps=int(est.max_steps), checkpoint_dir=checkpoint_dir,
-              checkpoint_every=stage_every_n_steps(cfg),
+    loader = preference_loader(examples, tokenizer, batch_size, shuffle=True, seed=seed)
+    fit_stage(cfg.trainer, module, loader, max_steps=steps, checkpoint_dir=checkpoint_dir,
+              checkpoint_every=stage_every_n_steps(cfg), accumulate_grad_batches=accumulate, model=policy,
               logger=stage_logger(cfg, "estimator", run_name, record=record))
     return policy
 

@@ -359,7 +359,8 @@ def _check_estimator(cfg: DictConfig) -> None:
         _check(cfg, "estimator.score_batch_size", low=1, integer=True)
         _check_transform(cfg)
     if name in ("dpo_pair", "sft_pair"):
-        _check(cfg, "estimator.max_steps", low=1, integer=True)
+        _check(cfg, "estimator.max_steps", low=1, integer=True, nullable=name == "dpo_pair",
+               note="null: estimator.epochs passes, as the run's own training")
         _check(cfg, "estimator.batch_size", low=1, integer=True)
         _check_optim(cfg, "estimator.optim")
     if name == "dpo_pair":
