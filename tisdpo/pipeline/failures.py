@@ -239,10 +239,23 @@ def run_recorded(cfg, run_fn: Callable[[Any], dict[str, Any]]) -> dict[str, Any]
             release_reserve(start_dir)
 
 
+def _close_wandb_run(exit_code: int) -> None:
+    """Mark this job's W&B run failed now (else it stays 'running' until the next job or exit).
+    Only when this process already uses W&B: failures.py never imports it."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is not None:
+        try:
+            run.finish(exit_code=exit_code)
+        except Exception as secondary:  # noqa: BLE001 - the original error matters more
+            log.warning("could not close the W&B run: %s", secondary)
+
+
 def _recorded_failure(cfg, error: BaseException):
     signal_name = interruption(error)
     if isinstance(error, SystemExit) and not error.code and signal_name is None:
         raise error
+    _close_wandb_run(128 + int(signal.Signals[signal_name]) if signal_name else 1)
     release_reserve(Path(str(cfg.paths.output_dir)))
     # run() repoints paths.output_dir for resume=<run dir>: the marker goes where the run is.
     path = write_failure(Path(str(cfg.paths.output_dir)), error)
