@@ -39,13 +39,15 @@ BAD_VALUES = [
     (["loss=tidpo", "estimator.normalize=token"], "estimator.normalize='token' is not one of response, sequence"),
     # estimators and their transforms
     (["loss=tisdpo", "estimator=dpo_pair", "estimator.beta=0"], "estimator.beta=0 must be > 0"),
-    (["loss=tisdpo", "estimator=dpo_pair", "estimator.max_steps=0"], "estimator.max_steps=0 must be >= 1"),
-    (["loss=tisdpo", "estimator=dpo_pair", "estimator.optim.lr=0"], "estimator.optim.lr=0 must be > 0"),
+    (["loss=tisdpo", "estimator=dpo_pair", "estimator.max_steps=0"], "estimator.max_steps=0 must be null or >= 1"),
+    # estimator.optim follows the run's optim by interpolation (the DPO baseline's recipe): a deviation replaces the node
+    (["loss=tisdpo", "estimator=dpo_pair", "estimator.optim={lr: 0, warmup_steps: 0, schedule: constant, "
+      "optimizer: {_target_: torch.optim.AdamW, _partial_: true, lr: 0}}"], "estimator.optim.lr=0 must be > 0"),
     (["loss=tisdpo", "estimator=prompt", "estimator.transform.name=softmax"],
      "estimator.transform.name='softmax' is not one of exp_clamp, rank_linear, clamp_linear"),
-    (["loss=tisdpo", "estimator=prompt", "estimator.transform.exp_clamp.lower=1"],
+    (["loss=tisdpo", "estimator=prompt", "estimator.transform.name=exp_clamp", "estimator.transform.exp_clamp.lower=1"],
      "estimator.transform.exp_clamp.lower=1 must be <= estimator.transform.exp_clamp.upper=0.5"),
-    (["loss=tisdpo", "estimator=prompt", "estimator.transform.exp_clamp.k=0"], "estimator.transform.exp_clamp.k=0 must be > 0"),
+    (["loss=tisdpo", "estimator=prompt", "estimator.transform.name=exp_clamp", "estimator.transform.exp_clamp.k=0"], "estimator.transform.exp_clamp.k=0 must be > 0"),
     (["loss=tisdpo", "estimator=sft_pair", "estimator.transform.name=rank_linear", "estimator.transform.rank_linear.low=2"],
      "estimator.transform.rank_linear.low=2 must be <= estimator.transform.rank_linear.high=1.3"),
     (["loss=tisdpo", "estimator=prompt", "estimator.transform.name=clamp_linear", "estimator.transform.clamp_linear.bound=0"],
@@ -68,7 +70,7 @@ BAD_VALUES = [
     (["dataset.limit=0"], "dataset.limit=0 must be null or >= 1"),
     (["+dataset.test_limit=0"], "dataset.test_limit=0 must be null or >= 1"),
     (["dataset.task.n_train_pairs=0"], "dataset.task.n_train_pairs=0 must be >= 1"),
-    (["train.max_steps=0"], "train.max_steps=0 must be >= 1"),
+    (["train.max_steps=0"], "train.max_steps=0 must be null or >= 1"),
     (["train.max_steps=true"], "train.max_steps=True must be a whole number"),
     (["train.grad_accum=0"], "train.grad_accum=0 must be >= 1"),
     (["train.val_every_n_steps=-1"], "train.val_every_n_steps=-1 must be >= 0 (0: no validation during training)"),

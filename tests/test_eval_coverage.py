@@ -14,7 +14,9 @@ from experiments.paper import load_paper_table
 from tests.conftest import CONF, compose_config
 from tisdpo.eval.keys import metric_keys
 
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# Paper-table experiments (the variant_* sweeps are built-in task only: no paper table, no paper scale).
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
+                     if OmegaConf.load(p).get("paper_table") is not None)
 
 # The eval preset each table needs at paper scale (conf/eval/<preset>.yaml).
 TABLE_EVAL = {

@@ -106,8 +106,8 @@ def test_cap_is_the_longest_training_response(tiny_data):
     cfg = compose_config(["eval.max_new_tokens=null"])
     assert eval_max_new_tokens(cfg, tiny_data) == longest + 1
     assert eval_max_new_tokens(compose_config(["eval.max_new_tokens=9"]), tiny_data) == 9  # explicit wins
-    # the preset's written-out cap is the built-in task's longest response + EOS
-    assert compose_config([], tiny=False).eval.max_new_tokens == SyntheticTaskConfig().max_response_length + 1
+    # the default is the data's own cap (null), never above the task's longest response + EOS
+    assert compose_config([], tiny=False).eval.max_new_tokens is None
     assert longest_response_tokens(tiny_data) <= SyntheticTaskConfig().max_response_length + 1
 
 

@@ -21,7 +21,8 @@ from tisdpo.eval.judges.pairwise import METRIC_NAMES as PAIRWISE_NAMES
 from tisdpo.eval.run_judges import temperature_suffixes
 
 SYNTHETIC_KEYS = ("true_reward", "safe_rate", "helpfulness", "good_rate", "harmful_rate", "invalid_rate",
-                  "length", "finished_rate", "kl_ref", "win_rate")
+                  "length", "finished_rate", "kl_ref", "win_rate", "true_reward_per_token", "true_reward_lc",
+                  "length_slope", "n_counted")
 
 
 def with_temperatures(keys: set[str], temperatures) -> set[str]:

@@ -415,6 +415,11 @@ def _check_eval(cfg: DictConfig) -> None:
     if not (ev.get("name") == "benchmarks" and ev.get("batch_size") == "auto"):  # lm-eval sizes its own batches
         _check(cfg, "eval.batch_size", low=1, integer=True)
     _check(cfg, "eval.top_p", low=0, high=1, low_open=True, nullable=True)
+    _check(cfg, "eval.every_n_steps", low=0, integer=True, note="0: no curve during training")
+    _check(cfg, "eval.curve_n_prompts", low=1, integer=True)
+    if _get(cfg, "eval.unfinished") is not _ABSENT:
+        _one_of(cfg, "eval.unfinished", ("exclude", "penalize", "keep"))
+    _check(cfg, "eval.unfinished_reward")
     temperatures = _get(cfg, "eval.temperatures")
     if temperatures is _ABSENT:
         return
