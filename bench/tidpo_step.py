@@ -17,26 +17,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # conf/ lives here; run as `python -m bench.tidpo_step` from the repo root
 
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+import torch
+from hydra import compose, initialize_config_dir
 
-import tisdpo.resolvers  # noqa: E402,F401
-from tisdpo.data.collate import PreferenceCollator  # noqa: E402
-from tisdpo.models.loading import build_model, frozen_copy  # noqa: E402
-from tisdpo.modules.preference import PreferenceModule  # noqa: E402
-from tisdpo.pipeline.loaders import tokenize_pairs  # noqa: E402
-from tisdpo.pipeline.loss_config import build_loss_spec  # noqa: E402
-from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig  # noqa: E402
-from tisdpo.modules.triplet import TripletTerm  # noqa: E402
-from tisdpo.weights.gradient import GradientWeights  # noqa: E402
+import tisdpo.resolvers  # noqa: F401
+from tisdpo.data.collate import PreferenceCollator
+from tisdpo.models.loading import build_model, frozen_copy
+from tisdpo.modules.preference import PreferenceModule
+from tisdpo.pipeline.loaders import tokenize_pairs
+from tisdpo.pipeline.loss_config import build_loss_spec
+from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
+from tisdpo.modules.triplet import TripletTerm
+from tisdpo.weights.gradient import GradientWeights
 
 
 def compose_cfg(overrides):
