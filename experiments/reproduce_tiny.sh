@@ -24,10 +24,12 @@ EXPERIMENTS=(
   tidpo_label_noise tidpo_ablation tisdpo_comparison tisdpo_pku_main tisdpo_llm_generated
   tidpo_main tisdpo_tldr tisdpo_ultrafeedback tisdpo_ablation
 )
-# The harder task variants (one experiment each: DPO, TIS-DPO(D), the oracle control, TI-DPO).
+# The default task and its harder variants (one experiment each: DPO, TIS-DPO(D), the oracle, TI-DPO).
 for variant in conf/experiment/variant_*.yaml; do
   [ -e "$variant" ] && EXPERIMENTS+=("$(basename "$variant" .yaml)")
 done
+# ONLY="variant_default variant_context": just those experiments
+if [ -n "${ONLY:-}" ]; then read -r -a EXPERIMENTS <<<"$ONLY"; fi
 
 sweep() {  # one table: the multirun, then its report; appends "name  seconds  rc" to timing.tsv
   local name=$1 start rc=0

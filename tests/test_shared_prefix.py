@@ -89,7 +89,7 @@ def test_packed_under_bf16_autocast():
 
 @pytest.mark.parametrize("overrides", [["loss=dpo"], ["loss=ipo"], ["loss=kto"],
                                        ["loss=tisdpo", "loss.use_eta=false", "estimator=uniform"],
-                                       ["loss=tidpo", "estimator=uniform", "loss.triplet.gamma=0"]])
+                                       ["loss=tidpo", "loss.base=dpo", "estimator=uniform", "loss.triplet.gamma=0"]])
 def test_module_loss_and_gradients_are_unchanged(overrides):
     batch = PreferenceCollator(0)(_examples(n=8, seed=5))
     spec = build_loss_spec(compose_config(overrides, tiny=False).loss)

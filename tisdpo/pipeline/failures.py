@@ -84,7 +84,11 @@ def pending_signal() -> str | None:
 
 
 def fit_running(active: bool) -> None:
-    """SignalCheckpoint says a fit started/ended: signals wait for the step to end meanwhile."""
+    """SignalCheckpoint says a fit started/ended: signals wait for the step to end meanwhile. A
+    signal still marked pending when a fit starts is stale (one that arrived outside a fit stopped
+    that job at once): it must not stop this one."""
+    if active:
+        _SIGNALS["pending"] = None
     _SIGNALS["fits"] = max(0, _SIGNALS["fits"] + (1 if active else -1))
 
 
@@ -111,6 +115,7 @@ def handled_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _SIGNALS.update(fits=0, pending=None)  # nothing of this job's signals reaches the next one
 
 
 def interruption(error: BaseException) -> str | None:
