@@ -101,6 +101,11 @@ def fit_stage(trainer_cfg: DictConfig, module: L.LightningModule, train_loader, 
     that checkpoint (preference training, whose checkpointing the caller sets up). Without
     validation data, validation is off (stages)."""
     stage_callbacks, resume_from = stage_checkpointing(checkpoint_dir, checkpoint_every)
+    if checkpoint_dir is not None:
+        # Lightning's own files (an `hpc_ckpt_*.ckpt` saved on SLURM's requeue signal, which it loads
+        # by itself when no ckpt_path is given) stay with this stage, never in the working directory
+        # where another stage's trainer would pick them up.
+        trainer_kwargs.setdefault("default_root_dir", str(checkpoint_dir))
     callbacks = [*stage_callbacks, *callbacks]
     if val_loader is None:
         trainer_kwargs.setdefault("limit_val_batches", 0)

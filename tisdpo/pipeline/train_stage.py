@@ -85,7 +85,7 @@ def train_stage(
     val_every = int(cfg.train.val_every_n_steps)
     trainer = fit_stage(
         cfg.trainer, module, train_loader, max_steps=max_steps, val_loader=val_loader if val_every > 0 else None,
-        ckpt_path=train_checkpoint(cfg, output_dir), logger=logger,
+        ckpt_path=train_checkpoint(cfg, output_dir), logger=logger, default_root_dir=str(output_dir),
         callbacks=[checkpoint, RNGStateCallback(), SignalCheckpoint(output_dir / CHECKPOINT_DIR), *(callbacks or [])],
         val_check_interval=min(val_every, max_steps) if val_every > 0 else None,
         check_val_every_n_epoch=None, limit_val_batches=1.0 if val_every > 0 else 0,
