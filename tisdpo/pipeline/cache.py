@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
+from tisdpo.hashing import file_sha256
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
@@ -40,17 +42,9 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _hash_tree(directory: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(directory)): _file_sha256(p)
+        str(p.relative_to(directory)): file_sha256(p)
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }

@@ -11,12 +11,13 @@ checkpoint without a sidecar (runs from before sidecars) is accepted if its zip 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import zipfile
 from pathlib import Path
+
+from tisdpo.hashing import file_sha256
 
 from tisdpo.jsonio import write_json_atomic
 
@@ -30,14 +31,6 @@ _STEP = re.compile(r"(?:^|-)step=(\d+)")
 
 def sidecar_path(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + SIDECAR)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_sidecar(path: Path, step: int) -> Path:

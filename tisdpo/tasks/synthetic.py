@@ -628,8 +628,7 @@ class SyntheticTask:
         the true sequence reward (temperature ``bt_temperature``) with flip noise ``label_noise``.
         """
         c = self.config
-        if n is None:
-            n = c.n_test_pairs if split == "test" else c.n_train_pairs
+        n = self._pair_count(split, n)
         rows = []
         for i in range(int(n)):
             prompt = self.prompt_text(i, split=split)
@@ -665,13 +664,18 @@ class SyntheticTask:
             )
         return rows
 
+    def _pair_count(self, split: str, n: int | None) -> int:
+        """``n``, or the configured number of pairs of ``split`` (test / any other name: train)."""
+        if n is None:
+            return self.config.n_test_pairs if split == "test" else self.config.n_train_pairs
+        return int(n)
+
     def contrastive_pairs(self, split: str = "train", n: int | None = None) -> list[dict]:
         """RLCD-style "LLM-generated" pairs: chosen sampled under the <harmless> prefix, rejected under
         <harmful> (both shown without the prefix), true token rewards in meta (``dataset.pairs=contrastive``).
         With ``contrastive_shift`` the prefixes tilt by ±contrastive_shift (overlapping samples)."""
         c = self.config
-        if n is None:
-            n = c.n_test_pairs if split == "test" else c.n_train_pairs
+        n = self._pair_count(split, n)
         rows = []
         for i in range(int(n)):
             prompt = self.prompt_text(i, split=split)
