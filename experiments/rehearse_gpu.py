@@ -57,7 +57,7 @@ ROW_LIMITS = {
 }
 BENCH = {
     "gpu": [["bench.dpo_step", "--device", "cuda", "--model", "llama-1b", "--precision", "bf16-mixed", "--rounds", "2",
-             "--steps", "4", "--warmup", "2", "--contenders", "ours,ours_cached,trl,bare"],
+             "--steps", "4", "--warmup", "2", "--contenders", "ours,ours_cached,trl,bare", "--no-scoring"],
             ["bench.scoring", "--device", "cuda", "--model", "llama-1b", "--precision", "bf16-mixed", "--reps", "3"]],
     "cpu": [["bench.dpo_step", "--quick", "--device", "cpu", "--precision", "32-true", "--steps", "1", "--warmup", "1",
              "--contenders", "ours,ours_cached,trl,bare", "--no-memory", "--no-scoring"],
