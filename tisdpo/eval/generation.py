@@ -31,10 +31,11 @@ def _eval_mode(model):
             model.train()
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(tokenizer, generation_eos=None) -> set[int]:
+    """The token ids a response ends at: the generation config's ``eos_token_id`` (an id or a list)
+    and the tokenizer's EOS. Both backends stop on exactly this set."""
     ids: set[int] = set()
-    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
-    for x in (eos, tokenizer.eos_token_id):
+    for x in (generation_eos, tokenizer.eos_token_id):
         if x is None:
             continue
         if isinstance(x, (list, tuple)):
@@ -42,6 +43,23 @@ def _eos_ids(model, tokenizer) -> set[int]:
         else:
             ids.add(int(x))
     return ids
+
+
+def model_stop_ids(model, tokenizer) -> set[int]:
+    """:func:`eos_token_ids` of an in-memory model (its ``generation_config``) and tokenizer."""
+    eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+    return eos_token_ids(tokenizer, eos)
+
+
+def cut_at_eos(row: Sequence[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """A response as :func:`sample_responses` returns it: the new tokens before the first EOS (EOS and
+    whatever follows it, padding included, dropped), and whether an EOS ended it."""
+    tokens: list[int] = []
+    for t in row:
+        if t in eos_ids:
+            return tokens, True
+        tokens.append(int(t))
+    return tokens, False
 
 
 def _pad_id(tokenizer) -> int:
@@ -68,14 +86,22 @@ def sample_responses(
 ):
     """Sample one response per prompt with ``model.generate`` (left padding).
 
+    ``model``: a Hugging Face causal LM, or an engine that samples itself, i.e. anything with a
+    ``sample_responses(tokenizer, prompts, **sampling)`` method (``tisdpo.eval.vllm_backend.VLLMEngine``,
+    ``eval.generation.backend=vllm``), which gets every argument below and keeps this contract.
+
     Returns ``list[list[int]]``: only the new tokens, cut at the first EOS, EOS and padding
     excluded. With ``return_finished=True`` returns ``(responses, finished)`` where
     ``finished[i]`` says whether response i ended with EOS (before ``max_new_tokens``).
     ``temperature <= 0`` means greedy decoding. Sampling is reproducible from ``seed`` and does
     not disturb the global RNG state.
     """
+    if callable(getattr(model, "sample_responses", None)):  # a faster backend (vLLM) with the same contract
+        return model.sample_responses(tokenizer, prompts, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                      return_finished=return_finished)
     device = _model_device(model)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = model_stop_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer)
     do_sample = temperature is not None and temperature > 0
     gen_kwargs = dict(
@@ -110,13 +136,7 @@ def sample_responses(
                     out = out.sequences
                 new = out[:, input_ids.shape[1] :].tolist()
                 for row in new:
-                    toks: list[int] = []
-                    done = False
-                    for t in row:
-                        if t in eos_ids:
-                            done = True
-                            break
-                        toks.append(int(t))
+                    toks, done = cut_at_eos(row, eos_ids)
                     responses.append(toks)
                     finished.append(done)
     finally:
@@ -185,4 +205,4 @@ def sequence_logps(
     return out_tok if per_token else out_sum
 
 
-__all__ = ["sample_responses", "sequence_logps"]
+__all__ = ["cut_at_eos", "eos_token_ids", "model_stop_ids", "sample_responses", "sequence_logps"]
