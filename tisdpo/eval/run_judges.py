@@ -13,6 +13,11 @@ The pairwise baseline (``eval.baseline_from``): ``samples`` = another run's ``sa
 DPO"); ``dataset`` = the test set's reference responses (the chosen ones; TL;DR's win rate vs the
 reference summaries). Without a baseline the win rate is skipped with a warning
 (``eval.require_baseline: true`` makes that an error), so the baseline run itself can go first.
+
+Sampling (``eval.generation``): ``backend: hf`` samples with the in-memory policy's ``generate``;
+``backend: vllm`` starts a vLLM engine on the exported policy (``<run dir>/policy/``; about 10x
+faster at paper scale, see ``tisdpo/eval/vllm_backend.py``) with the same sampling parameters.
+Every answer is sampled first, then the engine is closed and the judges score.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from typing import Any, Callable, Sequence
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tisdpo.eval.generation import sample_responses
+from tisdpo.eval.generation import model_stop_ids, sample_responses
+from tisdpo.eval.vllm_backend import open_sampler
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +77,18 @@ def _chat_texts(tokenizer, conversations: list[list[dict[str, str]]]) -> list[st
     return ["\n\n".join(m["content"] for m in c) for c in conversations]
 
 
+def generation_options(eval_cfg: DictConfig) -> dict[str, Any]:
+    """``eval.generation``: the sampling backend (``hf``: the in-memory policy's ``generate``;
+    ``vllm``: a vLLM engine on the exported policy) and the vLLM engine's options."""
+    given = dict(eval_cfg.get("generation") or {})
+    backend = given.pop("backend", None) or "hf"
+    return {"backend": backend, **given}
+
+
 def evaluate_with_judges(eval_cfg: DictConfig, policy, tokenizer, prompts: list[str], seed: int,
                          output_dir: Path, references: Sequence[str] | None = None,
-                         format_prompt: Callable[[str], str] | None = None) -> dict[str, Any]:
+                         format_prompt: Callable[[str], str] | None = None,
+                         policy_dir: Path | None = None) -> dict[str, Any]:
     """Flat metrics of ``policy`` under every judge of ``eval_cfg``; writes ``samples.json``.
 
     ``format_prompt``: how the policy saw prompts in training (``dataset.prompt_template``); the
@@ -81,6 +96,11 @@ def evaluate_with_judges(eval_cfg: DictConfig, policy, tokenizer, prompts: list[
 
     ``references``: the test set's reference responses, aligned with ``prompts`` (used when
     ``eval.baseline_from=dataset``).
+
+    ``policy_dir``: the exported policy, which ``eval.generation.backend=vllm`` samples from (the
+    in-memory ``policy`` is then not used, and should be off the GPU: vLLM takes
+    ``eval.generation.gpu_memory_utilization`` of it). Every sample (all temperatures, MT-Bench's
+    answers) is drawn first, then the engine is closed, then the judges load and score.
     """
     prompts = prompts[: int(eval_cfg.n_prompts)]
     if references is not None and len(references) < len(prompts):
@@ -91,11 +111,21 @@ def evaluate_with_judges(eval_cfg: DictConfig, policy, tokenizer, prompts: list[
     baseline_samples = _baseline_from_samples(eval_cfg.get("baseline_samples"))
     metrics: dict[str, Any] = {}
     samples: list[dict[str, Any]] = []
+    policy_prompts = [format_prompt(p) for p in prompts] if format_prompt else prompts
+    options = generation_options(eval_cfg)
+    eos = model_stop_ids(policy, tokenizer) if policy is not None else None  # the exact stop set of the HF path
+    with open_sampler(options.pop("backend"), policy, model_dir=policy_dir, tokenizer=tokenizer, seed=seed,
+                      option="eval.generation.backend", eos_token_ids=eos, **options) as sampler:
+        answers: dict[float, list[str]] = {}
+        for temperature in temperature_suffixes(temperatures):
+            ids = sample_responses(sampler, tokenizer, policy_prompts, temperature=temperature, top_p=eval_cfg.get("top_p"),
+                                   max_new_tokens=int(eval_cfg.max_new_tokens), batch_size=int(eval_cfg.batch_size),
+                                   seed=seed)
+            answers[temperature] = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        if eval_cfg.get("mt_bench"):  # MT-Bench asks its own questions, graded over HTTP: before the engine closes
+            metrics.update(_mt_bench(eval_cfg, sampler, tokenizer, seed))
     for temperature, suffixes in temperature_suffixes(temperatures).items():
-        policy_prompts = [format_prompt(p) for p in prompts] if format_prompt else prompts
-        ids = sample_responses(policy, tokenizer, policy_prompts, temperature=temperature, top_p=eval_cfg.get("top_p"),
-                               max_new_tokens=int(eval_cfg.max_new_tokens), batch_size=int(eval_cfg.batch_size), seed=seed)
-        responses = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        responses = answers[temperature]
         samples += [{"prompt": p, "response": r, "temperature": temperature} for p, r in zip(prompts, responses)]
         found: dict[str, Any] = {}
         for name, judge in judges.items():
@@ -114,16 +144,19 @@ def evaluate_with_judges(eval_cfg: DictConfig, policy, tokenizer, prompts: list[
                 found.update(pairwise(prompts, responses, baseline))
         for suffix in suffixes:
             metrics.update({k + suffix: v for k, v in found.items()})
-    if eval_cfg.get("mt_bench"):
-        judge = instantiate(eval_cfg.mt_bench)
-
-        def generate(conversations, temperature: float = 0.0, max_new_tokens: int | None = None):
-            # temperature 0 is greedy decoding (sample_responses)
-            ids = sample_responses(policy, tokenizer, _chat_texts(tokenizer, conversations), temperature=temperature,
-                                   max_new_tokens=int(max_new_tokens or eval_cfg.max_new_tokens),
-                                   batch_size=int(eval_cfg.batch_size), seed=seed)
-            return [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-
-        metrics.update(judge(generate))
     (output_dir / "samples.json").write_text(json.dumps(samples, indent=1))
     return metrics
+
+
+def _mt_bench(eval_cfg: DictConfig, sampler, tokenizer, seed: int) -> dict[str, Any]:
+    """MT-Bench's metrics, its answers sampled by ``sampler`` (the policy, or the vLLM engine)."""
+    judge = instantiate(eval_cfg.mt_bench)
+
+    def generate(conversations, temperature: float = 0.0, max_new_tokens: int | None = None):
+        # temperature 0 is greedy decoding (sample_responses)
+        ids = sample_responses(sampler, tokenizer, _chat_texts(tokenizer, conversations), temperature=temperature,
+                               max_new_tokens=int(max_new_tokens or eval_cfg.max_new_tokens),
+                               batch_size=int(eval_cfg.batch_size), seed=seed)
+        return [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+
+    return judge(generate)

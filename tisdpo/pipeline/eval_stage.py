@@ -2,10 +2,12 @@
 and the evaluations that run during preference training (the reward-vs-KL curve)."""
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
@@ -84,6 +86,21 @@ def training_evaluators(cfg: DictConfig, data: PreparedData, reference) -> list[
                       **_unfinished_rules(cfg))]
 
 
+def _samples_with_vllm(cfg: DictConfig) -> bool:
+    return (cfg.eval.get("generation") or {}).get("backend", "hf") == "vllm"
+
+
+def offload_to_cpu(*models) -> None:
+    """Move the in-memory models off the GPU and return torch's cached blocks, so that a vLLM engine
+    (which sizes its KV cache from the free memory it finds) gets the GPU; the judges load after it closes."""
+    for model in models:
+        if model is not None:
+            model.to("cpu")  # in place (the LoRA reference is a view of the policy: a no-op)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_dir: Path) -> dict[str, Any]:
     if not cfg.eval.get("enabled", False):
         return {}
@@ -100,9 +117,15 @@ def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_di
         return metrics
     if cfg.eval.name == "judges":
         rows = data.test_rows
+        policy_dir = output_dir / POLICY_DIR
+        if _samples_with_vllm(cfg):
+            if not policy_dir.is_dir():
+                raise ConfigError(f"eval.generation.backend=vllm samples from the exported policy {policy_dir}, which is "
+                                  "not there: keep export.enabled=true (the run exports before evaluating for vllm)")
+            offload_to_cpu(policy, reference)  # vLLM takes eval.generation.gpu_memory_utilization of the GPU
         # references: the test set's chosen responses (TL;DR's win rate against the reference summaries)
         return evaluate_with_judges(cfg.eval, policy.eval(), data.tokenizer, [r["prompt"] for r in rows], cfg.seed,
-                                    output_dir, references=[r["chosen"] for r in rows])
+                                    output_dir, references=[r["chosen"] for r in rows], policy_dir=policy_dir)
     if cfg.eval.name == "benchmarks":
         policy_dir = output_dir / POLICY_DIR
         if not policy_dir.is_dir():
