@@ -19,6 +19,10 @@ Runs right after the SFT stage and replaces the human pairs' responses (their pr
   ``dataset.prompt_template`` applies as everywhere; the built-in task uses its prefix tokens),
   ``max_new_tokens`` (null: ``dataset.max_length - dataset.max_prompt_length``), ``temperature``,
   ``top_p``, ``batch_size``, and ``n_train``/``n_test`` (the first N prompts; null: all).
+* ``dataset.generation.backend``: ``hf`` (the initial model's ``generate``) or ``vllm`` (a vLLM engine
+  on the SFT artifact's directory, ~10x faster at paper scale; ``gpu_memory_utilization`` and
+  ``tensor_parallel_size`` size it; tisdpo/eval/vllm_backend.py). Same sampling parameters, other
+  random draws: the backend is part of the artifact's key.
 * The pairs are a cached artifact (stage ``pairs``: ``pairs.json``) keyed by the initial model, the
   prompts, the generation options and the seed, so a sweep over losses generates once.
 * Pairs with an empty response or two identical responses are dropped and counted
@@ -27,21 +31,24 @@ Runs right after the SFT stage and replaces the human pairs' responses (their pr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.data.noise import flip_labels
 from tisdpo.eval.generation import sample_responses
+from tisdpo.eval.vllm_backend import ENGINE_DEFAULTS, open_sampler
 from tisdpo.pipeline.cache import ArtifactCache, stable_hash
 from tisdpo.pipeline.data_stage import PreparedData
 from tisdpo.pipeline.loaders import format_prompt
 from tisdpo.pipeline.models import frozen_dtype, initial_model, initial_model_identity, stage_device
+from tisdpo.pipeline.validate import ConfigError
 from tisdpo.weights.estimators import contrastive_rows
 
 log = logging.getLogger(__name__)
@@ -62,7 +69,14 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "n_train": None,         # the first N training prompts (null: all)
     "n_test": None,          # the first N test prompts (null: all)
+    # hf: the initial model's generate; vllm: a vLLM engine on its directory (tisdpo/eval/vllm_backend.py),
+    # with vLLM's share of the GPU's memory and its tensor-parallel degree (the dtype is model.dtype)
+    "backend": "hf",
+    "gpu_memory_utilization": ENGINE_DEFAULTS["gpu_memory_utilization"],
+    "tensor_parallel_size": ENGINE_DEFAULTS["tensor_parallel_size"],
 }
+# Options that decide where the samples are drawn, not what they are: not part of the artifact's key.
+ENGINE_OPTIONS = ("backend", "gpu_memory_utilization", "tensor_parallel_size")
 
 
 def wants_generated_pairs(cfg: DictConfig) -> bool:
@@ -101,9 +115,11 @@ def generated_pairs_stage(cfg: DictConfig, data: PreparedData, sft_dir: Path | N
         "task": data.task.fingerprint() if data.task is not None else None,
         "prompts": {split: stable_hash(texts) for split, texts in prompts.items()},
         "prompt_format": [cfg.dataset.get("prompt_template"), bool(cfg.dataset.get("chat_template", False))],
-        "generation": options,
+        "generation": {k: v for k, v in options.items() if k not in ENGINE_OPTIONS},
         "seed": cfg.seed,
     }
+    if options["backend"] != "hf":  # vLLM draws other samples (its own RNG, its kernels): another artifact
+        key_fields["backend"] = options["backend"]
 
     def build(out: Path) -> None:
         pairs = generate_all(cfg, data, sft_dir, prompts, options)
@@ -127,20 +143,61 @@ def generated_pairs_stage(cfg: DictConfig, data: PreparedData, sft_dir: Path | N
 def generate_all(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, prompts: dict[str, list[str]],
                  options: dict[str, Any]) -> dict[str, Any]:
     """{"train": rows, "test": rows, "counts": {split: counts}} from the initial model on the accelerator."""
+    out: dict[str, Any] = {"counts": {}}
+    with _generator(cfg, data, sft_dir, options) as model:
+        for split in SPLITS:
+            out[split], out["counts"][split] = generate_pairs(model, data.tokenizer, prompts[split], task=data.task,
+                                                              dataset_cfg=cfg.dataset, options=options,
+                                                              seed=derived_seed(cfg.seed, split))
+    return out
+
+
+@contextlib.contextmanager
+def _generator(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, options: dict[str, Any]) -> Iterator[Any]:
+    """What samples the pairs (``sample_responses``' model): the initial model on the accelerator
+    (``dataset.generation.backend=hf``), or a vLLM engine on its directory (``vllm``: the SFT artifact,
+    or ``model.name_or_path`` when SFT was skipped; no HF copy is loaded). Freed on exit: the later
+    stages load their own models."""
     device = stage_device(cfg)
+    if options["backend"] == "vllm":
+        with open_sampler("vllm", None, model_dir=_vllm_model_dir(cfg, sft_dir), tokenizer=data.tokenizer,
+                          seed=int(cfg.seed), option="dataset.generation.backend", tokenizer_path=_vllm_tokenizer(cfg, sft_dir),
+                          dtype=_vllm_dtype(cfg), gpu_memory_utilization=options["gpu_memory_utilization"],
+                          tensor_parallel_size=options["tensor_parallel_size"]) as engine:
+            yield engine
+        return
     model = initial_model(cfg, sft_dir, data.tokenizer)
     dtype = frozen_dtype(cfg)  # a no-grad sampler: stored like the other frozen models
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
-    out: dict[str, Any] = {"counts": {}}
-    for split in SPLITS:
-        out[split], out["counts"][split] = generate_pairs(model, data.tokenizer, prompts[split], task=data.task,
-                                                          dataset_cfg=cfg.dataset, options=options,
-                                                          seed=derived_seed(cfg.seed, split))
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the later stages load their own models
-    return out
+    try:
+        yield model
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _vllm_model_dir(cfg: DictConfig, sft_dir: Path | None) -> str:
+    """The directory (or hub id) vLLM loads :func:`initial_model`'s weights from."""
+    if sft_dir is not None:
+        return str(sft_dir)
+    if cfg.model.get("name_or_path"):
+        return str(cfg.model.name_or_path)
+    raise ConfigError("dataset.generation.backend=vllm loads the model from a directory, but this run's initial model is "
+                      "built from model.config (no SFT artifact, no model.name_or_path): use dataset.generation.backend=hf")
+
+
+def _vllm_tokenizer(cfg: DictConfig, sft_dir: Path | None) -> str | None:
+    """A separate tokenizer for vLLM (it only detokenises: prompts go in as our token ids): the SFT
+    artifact holds its own; a base model may use ``model.tokenizer``."""
+    return None if sft_dir is not None else cfg.model.get("tokenizer")
+
+
+def _vllm_dtype(cfg: DictConfig) -> str:
+    """The dtype the HF path samples in (``model.dtype``, as every frozen model), for vLLM; auto: the checkpoint's."""
+    dtype = frozen_dtype(cfg)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
 
 
 def derived_seed(*parts: Any) -> int:
