@@ -111,6 +111,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_loss(cfg)
     _check_estimator(cfg)
     _check_eval(cfg)
+    _check_generation_backends(cfg)
     _check_run_options(cfg)
     _check_trainer(cfg)
 
@@ -428,6 +429,20 @@ def _check_eval(cfg: DictConfig) -> None:
     for i, value in enumerate(temperatures):
         if _number(f"eval.temperatures[{i}]", value, integer=False) < 0:
             raise ConfigError(f"eval.temperatures[{i}]={value} must be >= 0 (0: greedy decoding)")
+
+
+def _check_generation_backends(cfg: DictConfig) -> None:
+    """``eval.generation`` and ``dataset.generation``: the sampling backend (hf, or vllm: an engine on a
+    model directory, tisdpo/eval/vllm_backend.py) and the vLLM engine's size."""
+    for node in ("eval.generation", "dataset.generation"):
+        _one_of(cfg, f"{node}.backend", ("hf", "vllm"))
+        _check(cfg, f"{node}.gpu_memory_utilization", low=0, high=1, low_open=True, nullable=True,
+               note="the share of the GPU's memory vLLM takes")
+        _check(cfg, f"{node}.tensor_parallel_size", low=1, integer=True, nullable=True)
+    evaluates = (cfg.get("eval") or {}).get("enabled", False)
+    if evaluates and _get(cfg, "eval.generation.backend") == "vllm" and _get(cfg, "export.enabled") is False:
+        raise ConfigError("eval.generation.backend=vllm samples from the exported policy <run dir>/policy: "
+                          "keep export.enabled=true")
 
 
 def _check_run_options(cfg: DictConfig) -> None:
