@@ -32,3 +32,20 @@ def test_paper_scale_uses_the_released_format_and_tiny_scale_the_raw_prompt():
 def test_a_template_without_the_prompt_is_refused():
     with pytest.raises(ConfigError, match="dataset.prompt_template"):
         validate_config(compose_config(["dataset.prompt_template='Human:'"]))
+
+
+def test_the_judged_policy_samples_from_the_prompts_it_was_trained_on(tmp_path, monkeypatch):
+    """The eval stage hands the judges' sampler the same template training used (judges read plain prompts)."""
+    from types import SimpleNamespace
+
+    import tisdpo.pipeline.eval_stage as eval_stage
+
+    seen = {}
+    monkeypatch.setattr(eval_stage, "evaluate_with_judges",
+                        lambda *args, format_prompt=None, **kwargs: seen.setdefault("format", format_prompt) and {})
+    cfg = compose_config(["eval=judges", "dataset=pku_saferlhf", f"model.tokenizer={SHARED_DATA / 'gpt2_tokenizer'}",
+                          "dataset.prompt_template='\n\nHuman: {prompt}\n\nAssistant:'"], tmp_path, tiny=False)
+    data = SimpleNamespace(test_rows=ROWS, tokenizer=None, task=None)
+    policy = SimpleNamespace(eval=lambda: policy)
+    eval_stage.eval_stage(cfg, data, policy, policy, tmp_path)
+    assert seen["format"]("hi") == "\n\nHuman: hi\n\nAssistant:"

@@ -17,6 +17,7 @@ from tisdpo.eval.run_judges import evaluate_with_judges
 from tisdpo.eval.synthetic_metrics import UNFINISHED_MODES, UNFINISHED_REWARD, evaluate_policy
 from tisdpo.pipeline.data_stage import PreparedData
 from tisdpo.pipeline.export import POLICY_DIR
+from tisdpo.pipeline.loaders import format_prompt
 from tisdpo.pipeline.validate import ConfigError
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_di
             offload_to_cpu(policy, reference)  # vLLM takes eval.generation.gpu_memory_utilization of the GPU
         # references: the test set's chosen responses (TL;DR's win rate against the reference summaries)
         return evaluate_with_judges(cfg.eval, policy.eval(), data.tokenizer, [r["prompt"] for r in rows], cfg.seed,
-                                    output_dir, references=[r["chosen"] for r in rows], policy_dir=policy_dir)
+                                    output_dir, references=[r["chosen"] for r in rows], policy_dir=policy_dir,
+                                    format_prompt=lambda prompt: format_prompt(prompt, cfg.dataset))
     if cfg.eval.name == "benchmarks":
         policy_dir = output_dir / POLICY_DIR
         if not policy_dir.is_dir():

@@ -114,9 +114,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Lightning's teardown may have moved the module back to the CPU: evaluation runs on the accelerator.
     device = stage_device(cfg)
     policy, reference = module.policy.to(device), reference.to(device)
-    # External benchmarks read the exported directory, so it is written first for them; otherwise
+    # External benchmarks and vLLM read the exported directory, so it is written first for them; otherwise
     # after evaluation (merging LoRA adapters for the export unwraps the policy the reference views).
-    exported = export_policy(policy, data.tokenizer, output_dir, cfg.get("export")) if cfg.eval.name == "benchmarks" else None
+    reads_export = cfg.eval.name == "benchmarks" or (cfg.eval.get("generation") or {}).get("backend") == "vllm"
+    exported = export_policy(policy, data.tokenizer, output_dir, cfg.get("export")) if reads_export else None
     results.update(eval_stage(cfg, data, policy, reference, output_dir))
     timed("eval", t0)
     cache.record("eval", device=str(device), seconds=timings["time/eval_s"])
