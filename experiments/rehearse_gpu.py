@@ -333,7 +333,9 @@ PAPER_TABLES = {  # table: (models, train pairs in the hub split, mean tokens pe
     "tisdpo_pku_main": (["Llama-2-7B"], 73_907, 300, 7, 3, 2, 0),
     "tidpo_main": (["Llama-3.2-3B", "Llama-3.1-8B", "Mistral-7B-v0.3"], 61_135, 600, 4, 3, 1, 1),
 }
-PAPER_RUN = dict(sft_steps=2000, sft_batch=8, train_steps=2000, train_pairs_per_step=64, est_steps=300, est_batch=8,
+# conf/scale/paper.yaml: one epoch over the training pairs at a global batch of 64; pi+ and pi- are
+# trained with the same recipe (one epoch each); SFT 2000 steps x 8.
+PAPER_RUN = dict(sft_steps=2000, sft_batch=8, epochs=1, train_pairs_per_step=64,
                  eval_prompts=500, eval_new_tokens=512, tidpo_step_factor=2.0)
 ASSUMED_MFU = {"train": 0.40, "sft": 0.40, "score": 0.50}
 H200_PEAK = 989e12
@@ -373,10 +375,10 @@ def job_hours(params: float, tokens_per_s_1b: dict[str, float], n_1b: int, seq: 
     rate = {k: v * scale for k, v in tokens_per_s_1b.items()}
     r = PAPER_RUN
     hours = {"sft": r["sft_steps"] * r["sft_batch"] * seq / rate["sft"] / 3600}
-    hours["estimators"] = (2 * r["est_steps"] * r["est_batch"] * 2 * seq / rate["train"] / 3600) if trained_estimator else 0.0
+    epoch_tokens = r["epochs"] * train_pairs * 2 * seq  # chosen + rejected of every pair, once per epoch
+    hours["estimators"] = (2 * epoch_tokens / rate["train"] / 3600) if trained_estimator else 0.0
     hours["scoring"] = (2 * train_pairs * 2 * seq / rate["score"] / 3600) if trained_estimator else 0.0
-    hours["training"] = (r["train_steps"] * r["train_pairs_per_step"] * 2 * seq / rate["train"] / 3600
-                         * (r["tidpo_step_factor"] if tidpo else 1.0))
+    hours["training"] = epoch_tokens / rate["train"] / 3600 * (r["tidpo_step_factor"] if tidpo else 1.0)
     hours["evaluation"] = r["eval_prompts"] * r["eval_new_tokens"] / rate["generate"] / 3600
     return hours
 
@@ -395,8 +397,8 @@ def cost_table(rehearsal: dict | None = None) -> str:
         lines.append(f"| {kind} | {rate[kind]:,.0f} | {flops} |")
     r = PAPER_RUN
     lines += ["", f"Per job: SFT {r['sft_steps']} steps x {r['sft_batch']} seqs; estimators (TIS-DPO S/D rows) 2 models x "
-              f"{r['est_steps']} steps x {r['est_batch']} pairs, then both score every training pair; training "
-              f"{r['train_steps']} steps x {r['train_pairs_per_step']} pairs (x{r['tidpo_step_factor']} for TI-DPO rows: "
+              f"{r['epochs']} epoch over the training pairs (the DPO recipe), then both score every training pair; training "
+              f"{r['epochs']} epoch at {r['train_pairs_per_step']} pairs per step (x{r['tidpo_step_factor']} for TI-DPO rows: "
               f"attribution pass + anchor sampling, bench.tidpo_step); evaluation {r['eval_prompts']} prompts x "
               f"{r['eval_new_tokens']} new tokens (judges' forwards not counted). Hours = tokens / (tokens/s at 1B x N_1B/N) / 3600; "
               "SFT counted once per job (an upper bound: the cache shares it across rows of a seed).", "",
@@ -418,9 +420,9 @@ def cost_table(rehearsal: dict | None = None) -> str:
                          f"{total['evaluation']:.1f} | {gpu_h:.1f} | {wall8:.1f} |")
     table, (models, pairs, seq, *_rest) = next(iter(PAPER_TABLES.items()))
     n = PAPER_MODELS[models[0]]
-    tokens = r["train_steps"] * r["train_pairs_per_step"] * 2 * seq
+    tokens = r["epochs"] * pairs * 2 * seq
     per_s = rate["train"] * n_1b / n
-    lines += ["", f"Worked example ({table}, {models[0]}, one job's training): {r['train_steps']} x {r['train_pairs_per_step']} "
+    lines += ["", f"Worked example ({table}, {models[0]}, one job's training): {r['epochs']} epoch x {pairs:,} pairs "
               f"x 2 x {seq} = {tokens / 1e6:.1f}M tokens / ({rate['train']:,.0f} x {n_1b / 1e9:.2f}/{n / 1e9:.2f} = "
               f"{per_s:,.0f} tokens/s) = {tokens / per_s / 3600:.2f} h."]
     lines += ["", f"Assumed data: mean tokens per sequence {', '.join(f'{t} {v[2]}' for t, v in PAPER_TABLES.items())}; "
