@@ -46,7 +46,9 @@ export OUT PYTHON SEEDS
 
 : >"$OUT/timing.tsv"
 start=$(date +%s)
-printf '%s\n' "${EXPERIMENTS[@]}" | xargs -P "$LANES" -I{} bash -c 'sweep {}'
-echo "all tables: $(( $(date +%s) - start )) s wall on $LANES lanes; per table: $OUT/timing.tsv"
-# CPU time of the whole reproduction (children of this shell: every sweep and report)
-times | tail -1 | awk '{print "CPU time (user, sys) of all sweeps and reports: " $1 ", " $2}' | tee -a "$OUT/timing.tsv"
+# In one subshell, so that `times` sees every sweep and report (the pipeline's processes are its children).
+(
+  printf '%s\n' "${EXPERIMENTS[@]}" | xargs -P "$LANES" -I{} bash -c 'sweep {}'
+  echo "all tables: $(( $(date +%s) - start )) s wall on $LANES lanes; per table: $OUT/timing.tsv"
+  times | tail -1 | awk '{print "CPU time (user, sys) of all sweeps and reports: " $1 ", " $2}' | tee -a "$OUT/timing.tsv"
+)
