@@ -8,17 +8,20 @@ Every checkpoint the pipeline writes gets a sidecar ``<ckpt>.sha256`` (JSON: ``s
 checkpoint only if its content matches the sidecar; the newest is the one with the highest step
 (from the sidecar, else from ``step=N`` in the name), not whichever is called ``last.ckpt``. A
 checkpoint without a sidecar (runs from before sidecars) is accepted if its zip is readable.
+Sharded checkpoints (FSDP, ``state_dict_type=sharded``) are directories with the same names: their
+sidecar hashes every file in them, and one without a sidecar is accepted once complete (``.metadata``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
 from tisdpo.hashing import file_sha256
-
 from tisdpo.jsonio import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -33,10 +36,27 @@ def sidecar_path(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + SIDECAR)
 
 
+def _content_sha256(path: Path) -> str:
+    """sha256 of a checkpoint: its bytes, or for a sharded checkpoint (a directory, as FSDP writes
+    with state_dict_type=sharded) every file's relative name and hash, in order."""
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for part in sorted(q for q in path.rglob("*") if q.is_file()):
+        digest.update(str(part.relative_to(path)).encode())
+        digest.update(file_sha256(part).encode())
+    return digest.hexdigest()
+
+
+def _content_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(q.stat().st_size for q in path.rglob("*") if q.is_file())
+
+
 def write_sidecar(path: Path, step: int) -> Path:
-    """Hash the complete checkpoint ``path`` into ``<path>.sha256`` (atomic: never half a sidecar)."""
+    """Hash the complete checkpoint ``path`` (a file, or a sharded checkpoint's directory) into
+    ``<path>.sha256`` (atomic: never half a sidecar)."""
     path = Path(path)
-    record = {"sha256": file_sha256(path), "size": path.stat().st_size, "step": int(step), "file": path.name}
+    record = {"sha256": _content_sha256(path), "size": _content_size(path), "step": int(step), "file": path.name}
     return write_json_atomic(sidecar_path(path), record)
 
 
@@ -60,24 +80,31 @@ def readable_zip(path: Path) -> bool:
         return False
 
 
+def sharded_complete(path: Path) -> bool:
+    """A sharded checkpoint directory that torch.distributed.checkpoint finished: its coordinator
+    writes ``.metadata`` last, after every rank's shards."""
+    return (path / ".metadata").is_file() and any(path.glob("*.distcp"))
+
+
 def checkpoint_problem(path: Path, content: bool = True) -> str | None:
     """Why ``path`` cannot be trusted, or None. ``content=False`` skips the sha256 (size and zip
-    only): for naming the last checkpoint in failed.json, where hashing gigabytes would delay exit."""
+    only): for naming the last checkpoint in failed.json, where hashing gigabytes would delay exit.
+    A sharded checkpoint (a directory) is checked the same way, over all its files."""
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):
         return "is missing"
     sidecar = read_sidecar(path)
     if sidecar is None:
-        if not readable_zip(path):
+        if not (readable_zip(path) if path.is_file() else sharded_complete(path)):
             return "is unreadable (partial or corrupt)"
         if content:
             log.warning("checkpoint %s has no %s sidecar (written before checkpoints were hashed): accepted because "
                         "its zip is readable", path, SIDECAR)
         return None
-    size = path.stat().st_size
+    size = _content_size(path)
     if size != sidecar.get("size", size):
         return f"is {size} bytes, its sidecar says {sidecar['size']} (partial write)"
-    if content and file_sha256(path) != sidecar["sha256"]:
+    if content and _content_sha256(path) != sidecar["sha256"]:
         return "does not match its sha256 sidecar (corrupt: flipped bytes or an overwritten file)"
     return None
 
@@ -105,7 +132,8 @@ def find_checkpoint(directory: Path, content: bool = True) -> Path | None:
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    candidates = [p for p in directory.glob("*.ckpt") if p.is_file() and not p.name.startswith(".")]
+    # files, and the directories FSDP writes for sharded checkpoints (same names)
+    candidates = [p for p in directory.glob("*.ckpt") if (p.is_file() or p.is_dir()) and not p.name.startswith(".")]
     for candidate in _newest_first(candidates):
         problem = checkpoint_problem(candidate, content=content)
         if problem is None:
@@ -122,7 +150,10 @@ def discard_partial(path: Path) -> bool:
     if not path.exists() or checkpoint_problem(path, content=True) is None:
         return False
     log.warning("checkpoint %s was left incomplete by a failed write: removed", path)
-    path.unlink(missing_ok=True)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
     sidecar_path(path).unlink(missing_ok=True)
     return True
 

@@ -58,7 +58,7 @@ def train_checkpoint(cfg, output_dir: Path) -> str | None:
     resume = parse_resume(cfg.get("resume"))
     if not resume.requested:
         return None
-    if resume.checkpoint is not None and resume.checkpoint.is_file():  # resume=<a checkpoint file>: exactly that one
+    if resume.checkpoint is not None and resume.checkpoint.exists():  # resume=<a checkpoint (file or sharded dir)>: exactly that one
         problem = checkpoint_problem(resume.checkpoint)
         if problem is not None:  # the user named this file: no silent fallback to another one
             raise ConfigError(f"resume={resume.checkpoint}: the checkpoint {problem}; pass resume=<its run dir> to "
