@@ -130,10 +130,6 @@ def test_human_and_builtin_contrastive_pairs_pass_through(tmp_path):
 
 def test_builtin_pipeline_with_generated_pairs(tmp_path):
     cfg = _builtin(tmp_path, "generated")
-    try:
-        prepare_data(cfg)
-    except ValueError as error:  # tisdpo/pipeline/data_stage.py must take the prompts for dataset.pairs=generated
-        pytest.skip(f"the data stage does not accept dataset.pairs=generated yet: {error}")
     results = run(cfg)
     assert results["data/generated/train/kept"] > 0 and "eval/true_reward" in results
     assert [e["reused"] for e in results["stages"] if e["stage"] == "pairs"] == [False]
