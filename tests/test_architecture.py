@@ -14,7 +14,7 @@ PACKAGE = ROOT / "tisdpo"
 
 # Lower number = lower layer. A module may import its own layer (acyclically) and lower ones.
 LAYERS = {
-    "constants": 0, "errors": 0, "jsonio": 0, "hashing": 0, "resolvers": 0,
+    "constants": 0, "errors": 0, "jsonio": 0, "hashing": 0, "provenance": 0, "resolvers": 0,
     "losses": 1, "data": 1, "models": 1, "tasks": 1,
     "modules": 2, "weights": 2, "eval": 2,
     "pipeline": 3,

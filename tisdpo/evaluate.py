@@ -24,7 +24,6 @@ stderr and exit status 2.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import datetime, timezone
@@ -41,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import tisdpo.resolvers  # noqa: F401  (the ${slug:...} resolver the configs use)
 from tisdpo.errors import UserError
+from tisdpo import jsonio
 from tisdpo.jsonio import write_json_atomic
 from tisdpo.models.loading import build_model
 from tisdpo.pipeline.cache import ArtifactCache
@@ -95,8 +95,9 @@ def check_policy(run_dir: Path) -> Path:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """``jsonio.read_json``, with an unreadable file as one line (status 2)."""
     try:
-        return json.loads(path.read_text())
+        return jsonio.read_json(path)
     except (OSError, ValueError) as error:
         raise EvaluateError(f"{path}: unreadable ({error})") from None
 

@@ -14,16 +14,13 @@ files). Nothing here waits on the network.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
 import re
-import subprocess
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.jsonio import write_json_atomic
 from tisdpo.pipeline.run_dir import RUN_CONFIG, parse_resume
+from tisdpo.provenance import code_identity
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,6 @@ log = logging.getLogger(__name__)
 RUN_RECORD = "wandb_run.json"
 # Options of the `logger` group read here, not passed on to the logger class.
 OWN_OPTIONS = ("upload_model", "table_rows", "weights_table_rows", "offline", "job_type")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 GROUP_MAX = 128  # W&B's limit on a group name
 TAG_MAX = 64     # W&B's limit on a tag
 # Token-weight files of a run dir (tisdpo/weights/views.py), logged as one `weights` artifact.
@@ -88,22 +85,12 @@ def _close_leftover_run() -> None:
 # ---------------------------------------------------------------- identity
 
 
-@lru_cache(maxsize=1)
 def code_version() -> dict[str, Any]:
-    """The git commit of the repo and whether the work tree differs from it; else the package version."""
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
-
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return {"commit": commit, "dirty": dirty}
-    except (OSError, subprocess.SubprocessError):  # not a checkout (an installed package), or no git
-        try:
-            return {"package": importlib.metadata.version("tisdpo")}
-        except importlib.metadata.PackageNotFoundError:
-            return {"package": "unknown"}
+    """The git commit and whether the tree was dirty; outside a checkout, the package version."""
+    identity = code_identity()
+    if identity["git_commit"]:
+        return {"commit": identity["git_commit"], "dirty": bool(identity["dirty"])}
+    return {"package": identity["version"] or "unknown"}
 
 
 def hydra_overrides() -> list[str]:

@@ -11,6 +11,7 @@ user re-running a config usually wants it run.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import shutil
@@ -54,18 +55,10 @@ def _without(tree: dict, dotted: str) -> None:
 
 def run_key(config_dict: dict[str, Any]) -> str:
     """The cache key: the config minus :data:`NOT_IN_KEY`, and the code version."""
-    config = _deep_copy(config_dict)
+    config = copy.deepcopy(config_dict)
     for key in NOT_IN_KEY:
         _without(config, key)
     return stable_hash({"config": config, "code": code_version()})
-
-
-def _deep_copy(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _deep_copy(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_deep_copy(v) for v in tree]
-    return tree
 
 
 def _entry(cfg: DictConfig, key: str) -> Path:

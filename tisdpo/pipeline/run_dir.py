@@ -16,11 +16,9 @@ attempt moves its ``results.json`` and ``checkpoints/`` aside, so a later resume
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from tisdpo.jsonio import write_json_atomic
 from tisdpo.pipeline.cache import stable_hash
 from tisdpo.pipeline.checkpoint_files import CHECKPOINT_DIR
 from tisdpo.pipeline.validate import ConfigError
+from tisdpo.provenance import code_identity
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +110,10 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def code_identity() -> dict[str, Any]:
-    """The git commit of this checkout (None outside git) and the installed package version."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        commit = done.stdout.strip() if done.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    try:
-        version = importlib.metadata.version("tisdpo")
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    return {"git_commit": commit, "version": version}
-
-
 def check_code_identity(cfg, output_dir: Path, recorded: dict | None) -> None:
     """A resume under other code: a warning, or refused with resume_strict_code=true."""
-    now = code_identity()
+    # the commit and the package version (not the dirty flag: editing the tree is not another commit)
+    now = {k: v for k, v in code_identity().items() if k in ("git_commit", "version")}
     if not recorded:
         return
     differences = [f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(recorded) | set(now))
@@ -154,7 +139,8 @@ def check_run_config(output_dir: Path, config_dict: dict, resuming: bool, cfg=No
             )
         check_code_identity(cfg if cfg is not None else {}, output_dir, (before.get(IDENTITY) or {}).get("code"))
         return
-    write_json_atomic(path, {**config_dict, IDENTITY: {"code": code_identity()}})
+    identity = code_identity()
+    write_json_atomic(path, {**config_dict, IDENTITY: {"code": {k: identity[k] for k in ("git_commit", "version")}}})
 
 
 def data_identity(data) -> dict[str, Any]:
