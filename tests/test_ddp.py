@@ -145,19 +145,63 @@ def test_sweep_launcher_configs_compose(launcher, target):
         assert int(node.n_jobs) >= 1 and node.backend == "loky"
 
 
-def test_upstream_stages_run_on_one_device():
-    """Under a multi-process trainer the SFT/estimator stages get a one-device trainer (no DDP
-    launch inside an artifact build, where the other ranks would wait on its lock)."""
-    from tisdpo.pipeline.train_stage import single_process_config
+def test_ranks_share_each_artifact_through_the_cache(tmp_path, monkeypatch):
+    """Under DDP/FSDP every stage trains with the run's strategy: a rank other than 0 joins a
+    collective build (SFT, pi+/pi-) in rank 0's build dir, writes nothing, and waits for rank 0's
+    seal; a non-collective build (scores, pairs) it only waits for. An uncached multi-process
+    run is refused (its build paths would differ per rank)."""
+    import threading
 
-    for name in ("cpu", "gpu"):
-        cfg = compose_config([f"trainer={name}"], tiny=False)
-        assert single_process_config(cfg) is cfg
-    for name in ("ddp", "ddp_cpu", "fsdp"):
-        cfg = compose_config([f"trainer={name}"], tiny=False)
-        single = single_process_config(cfg)
-        assert single.trainer.devices == 1 and single.trainer.strategy == "auto"
-        assert cfg.trainer.devices != 1 or cfg.trainer.strategy != "auto"  # the original is untouched
+    from tisdpo.pipeline.cache import ArtifactCache, launch_rank, stable_hash
+
+    for env, rank in (({}, 0), ({"RANK": "3"}, 3), ({"LOCAL_RANK": "1"}, 1), ({"LOCAL_RANK": "0", "NODE_RANK": "2"}, 2),
+                      ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}, 5), ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 0)):
+        for variable in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+            monkeypatch.delenv(variable, raising=False)
+        for variable, value in env.items():
+            monkeypatch.setenv(variable, value)
+        assert launch_rank() == rank, env
+    monkeypatch.delenv("SLURM_PROCID")
+    monkeypatch.delenv("SLURM_NTASKS")
+
+    cache, rank0 = ArtifactCache(tmp_path, rank_wait_s=30), ArtifactCache(tmp_path)
+    key = {"stage": "sft", "seed": 0}
+    joined: list[Path] = []
+
+    def rank1_build(out: Path) -> None:  # a collective build on rank 1: takes part, writes nothing
+        joined.append(out)
+
+    def rank0_build(out: Path) -> None:
+        (out / "model.bin").write_text("weights")
+
+    monkeypatch.setenv("RANK", "1")
+    final = tmp_path / "sft" / stable_hash(key)
+    # rank 0 seals half a second later (a thread here: the rank is read once, at the start of get_or_build)
+    sealer = threading.Timer(0.5, lambda: _seal_as_rank_zero(rank0, key, rank0_build))
+    sealer.start()
+    artifact = cache.get_or_build("sft", key, rank1_build, collective=True)
+    sealer.join()
+    assert joined == [final.parent / f".build-{stable_hash(key)}"]  # rank 0's build dir
+    assert artifact.path == final and (final / "model.bin").read_text() == "weights"
+    assert cache.events[-1]["rank"] == 1 and cache.events[-1]["reused"] is False
+
+    # non-collective (scores): rank 1 never runs the build, it reads the sealed artifact
+    never = lambda out: pytest.fail("rank 1 ran a non-collective build")  # noqa: E731
+    assert cache.get_or_build("sft", key, never).path == final
+    # rank 0 gone: refused instead of waiting forever
+    with pytest.raises(TimeoutError, match="rank 1 waited"):
+        ArtifactCache(tmp_path, rank_wait_s=0.5).get_or_build("scores", {"other": 1}, never)
+    with pytest.raises(ValueError, match="cache.enabled=false with several processes"):
+        ArtifactCache(tmp_path, enabled=False).get_or_build("sft", key, never)
+
+
+def _seal_as_rank_zero(cache, key, build) -> None:
+    """What rank 0 does: build under the lock and seal (RANK is process-wide here, so call the
+    rank-0 path directly)."""
+    from unittest import mock
+
+    with mock.patch("tisdpo.pipeline.cache.launch_rank", return_value=0):
+        cache.get_or_build("sft", key, build, collective=True)
 
 
 def test_fsdp_strategy_wraps_the_models_own_decoder_layers():

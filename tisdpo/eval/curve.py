@@ -29,6 +29,7 @@ import lightning as L
 import torch
 
 from tisdpo.eval.synthetic_metrics import UNFINISHED_REWARD, add_kl, eval_prompts, sample_and_score, summarize
+from tisdpo.models.sharding import gathered_root, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,12 @@ class EvalCurve(L.Callback):
         if any(p["step"] == step for p in self.points):
             return
         started = time.perf_counter()
-        metrics = self.measure(getattr(pl_module, "policy", pl_module), pl_module.device)
+        policy = getattr(pl_module, "policy", pl_module)
+        # Under FSDP: the module's reference is sharded (train.reference_placement); the policy's root
+        # parameters (embeddings, LM head) are gathered for the point, its layers gather in their forwards.
+        reference = getattr(pl_module, "reference", None)
+        with gathered_root(trainer.strategy.model if is_sharded(policy) else None):
+            metrics = self.measure(policy, pl_module.device, reference if is_sharded(reference) else None)
         point = {"step": step, **metrics, "seconds": round(time.perf_counter() - started, 3)}
         self.points.append(point)
         self._publish()
@@ -93,17 +99,20 @@ class EvalCurve(L.Callback):
         log.info("eval curve step %d: kl_ref %.4f true_reward %.3f safe_rate %.3f (%.1fs)", step,
                  point["kl_ref"], point["true_reward"], point["safe_rate"], point["seconds"])
 
-    def measure(self, policy, device: torch.device | None = None) -> dict[str, float]:
-        """One point's metrics (no step) for ``policy``, without touching the global RNG state."""
-        if device is not None:
-            self.reference.to(device)  # frozen, unused by training when the reference log-probs are cached
+    def measure(self, policy, device: torch.device | None = None, reference=None) -> dict[str, float]:
+        """One point's metrics (no step) for ``policy``, without touching the global RNG state.
+        ``reference``: the training module's sharded reference, in place of the callback's own copy."""
+        if reference is None:
+            reference = self.reference
+            if device is not None:
+                reference.to(device)  # frozen, unused by training when the reference log-probs are cached
         cuda = [device] if device is not None and device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             if self._reference_samples is None:  # the reference is frozen: its samples are drawn once
-                self._reference_samples = self._sample(self.reference)
+                self._reference_samples = self._sample(reference)
             scored = self._sample(policy)
             m = summarize(scored, self._reference_samples, prefix=_PREFIX, **self.rules)
-            m[f"{_PREFIX}/kl_ref"] = add_kl(scored, policy, self.reference, self.tokenizer, self.gen["batch_size"])
+            m[f"{_PREFIX}/kl_ref"] = add_kl(scored, policy, reference, self.tokenizer, self.gen["batch_size"])
         return {k: float(m[f"{_PREFIX}/{k}"]) for k in CURVE_METRICS}
 
     def _sample(self, model) -> list[dict]:

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from tisdpo.models.sharding import gathered_root, is_sharded
+
 
 def _model_device(model) -> torch.device:
     try:
@@ -109,6 +111,8 @@ def sample_responses(
         do_sample=do_sample,
         pad_token_id=pad_id,
         eos_token_id=sorted(eos_ids) if eos_ids else None,
+        # FSDP: every rank joins each decoding step until all are done (the forwards are collective)
+        synced_gpus=is_sharded(model),
     )
     if do_sample:
         gen_kwargs["temperature"] = float(temperature)
@@ -124,7 +128,7 @@ def sample_responses(
     fork_devices = [device] if device.type == "cuda" else []
     try:
         tokenizer.padding_side = "left"
-        with _eval_mode(model), torch.random.fork_rng(devices=fork_devices):
+        with _eval_mode(model), torch.random.fork_rng(devices=fork_devices), gathered_root(model):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start : start + batch_size])

@@ -1,12 +1,17 @@
 """Built-in task: how well TI-DPO's online gradient weights track |true token reward|, logged at intervals."""
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import torch
 
 from tisdpo.constants import IGNORE_INDEX, SIDES
 from tisdpo.data.collate import PreferenceCollator
 from tisdpo.eval.weight_quality import quality_metrics
+from tisdpo.models.sharding import is_sharded
+
+log = logging.getLogger(__name__)
 
 
 class GradientWeightQuality(L.Callback):
@@ -21,6 +26,7 @@ class GradientWeightQuality(L.Callback):
         self.rows = rows
         self.collate = PreferenceCollator(pad_token_id)
         self.latest: dict[str, float] = {}
+        self._warned = False
 
     def measure(self, pl_module) -> dict[str, float]:
         batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in self.collate(self.probe).items()}
@@ -33,6 +39,14 @@ class GradientWeightQuality(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
+        if is_sharded(pl_module.policy):
+            # The attribution's backward outside the training step would leave FSDP's units mid-backward
+            # (no root backward resets them), and the next checkpoint refuses that state. The probe is
+            # a diagnostic of the built-in task, whose models never need sharding.
+            if not self._warned:
+                log.warning("TI-DPO weight quality (weights/spearman_*): not measured under FSDP")
+                self._warned = True
+            return
         if step % self.every == 0 or step >= (trainer.max_steps or 0):
             self.latest = self.measure(pl_module)
             if trainer.logger:

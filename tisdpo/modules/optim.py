@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import FSDPStrategy
 
 
 def warmup_lambda(warmup_steps: int, schedule: str = "constant", total_steps: int | None = None):
@@ -47,7 +48,8 @@ class ShardedNormClipping:
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         strategy = self.trainer.strategy
         root = getattr(strategy, "model", None)
-        sharded = type(strategy).__name__ == "FSDPStrategy" and hasattr(root, "clip_grad_norm_")
+        # isinstance: subclasses of FSDPStrategy (a cluster plugin's, the CPU test strategy) clip the same way
+        sharded = isinstance(strategy, FSDPStrategy) and hasattr(root, "clip_grad_norm_")
         if sharded and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
             root.clip_grad_norm_(float(gradient_clip_val))
             return

@@ -18,6 +18,7 @@ import torch
 
 from tisdpo.data.collate import concat_pair
 from tisdpo.losses.logprobs import per_position_kl, token_logps
+from tisdpo.models.sharding import finish_backward, is_sharded
 from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer
 from tisdpo.modules.shared_prefix import PackedPairs, pack_pairs, packed_logps, packing_matches, packing_supported
 
@@ -224,6 +225,12 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
     def validation_step(self, batch, batch_idx):
         _, metrics = self.compute(batch)
         self._log_metrics("val", metrics, batch["chosen_input_ids"].shape[0], on_step=False)
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        # TI-DPO's attribution ran a backward in validation that no loss backward follows: under FSDP
+        # its units are left mid-backward until FSDP's own cleanup runs (outside the root's forward)
+        if self.online_weights is not None and is_sharded(self.policy):
+            finish_backward(self.trainer.strategy.model)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from tisdpo.data.collate import prompt_response_batch
 from tisdpo.losses import triplet_loss
 from tisdpo.losses.logprobs import token_logps
+from tisdpo.models.sharding import is_sharded
 
 
 class TripletTerm:
@@ -40,7 +41,7 @@ class TripletTerm:
         # Under FSDP every rank must join each forward of generate (their parameters are shards):
         # synced_gpus keeps ranks that finished early stepping until all have.
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, pad_token_id=self.tokenizer.pad_token_id,
-                              eos_token_id=self.tokenizer.eos_token_id, synced_gpus=_sharded(module), **self.generation)
+                              eos_token_id=self.tokenizer.eos_token_id, synced_gpus=is_sharded(policy), **self.generation)
         policy.train(was_training)
         new = out[:, prompt_ids.shape[1]:].tolist()
         for row, tokens in zip(rows, new):
@@ -53,6 +54,10 @@ class TripletTerm:
         step = module.global_step
         stale = [i for i, idx in enumerate(batch["index"].tolist())
                  if idx not in self.anchors or step - self.anchors[idx][1] >= self.anchor_every]
+        if is_sharded(module.policy) and module.trainer.strategy.reduce_boolean_decision(bool(stale), all=False):
+            # generate is collective under FSDP: when any rank samples, every rank does (its whole batch
+            # if none of its anchors is stale: they are only refreshed early)
+            stale = stale or list(range(len(batch["index"])))
         if stale:
             self._sample(module, batch, stale)
         prompts = [batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
@@ -77,11 +82,6 @@ class TripletTerm:
             margin=self.margin,
         )
         return self.gamma * loss, {"triplet/loss": loss.detach(), "triplet/anchor_length": anchor_mask.sum(-1).float().mean()}
-
-
-def _sharded(module) -> bool:
-    trainer = getattr(module, "_trainer", None)
-    return trainer is not None and type(trainer.strategy).__name__ == "FSDPStrategy" and trainer.world_size > 1
 
 
 def build_triplet(triplet_cfg: DictConfig, tokenizer, chunk_size: int = 256) -> TripletTerm:

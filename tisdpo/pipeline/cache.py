@@ -7,6 +7,14 @@ killed build never leaves a half-written artifact behind; the build directory is
 next request resumes a killed build from the checkpoints it left in ``<build dir>/_resume``.
 A ``MANIFEST.json`` records the sha256 of every file; a read whose hashes do not match is treated as corrupt: warned about, deleted, rebuilt.
 A file lock per key means two sweep jobs that need the same artifact build it once.
+
+Several processes of one run (DDP/FSDP: Lightning re-launches the script for the other ranks at
+the first multi-device fit; torchrun and SLURM start them all): rank 0 builds and seals every
+artifact, the other ranks wait until it is sealed and read it. A ``collective`` build (one that
+trains through the run's strategy: SFT, the estimator models) is run by every rank, in the same
+build dir, since its fit needs them all; only rank 0 writes files and seals (the builders save on
+rank 0 only). The artifact must be decided the same way on every rank, so a multi-process run
+needs the cache enabled (its paths are shared; an uncached build's are not).
 A cache that cannot be written (read-only mount, another user's files) still serves its valid
 artifacts: a sealed artifact is immutable, so it is read without the lock; a lock that cannot be
 created beside the artifact is taken in the temporary dir instead (keyed by the artifact's path).
@@ -36,6 +44,19 @@ MANIFEST = "MANIFEST.json"
 RESUME_SUBDIR = "_resume"
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it: 0 for a single process, and for the
+    process from which Lightning's launcher later starts the other ranks. (Under Lightning's own
+    multi-node launch only "0 or not" is exact: a node's first process counts as rank NODE_RANK.)"""
+    env = os.environ
+    if env.get("RANK"):  # torchrun, and most cluster launchers
+        return int(env["RANK"])
+    if env.get("SLURM_PROCID") and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return int(env["SLURM_PROCID"])
+    local, node = int(env.get("LOCAL_RANK") or 0), int(env.get("NODE_RANK") or 0)
+    return local or node
+
+
 def stable_hash(obj: Any, length: int = 16) -> str:
     """sha256 of a canonical JSON dump (sorted keys); the cache key of a config slice."""
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
@@ -59,9 +80,10 @@ class Artifact:
 
 
 class ArtifactCache:
-    def __init__(self, root: str | os.PathLike, enabled: bool = True):
+    def __init__(self, root: str | os.PathLike, enabled: bool = True, rank_wait_s: float = 24 * 3600):
         self.root = Path(root).expanduser()
         self.enabled = enabled
+        self.rank_wait_s = rank_wait_s  # how long a rank other than 0 waits for rank 0's artifact
         self.events: list[dict[str, Any]] = []  # what each stage did, for logs and results.json
 
     def record(self, stage: str, **fields: Any) -> None:
@@ -87,15 +109,20 @@ class ArtifactCache:
         key_fields: dict[str, Any],
         build: Callable[[Path], None],
         device: Any = None,
+        collective: bool = False,
     ) -> Artifact:
         """Return the artifact keyed by ``key_fields`` (everything that determines it), building it
         with ``build(tmp_dir)`` if absent.
 
         ``build`` writes its files into the directory it is given; it must not rely on the
-        final path (the directory is renamed once ``build`` returns).
+        final path (the directory is renamed once ``build`` returns). ``collective``: every rank
+        of a multi-process run takes part in the build (see the module docstring).
         """
         key = stable_hash(key_fields)
         final = self._dir(stage, key)
+        rank = launch_rank()
+        if rank != 0:
+            return self._from_rank_zero(stage, key, final, build if collective else None, rank)
         if not self.enabled:
             final = self.root / "_uncached" / stage / f"{key}-{uuid.uuid4().hex[:8]}"
         # Sealed artifacts are renamed into place whole and never change: a valid one needs no lock
@@ -134,6 +161,34 @@ class ArtifactCache:
         if resumed:
             event["resumed_build"] = True
         self.events.append(event)
+        return Artifact(stage, key, final, reused=False)
+
+    def _from_rank_zero(self, stage: str, key: str, final: Path, build: Callable[[Path], None] | None,
+                        rank: int) -> Artifact:
+        """A rank other than 0: join the build when it is collective, then wait for rank 0 to seal it."""
+        if not self.enabled:
+            raise ValueError(f"stage {stage}: cache.enabled=false with several processes (rank {rank}): the ranks "
+                             "share each stage's artifact through the cache; enable it (cache.dir on a shared disk)")
+        if final.exists() and self.is_valid(final):
+            return self._reused(stage, key, final)
+        started = time.perf_counter()
+        if build is not None:
+            tmp = final.parent / f".build-{key}"  # rank 0's build dir: a sharded checkpoint is written by all ranks
+            tmp.mkdir(parents=True, exist_ok=True)
+            build(tmp)
+        parent = os.getppid()
+        while not final.exists():
+            waited = time.perf_counter() - started
+            if os.environ.get("LOCAL_RANK") and os.getppid() != parent:
+                raise RuntimeError(f"stage {stage}: rank 0 (which started this rank) exited before sealing {final}")
+            if waited > self.rank_wait_s:
+                raise TimeoutError(f"stage {stage}: rank {rank} waited {waited:.0f}s for rank 0 to seal {final}")
+            time.sleep(1.0)
+        if not self.is_valid(final):
+            raise RuntimeError(f"stage {stage}: the artifact rank 0 sealed at {final} fails its hash check on rank {rank}")
+        seconds = time.perf_counter() - started
+        log.info("stage %-10s rank %d: read rank 0's artifact %s (%.1fs)", stage, rank, final, seconds)
+        self.events.append({"stage": stage, "key": key, "reused": False, "seconds": round(seconds, 2), "rank": rank})
         return Artifact(stage, key, final, reused=False)
 
     def _reused(self, stage: str, key: str, final: Path) -> Artifact:

@@ -18,10 +18,11 @@ from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import LossSpec, PreferenceModule
 from tisdpo.pipeline.cache import RESUME_SUBDIR
 from tisdpo.pipeline.checkpoints import stage_every_n_steps
-from tisdpo.pipeline.fit import accumulation, fit_stage, optimizer_steps, world_size
+from tisdpo.pipeline.fit import accumulation, fit_stage, optimizer_steps, save_trained, world_size
 from tisdpo.pipeline.loaders import preference_loader, tokenize_sft
 from tisdpo.pipeline.loggers import RUN_RECORD, stage_logger, stage_run_name
 from tisdpo.pipeline.models import frozen_dtype, initial_model, master_dtype
+from tisdpo.pipeline.sharded import reference_placement
 from tisdpo.pipeline.sft_stage import train_sft
 
 log = logging.getLogger(__name__)
@@ -39,35 +40,38 @@ def swap_pair(example: dict) -> dict:
 def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], tokenizer, *, seed: int,
                     checkpoint_dir: Path | None = None, run_name: str = "estimator", record: Path | None = None):
     """A DPO model trained from ``init_dir`` on ``examples`` with the estimator's settings
-    (checkpointed in, and resumed from, ``checkpoint_dir`` when given)."""
+    (checkpointed in, and resumed from, ``checkpoint_dir`` when given); returns (model, trainer)."""
     est = cfg.estimator
     L.seed_everything(seed, workers=True, verbose=False)
     policy = build_model(name_or_path=str(init_dir), dtype=master_dtype(cfg))
     reference = frozen_copy(policy).to(frozen_dtype(cfg) or policy.dtype)
     loss = LossSpec("dpo", functools.partial(dpo_loss, beta=float(est.beta)))
     # The DPO baseline's recipe, batch included: the global batch and length of the run's training
-    # (one device here: the estimator stage runs single-process).
+    # (under DDP/FSDP with the run's strategy, the reference placed like the policy's).
     batch_size, world = int(est.batch_size), world_size(cfg.trainer)
     accumulate = accumulation(batch_size, int(est.get("grad_accum") or 1), est.get("global_batch_size"), world)
     steps = optimizer_steps(est.get("max_steps"), est.get("epochs"), len(examples), batch_size, world, accumulate)
     module = PreferenceModule(policy, reference, loss, est.optim, total_steps=steps,
                               logits_chunk_size=int(cfg.train.logits_chunk_size))
     loader = preference_loader(examples, tokenizer, batch_size, shuffle=True, seed=seed)
-    fit_stage(cfg.trainer, module, loader, max_steps=steps, checkpoint_dir=checkpoint_dir,
-              checkpoint_every=stage_every_n_steps(cfg), accumulate_grad_batches=accumulate, model=policy,
-              logger=stage_logger(cfg, "estimator", run_name, record=record))
-    return policy
+    trainer = fit_stage(cfg.trainer, module, loader, max_steps=steps, checkpoint_dir=checkpoint_dir,
+                        checkpoint_every=stage_every_n_steps(cfg), accumulate_grad_batches=accumulate, model=policy,
+                        callbacks=reference_placement(cfg, reference),
+                        logger=stage_logger(cfg, "estimator", run_name, record=record))
+    return policy, trainer, "policy."
 
 
 def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed: int,
                     checkpoint_dir: Path | None = None, run_name: str = "estimator", record: Path | None = None):
-    """An SFT model trained from ``init`` on {prompt, response} rows with the estimator's settings."""
+    """An SFT model trained from ``init`` on {prompt, response} rows with the estimator's settings;
+    returns (model, trainer)."""
     est = cfg.estimator
     sft_cfg = OmegaConf.merge(cfg, {"sft": {"optim": OmegaConf.to_container(est.optim, resolve=True),
                                             "batch_size": int(est.batch_size)}})
     examples = tokenize_sft(rows, tokenizer, cfg.dataset, int(cfg.sft.max_length))
-    return train_sft(init, examples, tokenizer, sft_cfg, max_steps=int(est.max_steps), seed=seed,
-                     checkpoint_dir=checkpoint_dir, job_type="estimator", run_name=run_name, record=record)
+    trainer = train_sft(init, examples, tokenizer, sft_cfg, max_steps=int(est.max_steps), seed=seed,
+                        checkpoint_dir=checkpoint_dir, job_type="estimator", run_name=run_name, record=record)
+    return init, trainer, "model."
 
 
 def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: list[dict],
@@ -109,6 +113,7 @@ def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: 
         if done.is_file():
             log.info("estimator %s: pi %s already trained by the interrupted build", name, side)
             continue
-        train().save_pretrained(out / side)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.touch()
+        model, trainer, prefix = train()
+        if save_trained(trainer, model, out / side, prefix):  # rank 0 (under FSDP: gathered from every rank)
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.touch()

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from tisdpo.models.sharding import full_state_dict, is_sharded
 from tisdpo.pipeline.checkpoints import stage_checkpointing
 
 
@@ -117,3 +118,14 @@ def fit_stage(trainer_cfg: DictConfig, module: L.LightningModule, train_loader, 
     )
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path or resume_from)
     return trainer
+
+
+def save_trained(trainer: L.Trainer, model, out: Path, prefix: str) -> bool:
+    """Write ``model``, just trained by ``trainer`` as the module's ``prefix`` attribute (e.g.
+    "model."), to ``out`` as a Hugging Face directory from rank 0; returns whether this process
+    wrote it. Under FSDP every rank must call it: the full weights are gathered from the shards."""
+    state = full_state_dict(trainer.strategy.model, prefix) if is_sharded(model) else None
+    if trainer.global_rank != 0:
+        return False
+    model.save_pretrained(out, state_dict=state)  # state None: the model's own (whole) weights
+    return True

@@ -26,7 +26,7 @@ from tisdpo.pipeline.models import frozen_dtype, initial_model, stage_device
 from tisdpo.pipeline.pairs_stage import generated_pairs_stage
 from tisdpo.pipeline.run_dir import begin_run, check_resume_data, prepare_run_dir
 from tisdpo.pipeline.sft_stage import sft_stage
-from tisdpo.pipeline.train_stage import single_process_config, train_stage
+from tisdpo.pipeline.train_stage import models_for_eval, train_stage
 from tisdpo.pipeline.validate import validate_config
 from tisdpo.pipeline.weights_stage import weights_stage
 
@@ -61,16 +61,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_resume_data(cfg, output_dir, data)  # a resume on different data is refused; a first start records it
     timed("data", t0)
 
-    # The upstream stages train on one device: under DDP, Lightning starts the other ranks at the
-    # first multi-device fit, and they re-run this script; were that fit inside an artifact's
-    # build (SFT, estimators), they would wait on its lock while rank 0 waits for them.
-    upstream_cfg = single_process_config(cfg)
-
+    # Every stage trains with the run's strategy (SFT and the estimator models sharded like the policy
+    # under FSDP). Under DDP/FSDP Lightning starts the other ranks at the first multi-device fit and
+    # they re-run this script: the cache has them join the builds that train and wait for the others
+    # (rank 0 builds and seals every artifact; see cache.py).
     t0 = time.perf_counter()
-    sft_dir = sft_stage(upstream_cfg, data, cache)
+    sft_dir = sft_stage(cfg, data, cache)
     timed("sft", t0)
     # dataset.pairs=generated: the SFT model writes the pairs (RLCD); a cached artifact, like SFT
-    data = generated_pairs_stage(upstream_cfg, data, sft_dir, cache, results)
+    data = generated_pairs_stage(cfg, data, sft_dir, cache, results)
 
     train_examples, train_drops = tokenize_pairs(data.train_rows, data.tokenizer, cfg.dataset, "train")
     val_examples, val_drops = tokenize_pairs(data.test_rows, data.tokenizer, cfg.dataset, "test")
@@ -80,7 +79,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["data/label_flipped"] = data.n_flipped
 
     t0 = time.perf_counter()
-    weighting = weights_stage(upstream_cfg, data, sft_dir, cache, output_dir, train_examples)
+    weighting = weights_stage(cfg, data, sft_dir, cache, output_dir, train_examples)
     results.update(weighting.metrics)
     timed("weights", t0)
 
@@ -104,8 +103,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     timed("train", t0)
     results["train/steps"] = int(module.global_step)
     cache.record("train", device=str(module.trainer.strategy.root_device), seconds=timings["time/train_s"])
-    if module.global_rank != 0:
-        # Under DDP every rank runs this script (Lightning re-launches it) and ends training with
+    # Under FSDP every rank helps gather the policy's shards; rank 0 evaluates whole models.
+    policy, reference = models_for_eval(cfg, module, reference, sft_dir, data.tokenizer)
+    if policy is None:
+        # Under DDP/FSDP every rank runs this script (Lightning re-launches it) and ends training with
         # the same weights; evaluating again and writing the same results.json would only race rank 0.
         log.info("rank %d: training done; evaluation and results.json are rank 0's", module.global_rank)
         return results
@@ -113,7 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     # Lightning's teardown may have moved the module back to the CPU: evaluation runs on the accelerator.
     device = stage_device(cfg)
-    policy, reference = module.policy.to(device), reference.to(device)
+    policy, reference = policy.to(device), reference.to(device)
     # External benchmarks and vLLM read the exported directory, so it is written first for them; otherwise
     # after evaluation (merging LoRA adapters for the export unwraps the policy the reference views).
     reads_export = cfg.eval.name == "benchmarks" or (cfg.eval.get("generation") or {}).get("backend") == "vllm"

@@ -11,7 +11,7 @@ from tisdpo.modules.sft import SFTModule
 from tisdpo.pipeline.cache import RESUME_SUBDIR, ArtifactCache, stable_hash
 from tisdpo.pipeline.checkpoints import stage_every_n_steps
 from tisdpo.pipeline.data_stage import PreparedData, rows_fingerprint
-from tisdpo.pipeline.fit import fit_stage
+from tisdpo.pipeline.fit import fit_stage, save_trained
 from tisdpo.pipeline.loaders import sft_loader, tokenize_sft
 from tisdpo.pipeline.loggers import RUN_RECORD, stage_logger
 from tisdpo.pipeline.models import base_model, base_model_identity, stage_device
@@ -26,14 +26,14 @@ def train_sft(model, examples, tokenizer, cfg: DictConfig, *, max_steps: int, se
 
     With ``checkpoint_dir`` (inside an artifact's build dir) it checkpoints there and resumes from
     what a killed earlier attempt left. Its curves go to their own W&B run (``job_type``, ``run_name``;
-    ``record``: the artifact's wandb_run.json naming that run), see ``loggers.stage_logger``."""
+    ``record``: the artifact's wandb_run.json naming that run), see ``loggers.stage_logger``.
+    Returns the trainer (``fit.save_trained`` writes the model, gathered from its shards under FSDP)."""
     L.seed_everything(seed, workers=True, verbose=False)
     module = SFTModule(model, cfg.sft.optim, total_steps=max_steps)
     loader = sft_loader(examples, tokenizer, int(cfg.sft.batch_size), shuffle=True, seed=seed)
-    fit_stage(cfg.trainer, module, loader, max_steps=max_steps, checkpoint_dir=checkpoint_dir,
-              checkpoint_every=stage_every_n_steps(cfg),
-              logger=stage_logger(cfg, job_type, run_name or job_type, record=record))
-    return model
+    return fit_stage(cfg.trainer, module, loader, max_steps=max_steps, checkpoint_dir=checkpoint_dir,
+                     checkpoint_every=stage_every_n_steps(cfg), model=model,
+                     logger=stage_logger(cfg, job_type, run_name or job_type, record=record))
 
 
 def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path | None:
@@ -54,10 +54,11 @@ def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path
     def build(out: Path) -> None:
         model = base_model(cfg, data.tokenizer)
         examples = tokenize_sft(data.sft_rows, data.tokenizer, cfg.dataset, int(cfg.sft.max_length))
-        train_sft(model, examples, data.tokenizer, cfg, max_steps=int(cfg.sft.max_steps), seed=cfg.seed,
-                  checkpoint_dir=out / RESUME_SUBDIR / "sft", run_name=f"sft-{stable_hash(key_fields)}",
-                  record=out / RUN_RECORD)
-        model.save_pretrained(out)
-        data.tokenizer.save_pretrained(out)
+        trainer = train_sft(model, examples, data.tokenizer, cfg, max_steps=int(cfg.sft.max_steps), seed=cfg.seed,
+                            checkpoint_dir=out / RESUME_SUBDIR / "sft", run_name=f"sft-{stable_hash(key_fields)}",
+                            record=out / RUN_RECORD)
+        if save_trained(trainer, model, out, prefix="model."):
+            data.tokenizer.save_pretrained(out)
 
-    return cache.get_or_build("sft", key_fields, build, device=stage_device(cfg)).path
+    # collective: under DDP/FSDP every rank trains it with the run's strategy; rank 0 writes it
+    return cache.get_or_build("sft", key_fields, build, device=stage_device(cfg), collective=True).path

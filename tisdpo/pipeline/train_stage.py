@@ -1,15 +1,16 @@
 """Preference training stage: the policy, initialised from the SFT model, against a frozen reference."""
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
+from tisdpo.models.lora import policy_and_reference
+from tisdpo.models.sharding import full_state_dict, is_sharded
 from tisdpo.modules.preference import LossSpec, PreferenceModule
 from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.callbacks import RNGStateCallback, SignalCheckpoint
@@ -17,8 +18,9 @@ from tisdpo.pipeline.checkpoints import CHECKPOINT_DIR, VerifiedCheckpoint, trai
 from tisdpo.pipeline.fit import accumulation, fit_stage, optimizer_steps, world_size
 from tisdpo.pipeline.loaders import length_grouped, preference_loader
 from tisdpo.pipeline.loss_config import build_loss_spec
-from tisdpo.pipeline.models import initial_model_identity, stage_device
+from tisdpo.pipeline.models import frozen_dtype, initial_model, initial_model_identity, stage_device
 from tisdpo.pipeline.reference_cache import cache_applies, reference_logps_key, with_reference_logps
+from tisdpo.pipeline.sharded import is_fsdp, reference_placement
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def train_stage(
     """Fit the preference module; returns it and the final validation metrics (val/...)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loss = build_loss_spec(cfg.loss, tokenizer, int(cfg.train.logits_chunk_size))
-    sharded = _is_fsdp(cfg.trainer)
+    sharded = is_fsdp(cfg.trainer)
     if cfg.train.get("gradient_checkpointing") and not sharded:  # under FSDP: the strategy's own, per wrapped layer
         enable_gradient_checkpointing(policy)
     module_reference = reference
@@ -56,6 +58,7 @@ def train_stage(
             # every batch carries its reference log-probs and nothing else runs the reference:
             # the module goes without it (never moved to the accelerator; the caller keeps it for eval)
             module_reference = None
+    placement = reference_placement(cfg, module_reference)
     world = world_size(cfg.trainer)
     batch_size = int(cfg.train.batch_size)
     accumulate = accumulation(batch_size, int(cfg.train.grad_accum), cfg.train.get("global_batch_size"), world)
@@ -86,7 +89,8 @@ def train_stage(
     trainer = fit_stage(
         cfg.trainer, module, train_loader, max_steps=max_steps, val_loader=val_loader if val_every > 0 else None,
         ckpt_path=train_checkpoint(cfg, output_dir), logger=logger, default_root_dir=str(output_dir),
-        callbacks=[checkpoint, RNGStateCallback(), SignalCheckpoint(output_dir / CHECKPOINT_DIR), *(callbacks or [])],
+        callbacks=[checkpoint, RNGStateCallback(), SignalCheckpoint(output_dir / CHECKPOINT_DIR), *placement,
+                   *(callbacks or [])],
         val_check_interval=min(val_every, max_steps) if val_every > 0 else None,
         check_val_every_n_epoch=None, limit_val_batches=1.0 if val_every > 0 else 0,
         accumulate_grad_batches=accumulate, model=policy,
@@ -98,31 +102,24 @@ def train_stage(
     return module, metrics_to_floats(final[0] if final else {})
 
 
-def _is_fsdp(trainer_cfg: DictConfig) -> bool:
-    strategy = trainer_cfg.get("strategy")
-    return isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("FSDPStrategy")
+def models_for_eval(cfg: DictConfig, module: PreferenceModule, reference, sft_dir: Path | None, tokenizer):
+    """The trained policy and the reference as whole models on this process, for evaluation and export;
+    (None, None) on ranks other than 0.
 
-
-def single_process_config(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with a one-device trainer when ``cfg.trainer`` spans several processes (ddp, fsdp,
-    deepspeed, devices > 1, num_nodes > 1); ``cfg`` itself otherwise. For the stages before
-    preference training, whose artifacts are built by one process under a file lock."""
-    trainer = cfg.trainer
-    strategy = trainer.get("strategy", "auto")
-    devices = trainer.get("devices", "auto")
-    multi = (
-        not (isinstance(strategy, str) and strategy in ("auto", "single_device"))
-        or int(trainer.get("num_nodes", 1) or 1) > 1
-        or devices in ("auto", -1, "-1")
-        or (isinstance(devices, int) and devices > 1)
-        or (not isinstance(devices, (int, str)) and len(devices) > 1)
-    )
-    if not multi:
-        return cfg
-    out = copy.deepcopy(cfg)
-    with open_dict(out):
-        out.trainer.strategy, out.trainer.devices, out.trainer.num_nodes = "auto", 1, 1
-    return out
+    Under FSDP the policy's parameters are shards spread over the ranks (and the reference's too, with
+    ``train.reference_placement`` auto/shard). Every rank takes part in gathering the policy's full
+    state dict; rank 0 loads it into a fresh copy of the initial model and rebuilds the reference from
+    the initial weights (frozen, so they are the reference's), and evaluates alone on whole models."""
+    if not is_sharded(module.policy):
+        return (module.policy, reference) if module.global_rank == 0 else (None, None)
+    state = full_state_dict(module.trainer.strategy.model, prefix="policy.")  # collective
+    if state is None:
+        return None, None
+    policy, reference = policy_and_reference(initial_model(cfg, sft_dir, tokenizer), cfg.model.get("lora"),
+                                             reference_dtype=frozen_dtype(cfg))
+    policy.load_state_dict(state)
+    log.info("policy consolidated from %d FSDP ranks for evaluation and export", module.trainer.world_size)
+    return policy, reference
 
 
 def enable_gradient_checkpointing(policy) -> None:

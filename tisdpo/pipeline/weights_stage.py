@@ -204,7 +204,7 @@ def estimator_scores(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, 
             "estimator", models_key,
             lambda out: train_pair(cfg, out=out, sft_dir=sft_dir, train_rows=data.train_rows,
                                    train_examples=train_examples, tokenizer=data.tokenizer),
-            device=stage_device(cfg),
+            device=stage_device(cfg), collective=True,  # pi+/pi- train with the run's strategy, on every rank
         ).path
     scores_key = {
         "estimator": est.name,
