@@ -39,6 +39,18 @@ def _setup():
     return tokenizer, examples, policy
 
 
+class StepLosses(Callback):
+    """Each training step's loss and example indices on this rank."""
+
+    def __init__(self):
+        self.values: list[float] = []
+        self.indices: list[list[int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(outputs["loss"]))
+        self.indices.append(batch["index"].tolist())
+
+
 def ddp_order(n: int) -> list[int]:
     """The example order whose consecutive 8-pair batches are DDP's global batches.
 
@@ -60,15 +72,7 @@ def _fit(trainer_name: str, batch_size: int, order: list[int] | None = None):
     module = PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss), OmegaConf.create(OPTIM),
                               total_steps=STEPS, pad_token_id=tokenizer.pad_token_id)
 
-    class Losses(Callback):
-        values: list[float] = []
-        indices: list[list[int]] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.values.append(float(outputs["loss"]))
-            self.indices.append(batch["index"].tolist())
-
-    losses = Losses()
+    losses = StepLosses()
     trainer = build_trainer(cfg.trainer, max_steps=STEPS, logger=False, callbacks=[losses], enable_checkpointing=False,
                             enable_progress_bar=False, limit_val_batches=0, inference_mode=False)
     trainer.fit(module, preference_loader(examples, tokenizer, batch_size, shuffle=False, seed=0))

@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, TINY, compose_config
-from tests.test_ddp import OPTIM, PER_DEVICE, STEPS, WORLD, _free_port, _setup, ddp_order
+from tests.test_ddp import OPTIM, PER_DEVICE, STEPS, WORLD, StepLosses, _free_port, _setup, ddp_order
 from tisdpo.models.loading import frozen_copy
 from tisdpo.models.sharding import is_sharded
 from tisdpo.modules.preference import PreferenceModule
@@ -46,15 +45,7 @@ def _fit(trainer_name: str, batch_size: int, out_dir: Path, order: list[int] | N
     module = PreferenceModule(policy, reference, build_loss_spec(cfg.loss), OmegaConf.create(OPTIM),
                               total_steps=STEPS, pad_token_id=tokenizer.pad_token_id)
 
-    class Losses(Callback):
-        values: list[float] = []
-        indices: list[list[int]] = []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.values.append(float(outputs["loss"]))
-            self.indices.append(batch["index"].tolist())
-
-    losses = Losses()
+    losses = StepLosses()
     placement = reference_placement(cfg, reference)
     trainer = build_trainer(cfg.trainer, model=policy, max_steps=STEPS, logger=False,
                             callbacks=[losses, *placement], enable_checkpointing=False,
@@ -129,16 +120,34 @@ def test_reference_placement_options():
     assert reference_placement(compose_config(["trainer=ddp"], tiny=False), frozen_copy(policy)) == []
 
 
+def test_gradient_checkpointing_reaches_every_stage_that_trains():
+    """train.gradient_checkpointing applies to whatever fit_stage trains (SFT, pi+/pi-, the policy):
+    the model's own checkpointing on one device; under FSDP the strategy's, per wrap unit."""
+    from tisdpo.modules.sft import SFTModule
+    from tisdpo.pipeline.fit import fit_stage
+    from tisdpo.pipeline.loaders import sft_loader, tokenize_sft
+
+    tokenizer, _, model = _setup()
+    cfg = compose_config(["trainer=cpu"], tiny=False)
+    rows = [{"prompt": "a b", "response": "c d e"}] * 4
+    examples = tokenize_sft(rows, tokenizer, cfg.dataset, 16)
+    module = SFTModule(model, OmegaConf.create(OPTIM), total_steps=1)
+    fit_stage(cfg.trainer, module, sft_loader(examples, tokenizer, 2, shuffle=False, seed=0), max_steps=1,
+              model=model, gradient_checkpointing=True, enable_progress_bar=False)
+    assert model.is_gradient_checkpointing and model.config.use_cache is False
+
+
 def test_run_py_under_two_process_fsdp(tmp_path):
     """The whole pipeline sharded over two processes: SFT and pi+/pi- train on both ranks (the cache
     has rank 1 join those builds and wait for rank 0's seal), the reference is sharded, rank 0
-    evaluates the policy gathered from both ranks and exports it."""
+    evaluates the policy gathered from both ranks and exports it; activation checkpointing on."""
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "run.py"), *TINY, "trainer=fsdp_cpu", "method=tisdpo_d", "train.max_steps=4",
-           "train.batch_size=4", "estimator.max_steps=4", "eval.every_n_steps=2", f"paths.root_dir={tmp_path}",
+           "train.batch_size=4", "estimator.max_steps=4", "eval.every_n_steps=2",
+           "train.gradient_checkpointing=true",  # FSDP's activation checkpointing of the decoder layers, every stage f"paths.root_dir={tmp_path}",
            f"cache.dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -17,7 +17,7 @@ from tisdpo.pipeline.fit import build_trainer
 from tisdpo.pipeline.loaders import preference_loader, tokenize_pairs
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.pipeline.loaders import length_grouped
-from tisdpo.pipeline.train_stage import enable_gradient_checkpointing
+from tisdpo.pipeline.fit import enable_gradient_checkpointing
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -56,6 +56,7 @@ def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], token
     loader = preference_loader(examples, tokenizer, batch_size, shuffle=True, seed=seed)
     trainer = fit_stage(cfg.trainer, module, loader, max_steps=steps, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=stage_every_n_steps(cfg), accumulate_grad_batches=accumulate, model=policy,
+                        gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")),
                         callbacks=reference_placement(cfg, reference),
                         logger=stage_logger(cfg, "estimator", run_name, record=record))
     return policy, trainer, "policy."

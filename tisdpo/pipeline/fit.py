@@ -18,6 +18,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from tisdpo.models.sharding import full_state_dict, is_sharded
 from tisdpo.pipeline.checkpoints import stage_checkpointing
+from tisdpo.pipeline.sharded import is_fsdp
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
@@ -78,6 +79,13 @@ def _strategy(strategy_cfg: Any, model, activation_checkpointing: bool):
     return instantiate(strategy_cfg, _convert_="all", **extra)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward (non-reentrant: works with frozen inputs, LoRA and no_grad references)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+
+
 def build_trainer(trainer_cfg: DictConfig, model=None, activation_checkpointing: bool = False,
                   **overrides: Any) -> L.Trainer:
     """A Lightning Trainer from the `trainer` group, with stage-specific overrides. ``model`` (the
@@ -94,13 +102,15 @@ def build_trainer(trainer_cfg: DictConfig, model=None, activation_checkpointing:
 def fit_stage(trainer_cfg: DictConfig, module: L.LightningModule, train_loader, *, max_steps: int,
               val_loader=None, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
               ckpt_path: str | None = None, callbacks: Sequence[Callback] = (), logger: Any = False,
-              model=None, activation_checkpointing: bool = False, **trainer_kwargs: Any) -> L.Trainer:
+              model=None, gradient_checkpointing: bool = False, **trainer_kwargs: Any) -> L.Trainer:
     """Fit ``module`` for ``max_steps`` steps; returns the trainer.
 
     ``checkpoint_dir`` (a pipeline stage's build dir): checkpoint there every ``checkpoint_every``
     steps and resume from what a killed earlier attempt left. ``ckpt_path``: resume from exactly
     that checkpoint (preference training, whose checkpointing the caller sets up). Without
-    validation data, validation is off (stages)."""
+    validation data, validation is off (stages). ``gradient_checkpointing`` (``train.gradient_checkpointing``,
+    for every stage that trains ``model``): activations recomputed in backward, through the strategy's
+    own activation checkpointing of its wrap unit under FSDP, through the model's elsewhere."""
     stage_callbacks, resume_from = stage_checkpointing(checkpoint_dir, checkpoint_every)
     if checkpoint_dir is not None:
         # Lightning's own files (an `hpc_ckpt_*.ckpt` saved on SLURM's requeue signal, which it loads
@@ -111,8 +121,11 @@ def fit_stage(trainer_cfg: DictConfig, module: L.LightningModule, train_loader, 
     if val_loader is None:
         trainer_kwargs.setdefault("limit_val_batches", 0)
         trainer_kwargs.setdefault("enable_model_summary", False)
+    sharded = is_fsdp(trainer_cfg)
+    if gradient_checkpointing and model is not None and not sharded:
+        enable_gradient_checkpointing(model)
     trainer = build_trainer(
-        trainer_cfg, model=model, activation_checkpointing=activation_checkpointing,
+        trainer_cfg, model=model, activation_checkpointing=gradient_checkpointing and sharded,
         max_steps=max_steps, logger=logger, callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **trainer_kwargs,
     )

@@ -33,6 +33,7 @@ def train_sft(model, examples, tokenizer, cfg: DictConfig, *, max_steps: int, se
     loader = sft_loader(examples, tokenizer, int(cfg.sft.batch_size), shuffle=True, seed=seed)
     return fit_stage(cfg.trainer, module, loader, max_steps=max_steps, checkpoint_dir=checkpoint_dir,
                      checkpoint_every=stage_every_n_steps(cfg), model=model,
+                     gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")),
                      logger=stage_logger(cfg, job_type, run_name or job_type, record=record))
 
 

@@ -20,7 +20,7 @@ from tisdpo.pipeline.loaders import length_grouped, preference_loader
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.pipeline.models import frozen_dtype, initial_model, initial_model_identity, stage_device
 from tisdpo.pipeline.reference_cache import cache_applies, reference_logps_key, with_reference_logps
-from tisdpo.pipeline.sharded import is_fsdp, reference_placement
+from tisdpo.pipeline.sharded import reference_placement
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,6 @@ def train_stage(
     """Fit the preference module; returns it and the final validation metrics (val/...)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loss = build_loss_spec(cfg.loss, tokenizer, int(cfg.train.logits_chunk_size))
-    sharded = is_fsdp(cfg.trainer)
-    if cfg.train.get("gradient_checkpointing") and not sharded:  # under FSDP: the strategy's own, per wrapped layer
-        enable_gradient_checkpointing(policy)
     module_reference = reference
     if cfg.train.get("reference_cache"):
         train_examples, val_examples = cached_reference_logps(
@@ -93,8 +90,7 @@ def train_stage(
                    *(callbacks or [])],
         val_check_interval=min(val_every, max_steps) if val_every > 0 else None,
         check_val_every_n_epoch=None, limit_val_batches=1.0 if val_every > 0 else 0,
-        accumulate_grad_batches=accumulate, model=policy,
-        activation_checkpointing=sharded and bool(cfg.train.get("gradient_checkpointing")),
+        accumulate_grad_batches=accumulate, model=policy, gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")),
         # no_grad instead of inference_mode in validation: TI-DPO's attribution needs enable_grad there.
         inference_mode=False,
     )
@@ -120,13 +116,6 @@ def models_for_eval(cfg: DictConfig, module: PreferenceModule, reference, sft_di
     policy.load_state_dict(state)
     log.info("policy consolidated from %d FSDP ranks for evaluation and export", module.trainer.world_size)
     return policy, reference
-
-
-def enable_gradient_checkpointing(policy) -> None:
-    """Recompute activations in backward (non-reentrant: works with frozen inputs, LoRA and no_grad references)."""
-    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(policy, "config", None) is not None:
-        policy.config.use_cache = False
 
 
 def cached_reference_logps(cfg: DictConfig, loss: LossSpec, reference, tokenizer, cache: ArtifactCache | None,
