@@ -168,3 +168,33 @@ def test_run_py_under_two_process_fsdp(tmp_path):
     sft = AutoModelForCausalLM.from_pretrained(sft_dir)
     changed = [k for k, v in exported.state_dict().items() if not torch.equal(v, sft.state_dict()[k])]
     assert changed  # the export is the trained policy, not the SFT model it started from
+
+
+def test_fsdp_run_resumes_from_its_sharded_checkpoint(tmp_path):
+    """A sharded checkpoint (a directory per step, FSDP's own format) resumes a run that lost its
+    last steps: TDPO (its reference sharded too) ends with the same validation loss as the
+    uninterrupted run."""
+    import shutil
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    common = [sys.executable, str(ROOT / "run.py"), *TINY, "trainer=fsdp_cpu", "method=tdpo", "train.max_steps=6",
+              "train.batch_size=4", "checkpoint.every_n_steps=2", "train.val_every_n_steps=2", "checkpoint.keep_all=true",
+              "eval.enabled=false", f"paths.root_dir={tmp_path}", f"cache.dir={tmp_path / 'cache'}"]
+    first = tmp_path / "first"
+    done = subprocess.run([*common, f"hydra.run.dir={first}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (first / "checkpoints" / "epoch=0-step=4.ckpt").is_dir()  # sharded: a directory of shards
+
+    cut = tmp_path / "cut"  # the same run, as if killed after the step-4 checkpoint
+    shutil.copytree(first, cut)
+    for path in [cut / "results.json", *(cut / "checkpoints").glob("epoch=0-step=6.ckpt*"),
+                 *(cut / "checkpoints").glob("last.ckpt*")]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    done = subprocess.run([*common, f"resume={cut}", f"hydra.run.dir={tmp_path / 'resumer'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming training from" in done.stdout + done.stderr and "step=4.ckpt" in done.stdout + done.stderr
+    resumed, full = (json.loads((d / "results.json").read_text()) for d in (cut, first))
+    assert resumed["train/steps"] == full["train/steps"] == 6
+    assert resumed["val/loss"] == pytest.approx(full["val/loss"], abs=1e-6)
