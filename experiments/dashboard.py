@@ -129,7 +129,7 @@ def weight_keys(report: Report) -> list[str]:
 def build_dashboard(report: Report, target: dict[str, Any], figures: Sequence[Path] = ()):
     """The ``wandb_workspaces`` Report object (nothing is sent)."""
     wr = workspaces()
-    from .report import (display_frame, failures_frame, orderings_frame, render_matched_kl, table_caption,
+    from .report import (display_frame, failures_frame, orderings_frame, render_matched_kl_sections, table_caption,
                          to_markdown)
 
     entity = target["entity"] or PLACEHOLDER_ENTITY
@@ -144,7 +144,7 @@ def build_dashboard(report: Report, target: dict[str, Any], figures: Sequence[Pa
                            groupby_rangefunc="minmax")
 
     title = (report.table.title if report.table else "Runs")[:128]
-    matched = "\n".join(render_matched_kl(report.frontier, figures=False)[2:]).strip()
+    matched = "\n".join(render_matched_kl_sections(report.frontiers, figures=False)[2:]).strip()
     blocks: list[Any] = [
         wr.H1("Matched-KL comparison (headline)"),
         wr.MarkdownBlock(matched or "No matched-KL data."),

@@ -101,10 +101,20 @@ class FrontierSection:
     orderings: list[MatchedOrdering] = field(default_factory=list)
     oracles: list[str] = field(default_factory=list)
     n_resamples: int = fr.N_RESAMPLES
+    condition: dict[str, Any] = field(default_factory=dict)   # the runs' setting (a column's `where`), {} = all
 
     @property
     def empty(self) -> bool:
         return not len(self.points) or not self.budgets
+
+    @property
+    def suffix(self) -> str:
+        """File-name suffix of this condition's plots ("" for the unconditioned section)."""
+        return "".join(f"_{k.split('.')[-1]}{v}" for k, v in self.condition.items())
+
+    @property
+    def heading(self) -> str:
+        return ", ".join(f"{k} = {v}" for k, v in self.condition.items())
 
 
 @dataclass
@@ -117,7 +127,13 @@ class Report:
     table: PaperTable | None = None
     paper_scale: bool = False
     orderings: list[OrderingResult] = field(default_factory=list)
-    frontier: FrontierSection | None = None
+    # one matched-KL section per run condition the table's columns are measured under (e.g. each
+    # label-noise level: methods are compared on runs of the same level), or one section for all runs
+    frontiers: list[FrontierSection] = field(default_factory=list)
+
+    @property
+    def matched_orderings(self) -> list[MatchedOrdering]:
+        return [o for section in self.frontiers for o in section.orderings]
 
     @property
     def failures(self) -> list[Run]:
@@ -205,7 +221,7 @@ def build_report(source: str, runs: list[Run], table: PaperTable | None,
     if table is not None:
         by_name = {m.name: m for m in metrics}
         report.orderings = [evaluate_ordering(o, table, rows, by_name[o.metric]) for o in table.orderings]
-    report.frontier = build_frontier(report, ignore, baseline, budgets, n_resamples)
+    report.frontiers = build_frontiers(report, ignore, baseline, budgets, n_resamples)
     return report
 
 
@@ -248,21 +264,49 @@ def _find_label(labels: Sequence[str], wanted: str | None) -> str | None:
     return None
 
 
-def build_frontier(report: Report, ignore: Sequence[str], baseline: str | None = "DPO",
-                   budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES) -> FrontierSection:
+def table_conditions(report: Report) -> list[dict[str, Any]]:
+    """The run settings the table's columns are measured under (each column's ``where``, e.g. one
+    label-noise level per column), each once; [{}] when no column has one."""
+    seen: list[dict[str, Any]] = []
+    for metric in report.metrics:
+        if metric.where and dict(metric.where) not in seen:
+            seen.append(dict(metric.where))
+    return seen or [{}]
+
+
+def build_frontiers(report: Report, ignore: Sequence[str], baseline: str | None = "DPO",
+                    budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES) -> list[FrontierSection]:
+    """One matched-KL section per table condition. Pooling runs of different conditions (label-noise
+    levels) into one method's curve would compare methods across conditions, so each condition's runs
+    get their own frontier, budgets and verdicts; a claim on a column is judged in its column's."""
     labels = frontier_labels(report, ignore)
-    points = fr.frontier_points([r for r in report.runs if r.ok], lambda run: labels.get(id(run)))
+    sections = []
+    for condition in table_conditions(report):
+        runs = [r for r in report.runs if r.ok and all(r.has_setting(k, v) for k, v in condition.items())]
+        section = build_frontier(runs, labels, baseline, budgets, n_resamples)
+        section.condition = condition
+        sections.append(section)
+    if report.table is not None:
+        for ordering in report.table.orderings:
+            column = next(m for m in report.metrics if m.name == ordering.metric)
+            section = next((s for s in sections if s.condition in ({}, dict(column.where or {}))), None)
+            if section is not None and not section.empty:
+                matched = matched_ordering(ordering, report, section)
+                if matched is not None:
+                    section.orderings.append(matched)
+    return sections
+
+
+def build_frontier(runs: Sequence[Run], labels: dict[int, str], baseline: str | None = "DPO",
+                   budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES) -> FrontierSection:
+    points = fr.frontier_points(runs, lambda run: labels.get(id(run)))
     methods = list(dict.fromkeys(points["method"]))
     baseline = _find_label(methods, baseline)
     chosen = fr.kl_budgets(points) if budgets is None else np.asarray(list(budgets), float)
     table = fr.matched_kl_table(points, chosen, baseline, n_resamples=n_resamples)
-    section = FrontierSection(points, [float(b) for b in chosen], table, baseline, fr.has_curves(points),
-                              [m for m in methods if fr.method_basis(points[points["method"] == m]) == fr.POOLED],
-                              oracles=[m for m in methods if "oracle" in m.lower()], n_resamples=n_resamples)
-    if report.table is not None and not section.empty:
-        section.orderings = [o for o in (matched_ordering(o, report, section) for o in report.table.orderings)
-                             if o is not None]
-    return section
+    return FrontierSection(points, [float(b) for b in chosen], table, baseline, fr.has_curves(points),
+                           [m for m in methods if fr.method_basis(points[points["method"] == m]) == fr.POOLED],
+                           oracles=[m for m in methods if "oracle" in m.lower()], n_resamples=n_resamples)
 
 
 def matched_ordering(ordering: Ordering, report: Report, section: FrontierSection) -> MatchedOrdering | None:
@@ -633,6 +677,19 @@ def oracle_lines(section: FrontierSection) -> list[str]:
     return lines
 
 
+def render_matched_kl_sections(sections: Sequence[FrontierSection], figures: bool = True) -> list[str]:
+    """The headline: one matched-KL section, or one per table condition (its own budgets and verdicts)."""
+    if len(sections) <= 1:
+        return render_matched_kl(sections[0] if sections else None, figures)
+    lines = ["## Matched-KL comparison (headline)", "",
+             "The table's columns are measured on different runs (" + "; ".join(s.heading for s in sections) + "): "
+             "each condition is compared on its own runs, with its own KL budgets.", ""]
+    for section in sections:
+        body = render_matched_kl(section, figures)[2:]
+        lines += [f"### {section.heading}", "", *[line.replace("### The paper's", "#### The paper's") for line in body]]
+    return lines
+
+
 def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> list[str]:
     lines = ["## Matched-KL comparison (headline)", ""]
     if section is None or not len(section.points):
@@ -677,8 +734,8 @@ def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> 
                   f"(of {len(section.orderings)} orderings on true reward or safe rate; the others have no "
                   "matched-KL measure).", "", to_markdown(matched_orderings_frame(section))]
     if figures:
-        lines += ["", "![true reward vs KL](plots/frontier_true_reward.png) "
-                  "![safe rate vs KL](plots/frontier_safe_rate.png)"]
+        lines += ["", f"![true reward vs KL](plots/frontier_true_reward{section.suffix}.png) "
+                  f"![safe rate vs KL](plots/frontier_safe_rate{section.suffix}.png)"]
     return lines + [""]
 
 
@@ -705,7 +762,7 @@ def render_markdown(report: Report, digits: int = 2, figures: bool = True) -> st
                          f"({t.model}) are in the \"(paper, ref.)\" columns for reference, not comparison.")
         if t.notes:
             lines.append(f"- Note: {t.notes}")
-    lines += ["", *render_matched_kl(report.frontier, figures)]
+    lines += ["", *render_matched_kl_sections(report.frontiers, figures)]
     lines += ["## Table (at the paper's hyperparameters)", "", to_markdown(display_frame(report, digits)), "",
               "Cells: mean ± sample std over seeds (ddof=1), in the paper's unit; `(n=k)` when a cell "
               "has fewer values than the method has runs; `-`: no value. `runs`: finished seeds, `k/n` when "
@@ -790,8 +847,7 @@ def write_report(report: Report, out: Path, digits: int = 2, plots: bool = True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
 
-    write("report.md", render_markdown(report, digits, figures=plots and report.frontier is not None
-                                        and not report.frontier.empty))
+    write("report.md", render_markdown(report, digits, figures=plots and any(not f.empty for f in report.frontiers)))
     write("table.md", to_markdown(display_frame(report, digits)) + "\n")
     numeric_frame(report).to_csv(out / "table.csv", index=False)
     written.append(out / "table.csv")
@@ -801,8 +857,8 @@ def write_report(report: Report, out: Path, digits: int = 2, plots: bool = True)
         written.append(out / "orderings.csv")
     runs_frame(report).to_csv(out / "runs.csv", index=False)
     written.append(out / "runs.csv")
-    if report.frontier is not None:
-        report.frontier.table.to_csv(out / "matched_kl.csv", index=False)
+    if report.frontiers:
+        matched_kl_csv(report.frontiers).to_csv(out / "matched_kl.csv", index=False)
         written.append(out / "matched_kl.csv")
     if plots:
         from .plots import make_plots
@@ -813,20 +869,28 @@ def write_report(report: Report, out: Path, digits: int = 2, plots: bool = True)
     return written
 
 
+def matched_kl_csv(sections: Sequence[FrontierSection]) -> pd.DataFrame:
+    """Every section's matched-KL table; a ``condition`` column when the table has conditions."""
+    if len(sections) == 1 and not sections[0].condition:
+        return sections[0].table
+    return pd.concat([s.table.assign(condition=s.heading) for s in sections], ignore_index=True)
+
+
 def frontier_plots(report: Report, out_dir: Path) -> list[Path]:
-    """``frontier_<metric>.png`` per frontier metric with data."""
+    """``frontier_<metric>[<condition>].png`` per frontier metric with data, per condition."""
     from .plots import plot_frontier
 
-    section = report.frontier
-    if section is None or not len(section.points):
-        return []
     title = report.table.name if report.table else "runs"
     written = []
-    for metric in fr.METRICS:
-        if np.isfinite(section.points[metric].astype(float)).any():
-            written.append(plot_frontier(section.points, metric, out_dir / f"frontier_{metric}.png", section.budgets,
-                                         f"{title}: {fr.METRIC_LABELS[metric]} vs KL (mean, min–max over seeds; "
-                                         "x = final points)"))
+    for section in report.frontiers:
+        if not len(section.points):
+            continue
+        where = f" ({section.heading})" if section.condition else ""
+        for metric in fr.METRICS:
+            if np.isfinite(section.points[metric].astype(float)).any():
+                written.append(plot_frontier(
+                    section.points, metric, out_dir / f"frontier_{metric}{section.suffix}.png", section.budgets,
+                    f"{title}{where}: {fr.METRIC_LABELS[metric]} vs KL (mean, min–max over seeds; x = final points)"))
     return written
 
 
@@ -892,7 +956,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --wandb: {error}", file=sys.stderr)
             return 2
     reproduced = sum(r.status == "reproduced" for r in report.orderings)
-    matched = report.frontier.orderings if report.frontier else []
+    matched = report.matched_orderings
     print(f"{len(runs)} jobs, {len(report.methods)} methods, {report.count('failed')} failed, "
           f"{report.count('interrupted')} interrupted, {report.count('missing')} missing; "
           + (f"at matched KL reproduced {sum(o.status == 'reproduced' for o in matched)}/{len(matched)}; "

@@ -231,3 +231,41 @@ def test_report_without_kl_says_there_is_no_matched_comparison(tmp_path):
     (job / "results.json").write_text(json.dumps({"eval/safe_rate": 0.9, "config": {"label": "dpo"}}))
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
     assert "No finished run logged `eval/kl_ref`" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_label_noise_levels_get_their_own_frontiers(tmp_path):
+    """A table whose columns are different runs (tidpo_label_noise: one noise level per column) is
+    compared per level: TI-DPO beats DPO at 0% noise and loses at 40% here, so pooling the levels
+    into one curve per method (the earlier report) would hide both."""
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    num = 0
+    for noise, edge in ((0.0, 1.0), (0.4, -1.0)):   # TI-DPO's advantage over DPO at each level
+        for loss, label, gain in (("dpo", "DPO", 0.0), ("tidpo", "TI-DPO", edge)):
+            for seed in range(3):
+                job = root / f"{num}_{label}_n{noise}_s{seed}"
+                num += 1
+                (job / ".hydra").mkdir(parents=True)
+                (job / ".hydra" / "overrides.yaml").write_text(
+                    yaml.safe_dump([f"loss={loss}", f"dataset.label_noise={noise}", f"seed={seed}"]))
+                curve = [{"step": s, "kl_ref": s / 50 * (1 + 0.1 * seed), "safe_rate": 0.5,
+                          "true_reward": 2 * s / 50 - 3 * noise + gain + 0.05 * seed} for s in (50, 100, 150)]
+                config = {"loss": {"name": loss}, "label": label, "seed": seed, "scale": "tiny",
+                          "dataset": {"label_noise": noise}, "paper_table": "tidpo_label_noise"}
+                (job / "results.json").write_text(json.dumps({
+                    "eval/kl_ref": curve[-1]["kl_ref"], "eval/true_reward": curve[-1]["true_reward"],
+                    "eval/safe_rate": 0.5, "eval/curve": curve, "config": config}))
+    out = tmp_path / "report"
+    assert main([str(root), "--table", "tidpo_label_noise", "--out", str(out), "--resamples", "500"]) == 0
+    text = (out / "report.md").read_text()
+    section = text.split("## Matched-KL comparison (headline)")[1].split("## Table")[0]
+    assert "### dataset.label_noise = 0.0" in section and "### dataset.label_noise = 0.4" in section
+    at_zero, at_forty = section.split("### dataset.label_noise = 0.4")
+    assert "| 0% ↑: TI-DPO > DPO | reproduced | 4/4 budgets | 4/4 |" in at_zero
+    assert "| 40% ↑: TI-DPO > DPO | not reproduced | 0/4 budgets |" in at_forty
+    table = pd.read_csv(out / "matched_kl.csv")
+    tidpo = table[(table["method"] == "TI-DPO") & (table["metric"] == "true_reward")]
+    assert set(tidpo[tidpo["condition"] == "dataset.label_noise = 0.0"]["verdict"]) == {fr.BETTER}
+    assert set(tidpo[tidpo["condition"] == "dataset.label_noise = 0.4"]["verdict"]) == {fr.WORSE}
+    assert (out / "plots" / "frontier_true_reward_label_noise0.4.png").is_file()
