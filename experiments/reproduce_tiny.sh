@@ -50,5 +50,7 @@ start=$(date +%s)
 (
   printf '%s\n' "${EXPERIMENTS[@]}" | xargs -P "$LANES" -I{} bash -c 'sweep {}'
   echo "all tables: $(( $(date +%s) - start )) s wall on $LANES lanes; per table: $OUT/timing.tsv"
-  times | tail -1 | awk '{print "CPU time (user, sys) of all sweeps and reports: " $1 ", " $2}' | tee -a "$OUT/timing.tsv"
+  # `times` redirected, not piped: a pipeline would run it in a fresh subshell that has no children
+  times >"$OUT/times.txt"
+  tail -1 "$OUT/times.txt" | awk '{print "CPU time (user, sys) of all sweeps and reports: " $1 ", " $2}' | tee -a "$OUT/timing.tsv"
 )
