@@ -130,5 +130,5 @@ def test_every_variant_dataset_and_experiment_compose(variant, tmp_path):
     validate_config(cfg)
     assert cfg.dataset.name == "synthetic" and cfg.label == "TIS-DPO(oracle)"
     params = OmegaConf.load(CONF / "experiment" / f"variant_{variant}.yaml").hydra.sweeper.params
-    assert params.method == "dpo,tisdpo_d,tisdpo_oracle,tidpo"
+    assert params.method == "dpo,tisdpo_d,tisdpo_oracle,tidpo,tidpo_paper"  # TI-DPO as released and as the paper writes it
     SyntheticTaskConfig(**OmegaConf.to_container(cfg.dataset.task))  # every option is a task field
