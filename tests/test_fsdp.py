@@ -53,7 +53,7 @@ def _fit(trainer_name: str, batch_size: int, out_dir: Path, order: list[int] | N
     trainer.fit(module, preference_loader(examples, tokenizer, batch_size, shuffle=False, seed=0))
     sharded = {"policy": is_sharded(module.policy), "reference": is_sharded(module.reference),
                "placement": [type(c).__name__ for c in placement]}
-    saved = save_trained(trainer, module.policy, out_dir / "policy", prefix="policy.")  # collective under FSDP
+    saved = save_trained(trainer, module.policy, out_dir / "policy")  # collective under FSDP
     return (losses.values, losses.indices), saved, sharded, trainer.world_size
 
 

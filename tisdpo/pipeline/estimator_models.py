@@ -59,7 +59,7 @@ def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], token
                         gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")),
                         callbacks=reference_placement(cfg, reference),
                         logger=stage_logger(cfg, "estimator", run_name, record=record))
-    return policy, trainer, "policy."
+    return policy, trainer
 
 
 def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed: int,
@@ -72,7 +72,7 @@ def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed:
     examples = tokenize_sft(rows, tokenizer, cfg.dataset, int(cfg.sft.max_length))
     trainer = train_sft(init, examples, tokenizer, sft_cfg, max_steps=int(est.max_steps), seed=seed,
                         checkpoint_dir=checkpoint_dir, job_type="estimator", run_name=run_name, record=record)
-    return init, trainer, "model."
+    return init, trainer
 
 
 def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: list[dict],
@@ -114,7 +114,7 @@ def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: 
         if done.is_file():
             log.info("estimator %s: pi %s already trained by the interrupted build", name, side)
             continue
-        model, trainer, prefix = train()
-        if save_trained(trainer, model, out / side, prefix):  # rank 0 (under FSDP: gathered from every rank)
+        model, trainer = train()
+        if save_trained(trainer, model, out / side):  # rank 0 (under FSDP: gathered from every rank)
             done.parent.mkdir(parents=True, exist_ok=True)
             done.touch()

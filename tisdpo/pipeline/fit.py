@@ -18,7 +18,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from tisdpo.models.sharding import full_state_dict, is_sharded
 from tisdpo.pipeline.checkpoints import stage_checkpointing
-from tisdpo.pipeline.sharded import is_fsdp
+from tisdpo.pipeline.sharded import is_fsdp, is_fsdp_strategy
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
@@ -69,7 +69,7 @@ def _wrap_classes(model) -> set[type]:
 
 def _strategy(strategy_cfg: Any, model, activation_checkpointing: bool):
     """The strategy object; FSDP's wrap unit (and activation checkpointing) taken from the model."""
-    if not isinstance(strategy_cfg, DictConfig) or not str(strategy_cfg.get("_target_", "")).endswith("FSDPStrategy"):
+    if not is_fsdp_strategy(strategy_cfg):
         return instantiate(strategy_cfg, _convert_="all") if isinstance(strategy_cfg, DictConfig) else strategy_cfg
     extra: dict[str, Any] = {}
     if model is not None and strategy_cfg.get("auto_wrap_policy") is None:
@@ -133,11 +133,19 @@ def fit_stage(trainer_cfg: DictConfig, module: L.LightningModule, train_loader, 
     return trainer
 
 
-def save_trained(trainer: L.Trainer, model, out: Path, prefix: str) -> bool:
-    """Write ``model``, just trained by ``trainer`` as the module's ``prefix`` attribute (e.g.
-    "model."), to ``out`` as a Hugging Face directory from rank 0; returns whether this process
-    wrote it. Under FSDP every rank must call it: the full weights are gathered from the shards."""
-    state = full_state_dict(trainer.strategy.model, prefix) if is_sharded(model) else None
+def trained_state_dict(trainer: L.Trainer, model) -> dict | None:
+    """The whole weights of ``model``, a submodule of the LightningModule ``trainer`` just fitted.
+    Under FSDP this gathers the shards and is collective: every rank must call it; rank 0 gets the
+    tensors, the other ranks None."""
+    name = next(n for n, child in trainer.lightning_module.named_children() if child is model)
+    return full_state_dict(trainer.strategy.model, prefix=f"{name}.")
+
+
+def save_trained(trainer: L.Trainer, model, out: Path) -> bool:
+    """Write ``model``, just trained by ``trainer``, to ``out`` as a Hugging Face directory from
+    rank 0; returns whether this process wrote it. Under FSDP every rank must call it: the full
+    weights are gathered from the shards."""
+    state = trained_state_dict(trainer, model) if is_sharded(model) else None
     if trainer.global_rank != 0:
         return False
     model.save_pretrained(out, state_dict=state)  # state None: the model's own (whole) weights

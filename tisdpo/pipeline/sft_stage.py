@@ -58,7 +58,7 @@ def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path
         trainer = train_sft(model, examples, data.tokenizer, cfg, max_steps=int(cfg.sft.max_steps), seed=cfg.seed,
                             checkpoint_dir=out / RESUME_SUBDIR / "sft", run_name=f"sft-{stable_hash(key_fields)}",
                             record=out / RUN_RECORD)
-        if save_trained(trainer, model, out, prefix="model."):
+        if save_trained(trainer, model, out):
             data.tokenizer.save_pretrained(out)
 
     # collective: under DDP/FSDP every rank trains it with the run's strategy; rank 0 writes it

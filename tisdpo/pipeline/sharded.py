@@ -97,10 +97,14 @@ class ShardedReference(Callback):
         log.info("reference: sharded over %d processes (train.reference_placement)", trainer.world_size)
 
 
-def is_fsdp(trainer_cfg: DictConfig) -> bool:
-    """Whether the trainer config shards the model (an FSDPStrategy or a subclass)."""
-    strategy = trainer_cfg.get("strategy")
+def is_fsdp_strategy(strategy) -> bool:
+    """Whether a ``trainer.strategy`` node targets an FSDPStrategy (Lightning's or a subclass here)."""
     return isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("FSDPStrategy")
+
+
+def is_fsdp(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer config shards the model."""
+    return is_fsdp_strategy(trainer_cfg.get("strategy"))
 
 
 def reference_placement(cfg: DictConfig, reference) -> list[Callback]:
@@ -119,4 +123,4 @@ def reference_placement(cfg: DictConfig, reference) -> list[Callback]:
     return []
 
 
-__all__ = ["is_fsdp", "reference_placement", "CPUFSDPStrategy", "RootKeepingFSDPStrategy", "PLACEMENTS", "ShardedReference", "shards_reference"]
+__all__ = ["is_fsdp", "is_fsdp_strategy", "reference_placement", "CPUFSDPStrategy", "RootKeepingFSDPStrategy", "PLACEMENTS", "ShardedReference", "shards_reference"]

@@ -10,12 +10,12 @@ import torch
 from omegaconf import DictConfig
 
 from tisdpo.models.lora import policy_and_reference
-from tisdpo.models.sharding import full_state_dict, is_sharded
+from tisdpo.models.sharding import is_sharded
 from tisdpo.modules.preference import LossSpec, PreferenceModule
 from tisdpo.pipeline.cache import ArtifactCache
 from tisdpo.pipeline.callbacks import RNGStateCallback, SignalCheckpoint
 from tisdpo.pipeline.checkpoints import CHECKPOINT_DIR, VerifiedCheckpoint, train_checkpoint
-from tisdpo.pipeline.fit import accumulation, fit_stage, optimizer_steps, world_size
+from tisdpo.pipeline.fit import accumulation, fit_stage, optimizer_steps, trained_state_dict, world_size
 from tisdpo.pipeline.loaders import length_grouped, preference_loader
 from tisdpo.pipeline.loss_config import build_loss_spec
 from tisdpo.pipeline.models import frozen_dtype, initial_model, initial_model_identity, stage_device
@@ -108,7 +108,7 @@ def models_for_eval(cfg: DictConfig, module: PreferenceModule, reference, sft_di
     the initial weights (frozen, so they are the reference's), and evaluates alone on whole models."""
     if not is_sharded(module.policy):
         return (module.policy, reference) if module.global_rank == 0 else (None, None)
-    state = full_state_dict(module.trainer.strategy.model, prefix="policy.")  # collective
+    state = trained_state_dict(module.trainer, module.policy)  # collective
     if state is None:
         return None, None
     policy, reference = policy_and_reference(initial_model(cfg, sft_dir, tokenizer), cfg.model.get("lora"),
