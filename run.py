@@ -16,7 +16,7 @@ def main(cfg: DictConfig) -> float | None:
     # Imported late: `--help` and `--cfg` stay instant. A failure leaves failed.json in the run dir
     # (then propagates: Hydra marks the job failed and a sweep's other jobs still run); a signal
     # (SIGTERM, Ctrl+C) checkpoints, records "interrupted" and exits with 128 + its number.
-    from tisdpo.pipeline.failures import run_recorded
+    from tisdpo.runtime.failures import run_recorded
 
     results = run_recorded(cfg, run_pipeline)
     # The returned value is what Hydra sweepers (e.g. Optuna) optimise.
@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def run_pipeline(cfg: DictConfig) -> dict:
     # The runner imports torch and Lightning: only once the config has been checked (a typo answers at once).
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     return run(cfg)
 
@@ -33,7 +33,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
 def reject_pipeline_trainer_keys(args: list[str]) -> None:
     """Before Hydra composes: `trainer.max_steps=5` would fail its struct check with no hint (and
     `+trainer.max_steps=5` be silently overwritten by train.max_steps). One line, exit status 2."""
-    from tisdpo.pipeline.validate import override_problem
+    from tisdpo.runtime.validate import override_problem
 
     problem = override_problem(args)
     if problem:

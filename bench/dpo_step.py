@@ -11,7 +11,7 @@ Contenders, all on the same model init, the same batches, the same precision, op
 
   ours         PreferenceModule (DPO) under the Lightning Trainer with run.py's train defaults, as
                `python run.py` trains: shared-prefix packing on (one row per pair, the prompt once)
-  ours_cached  the same with the reference log-probs precomputed (tisdpo.pipeline.reference_cache)
+  ours_cached  the same with the reference log-probs precomputed (tisdpo.stages.reference_logps)
                and no reference model in memory
   ours_standard  (opt-in: --contenders ...,ours_standard) packing off: the plain [2B, T] forward
   trl          trl.DPOTrainer, precompute_ref_log_probs=False (reference forward every step)
@@ -176,9 +176,9 @@ def run_ours(args, init_model, examples, tokenizer, *, cached: bool, logps=None,
 
     from tisdpo.losses import dpo_loss
     from tisdpo.modules.preference import LossSpec, PreferenceModule
-    from tisdpo.pipeline.fit import build_trainer
-    from tisdpo.pipeline.loaders import preference_loader
-    from tisdpo.pipeline.reference_cache import attach_reference_logps
+    from tisdpo.runtime.fit import build_trainer
+    from tisdpo.stages.loaders import preference_loader
+    from tisdpo.stages.reference_logps import attach_reference_logps
 
     policy = fresh_policy(args, init_model)
     reference = None if cached else frozen(policy)
@@ -276,7 +276,7 @@ def run_bare(args, init_model, examples, tokenizer, *, n_steps: int, lean: bool)
     import torch.nn.functional as F
 
     from tisdpo.data.collate import PreferenceCollator
-    from tisdpo.losses.logprobs import token_logps
+    from tisdpo.kernels.logprobs import token_logps
 
     policy = fresh_policy(args, init_model)
     reference = frozen(policy)
@@ -308,7 +308,7 @@ def run_bare(args, init_model, examples, tokenizer, *, n_steps: int, lean: bool)
 
 def reference_pass(args, init_model, examples, tokenizer):
     """The reference-cache pass (what the pipeline stores once): (log-probs, seconds)."""
-    from tisdpo.pipeline.reference_cache import compute_reference_logps
+    from tisdpo.stages.reference_logps import compute_reference_logps
 
     reference = frozen(fresh_policy(args, init_model))
     sync(args)

@@ -4,7 +4,7 @@
     python -m bench.scoring --quick              # smoke run, seconds
     python -m bench.scoring --device cuda --model llama-1b     # the GPU figure (bf16-mixed)
 
-`scoring` is `tisdpo.weights.scoring.response_logps` (what the TIS-DPO estimators run over the
+`scoring` is `tisdpo.kernels.scoring.response_logps` (what the TIS-DPO estimators run over the
 training set with pi+ and pi-): forward, per-token log-probs of the response labels, the ragged
 per-example split, results on the CPU. `bare` is the least any scorer must do: a no-grad forward
 of the same batches (chosen and rejected concatenated) with full logits, reduced to one number so
@@ -50,7 +50,7 @@ def scoring_throughput(args, model, examples, pad_token_id: int, *, batch_size: 
                        reps: int) -> dict[str, float]:
     """{bare_forward_tokens_per_s, scoring_tokens_per_s, scoring/bare_throughput} for one frozen model."""
     from tisdpo.data.collate import PreferenceCollator, concat_pair
-    from tisdpo.weights.scoring import response_logps
+    from tisdpo.kernels.scoring import response_logps
 
     model.eval()
     tokens = sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)

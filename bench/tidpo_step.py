@@ -29,8 +29,8 @@ import tisdpo.resolvers  # noqa: F401
 from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.loss_config import build_loss_spec
+from tisdpo.stages.loaders import tokenize_pairs
+from tisdpo.stages.loss_config import build_loss_spec
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 from tisdpo.modules.triplet import TripletTerm
 from tisdpo.weights.gradient import GradientWeights

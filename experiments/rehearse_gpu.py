@@ -211,8 +211,8 @@ def policy_params(path: Path) -> int | None:
 def mean_lengths(cfg) -> dict[str, float]:
     """Mean tokens per pair side and per SFT sequence of the run's own training examples."""
     try:
-        from tisdpo.pipeline.data_stage import prepare_data
-        from tisdpo.pipeline.loaders import tokenize_pairs
+        from tisdpo.stages.data import prepare_data
+        from tisdpo.stages.loaders import tokenize_pairs
 
         data = prepare_data(cfg)
         examples, _ = tokenize_pairs(data.train_rows, data.tokenizer, cfg.dataset, "train")

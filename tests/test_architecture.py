@@ -1,4 +1,4 @@
-"""Imports run one way: run.py -> pipeline -> modules / weights / eval -> losses / data / models / tasks.
+"""Imports run one way: run.py -> stages -> runtime -> modules / weights / eval -> losses -> kernels / data / models / tasks.
 
 Walks ``tisdpo/`` with ``ast``: no module imports a higher layer, the module-level import graph has
 no cycle, and no import hides inside a function unless it is a documented lazy import of an
@@ -15,10 +15,12 @@ PACKAGE = ROOT / "tisdpo"
 # Lower number = lower layer. A module may import its own layer (acyclically) and lower ones.
 LAYERS = {
     "constants": 0, "errors": 0, "jsonio": 0, "hashing": 0, "provenance": 0, "resolvers": 0,
-    "losses": 1, "data": 1, "models": 1, "tasks": 1,
-    "modules": 2, "weights": 2, "eval": 2,
-    "pipeline": 3,
-    "evaluate": 4,  # the eval-only entry point (python -m tisdpo.evaluate), above the pipeline
+    "kernels": 1, "data": 1, "models": 1, "tasks": 1,
+    "losses": 2,
+    "modules": 3, "weights": 3, "eval": 3,
+    "runtime": 4,  # cache, run dirs, checkpoints, failures, loggers, validation: no stage, no model code
+    "stages": 5,   # each stage(ctx) -> artifact, and the runner that calls them in order
+    "evaluate": 6,  # the eval-only entry point (python -m tisdpo.evaluate), above the stages
 }
 
 # Packages that may be imported inside a function: optional extras (not every install has them)

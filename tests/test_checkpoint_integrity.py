@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import compose_config
-from tisdpo.pipeline.checkpoint_files import (checkpoint_problem, find_checkpoint, read_sidecar, sidecar_path,
+from tisdpo.runtime.checkpoints import (checkpoint_problem, find_checkpoint, read_sidecar, sidecar_path,
                                               write_sidecar)
 
 TRAIN = ["eval=none", "dataset.task.n_train_pairs=40", "train.max_steps=6", "checkpoint.every_n_steps=3",
@@ -28,7 +28,7 @@ def flip_bytes(path: Path, n: int = 64) -> None:
 
 
 def test_flipped_bytes_are_caught_and_the_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog):
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     run_dir = tmp_path / "run"
     expected = run(compose_config(TRAIN, tmp_path))
@@ -48,7 +48,7 @@ def test_flipped_bytes_are_caught_and_the_resume_falls_back_to_the_newest_intact
     assert resumed["val/loss"] == pytest.approx(expected["val/loss"], abs=1e-6)  # continued from step 3, exactly
 
     # resume=<that file> names exactly one checkpoint: no silent fallback, one line.
-    from tisdpo.pipeline.validate import ConfigError
+    from tisdpo.runtime.validate import ConfigError
 
     flip_bytes(ckpts / "epoch=0-step=3.ckpt")
     (run_dir / "results.json").unlink()
@@ -74,7 +74,7 @@ def test_the_newest_checkpoint_is_the_highest_step_not_the_name_last(tmp_path):
 
 
 def test_training_checkpoints_have_no_version_counter():
-    from tisdpo.pipeline.checkpoints import VerifiedCheckpoint
+    from tisdpo.runtime.callbacks import VerifiedCheckpoint
 
     assert VerifiedCheckpoint(dirpath="x")._enable_version_counter is False
 
@@ -89,7 +89,7 @@ def test_a_checkpoint_without_a_sidecar_is_accepted_if_readable_with_a_warning(t
 
 
 def test_rotated_checkpoints_take_their_sidecars_with_them(tmp_path):
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     run(compose_config([*TRAIN[:-2], "train.val_every_n_steps=3"], tmp_path))  # keep_all off: one step file
     ckpts = tmp_path / "run" / "checkpoints"

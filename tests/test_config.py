@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF, compose_config
-from tisdpo.pipeline.validate import ConfigError, validate_config
+from tisdpo.runtime.validate import ConfigError, validate_config
 
 
 def _choices(group: str) -> list[str]:

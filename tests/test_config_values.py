@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CONF, ROOT, compose_config
 from tisdpo.errors import UserError
-from tisdpo.pipeline.validate import ConfigError, override_problem, validate_config
+from tisdpo.runtime.validate import ConfigError, override_problem, validate_config
 
 BAD_VALUES = [
     # losses: beta scales the margin; <= 0 ignores or inverts the data
@@ -115,7 +115,7 @@ def test_names_in_validate_match_the_registries():
     """validate.py writes the names out (it must not import torch); they must not drift."""
     from tisdpo.data import ADAPTERS
     from tisdpo.losses import LOSSES
-    from tisdpo.pipeline.validate import DATASET_NAMES, LOSS_NAMES, TRANSFORM_NAMES
+    from tisdpo.runtime.validate import DATASET_NAMES, LOSS_NAMES, TRANSFORM_NAMES
     from tisdpo.weights.transforms import TRANSFORMS
 
     assert set(TRANSFORM_NAMES) == set(TRANSFORMS)
@@ -125,7 +125,7 @@ def test_names_in_validate_match_the_registries():
 
 def test_validation_imports_no_torch():
     """run.py checks the command line with it before Hydra composes: `--help` must stay instant."""
-    code = "import sys, tisdpo.pipeline.validate; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, tisdpo.runtime.validate; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT, SHARED_DATA, compose_config
 from tisdpo.data.errors import DataError
-from tisdpo.pipeline.data_stage import prepare_data
+from tisdpo.stages.data import prepare_data
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "gpt2_tokenizer").is_dir(), reason="../shared/data is absent")
 TOKENIZER = f"model.tokenizer={SHARED_DATA / 'gpt2_tokenizer'}"

@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from tests.conftest import compose_config
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.fit import build_trainer
-from tisdpo.pipeline.loaders import preference_loader, tokenize_pairs
-from tisdpo.pipeline.loss_config import build_loss_spec
+from tisdpo.runtime.fit import build_trainer
+from tisdpo.stages.loaders import preference_loader, tokenize_pairs
+from tisdpo.stages.loss_config import build_loss_spec
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 STEPS, PER_DEVICE, WORLD = 3, 4, 2
@@ -156,7 +156,7 @@ def test_ranks_share_each_artifact_through_the_cache(tmp_path, monkeypatch):
     run is refused (its build paths would differ per rank)."""
     import threading
 
-    from tisdpo.pipeline.cache import ArtifactCache, launch_rank, stable_hash
+    from tisdpo.runtime.cache import ArtifactCache, launch_rank, stable_hash
 
     for env, rank in (({}, 0), ({"RANK": "3"}, 3), ({"LOCAL_RANK": "1"}, 1), ({"LOCAL_RANK": "0", "NODE_RANK": "2"}, 2),
                       ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8"}, 5), ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 0)):
@@ -204,7 +204,7 @@ def _seal_as_rank_zero(cache, key, build) -> None:
     rank-0 path directly)."""
     from unittest import mock
 
-    with mock.patch("tisdpo.pipeline.cache.launch_rank", return_value=0):
+    with mock.patch("tisdpo.runtime.cache.launch_rank", return_value=0):
         cache.get_or_build("sft", key, build, collective=True)
 
 
@@ -217,7 +217,7 @@ def test_fsdp_strategy_wraps_the_models_own_decoder_layers():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
-    from tisdpo.pipeline.fit import _strategy
+    from tisdpo.runtime.fit import _strategy
 
     trainer_cfg = compose_config(["trainer=fsdp"], tiny=False).trainer
     llama = _setup()[2]
@@ -252,7 +252,7 @@ def test_fsdp_clips_gradient_norm_through_the_sharded_root():
 
 
 def test_global_batch_is_the_papers_whatever_the_device_count():
-    from tisdpo.pipeline.fit import accumulation, optimizer_steps, world_size
+    from tisdpo.runtime.fit import accumulation, optimizer_steps, world_size
 
     cfg = compose_config(["experiment=tisdpo_pku_main", "scale=paper", "trainer=fsdp", "trainer.devices=8"], tiny=False)
     assert cfg.train.global_batch_size == 64 and world_size(cfg.trainer) == 8

@@ -18,7 +18,7 @@ def metrics(results_file: Path) -> dict[str, float]:
 
 
 def run_once(tmp_path: Path, name: str, overrides: list[str]) -> dict[str, float]:
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     cfg = compose_config(overrides + [f"paths.output_dir={tmp_path / name}", f"cache.dir={tmp_path / name / 'cache'}"],
                          tmp_path)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tisdpo.pipeline.failures as failures
-from tisdpo.pipeline.checkpoint_files import read_sidecar, save_verified, write_sidecar
+import tisdpo.runtime.failures as failures
+from tisdpo.runtime.checkpoints import read_sidecar, save_verified, write_sidecar
 
 
 def enospc(*args, **kwargs):
@@ -76,8 +76,8 @@ def test_a_failed_checkpoint_write_leaves_no_partial_file(tmp_path):
 
 
 def test_a_read_only_cache_with_valid_artifacts_is_usable(tmp_path, monkeypatch):
-    import tisdpo.pipeline.cache as cache_module
-    from tisdpo.pipeline.cache import ArtifactCache
+    import tisdpo.runtime.cache as cache_module
+    from tisdpo.runtime.cache import ArtifactCache
 
     def build(out):
         (out / "model.bin").write_bytes(b"m" * 100)
@@ -94,8 +94,8 @@ def test_a_read_only_cache_with_valid_artifacts_is_usable(tmp_path, monkeypatch)
 
 
 def test_a_lock_that_cannot_be_created_in_the_cache_is_taken_in_tmp(tmp_path, monkeypatch, caplog):
-    import tisdpo.pipeline.cache as cache_module
-    from tisdpo.pipeline.cache import ArtifactCache
+    import tisdpo.runtime.cache as cache_module
+    from tisdpo.runtime.cache import ArtifactCache
 
     real = open
 

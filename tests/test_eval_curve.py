@@ -12,9 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import compose_config
 from tisdpo.eval.curve import CURVE_METRICS, EvalCurve
-from tisdpo.pipeline.eval_stage import training_evaluators
-from tisdpo.pipeline.runner import run
-from tisdpo.pipeline.validate import ConfigError
+from tisdpo.stages.evaluation import training_evaluators
+from tisdpo.stages.runner import run
+from tisdpo.runtime.validate import ConfigError
 from tisdpo.tasks import SyntheticTask, SyntheticTaskConfig
 
 # A tiny SFT (15 steps) rarely ends its answers: keep them so that every metric is a number.

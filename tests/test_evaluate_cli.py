@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ROOT, compose_config
 import tisdpo.evaluate as evaluate
 from tisdpo.evaluate import main, plan_sweep
-from tisdpo.pipeline.runner import run
+from tisdpo.stages.runner import run
 
 # A tiny SFT rarely ends its answers: keep them so that every metric is a number.
 EVAL = ["eval=synthetic", "eval.n_prompts=8", "eval.max_new_tokens=8", "eval.unfinished=keep"]

@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import ROOT, compose_config
 from tisdpo.data import DataError, adapt_rows, tokenize_dataset
-from tisdpo.pipeline.validate import ConfigError, validate_config
+from tisdpo.runtime.validate import ConfigError, validate_config
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -129,7 +129,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def test_skips_reach_results_json_and_structural_errors_stop_the_run(tmp_path, tokenizer_dir, caplog):
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     bad = [_hh_row(0, chosen=" w1", rejected=" w1"),             # identical responses: skipped
            _hh_row(1, chosen=""),                                # empty response: skipped
@@ -182,8 +182,8 @@ def test_unknown_group_choice_lists_the_valid_ones(tmp_path, override, valid):
 ])
 def test_bad_config_fails_before_any_model_loads(tmp_path, monkeypatch, overrides, message):
     import tisdpo.models.loading as loading
-    from tisdpo.pipeline.failures import run_recorded
-    from tisdpo.pipeline.runner import run
+    from tisdpo.runtime.failures import run_recorded
+    from tisdpo.stages.runner import run
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the config was checked")
@@ -235,8 +235,8 @@ def shared_cache(tmp_path_factory):
 ])
 def test_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, shared_cache, fault, expected):
     from tisdpo.modules.preference import PreferenceModule
-    from tisdpo.pipeline.failures import run_recorded
-    from tisdpo.pipeline.runner import run
+    from tisdpo.runtime.failures import run_recorded
+    from tisdpo.stages.runner import run
 
     original = PreferenceModule.compute
 
@@ -279,7 +279,7 @@ def _payload_build(calls):
 
 @pytest.mark.parametrize("damage", ["truncated file", "missing file", "no manifest", "unreadable manifest"])
 def test_corrupt_or_partial_artifact_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
-    from tisdpo.pipeline.cache import MANIFEST, ArtifactCache
+    from tisdpo.runtime.cache import MANIFEST, ArtifactCache
 
     cache, calls = ArtifactCache(tmp_path), []
     first = cache.get_or_build("sft", {"a": 1}, _payload_build(calls))
@@ -291,7 +291,7 @@ def test_corrupt_or_partial_artifact_is_rebuilt_with_a_warning(tmp_path, caplog,
         (first.path / MANIFEST).unlink()
     else:
         (first.path / MANIFEST).write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="tisdpo.pipeline.cache"):
+    with caplog.at_level(logging.WARNING, logger="tisdpo.runtime.cache"):
         again = cache.get_or_build("sft", {"a": 1}, _payload_build(calls))
     assert "corrupt or partial" in caplog.text and (again.reused, len(calls)) == (False, 2)
     assert (again.path / "model.bin").read_bytes() == b"x" * 1000 and cache.is_valid(again.path)
@@ -300,7 +300,7 @@ def test_corrupt_or_partial_artifact_is_rebuilt_with_a_warning(tmp_path, caplog,
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from tisdpo.pipeline.cache import ArtifactCache
+    from tisdpo.runtime.cache import ArtifactCache
 
     root, log = Path(sys.argv[1]), Path(sys.argv[2])
     while time.time() < float(sys.argv[3]):  # start together

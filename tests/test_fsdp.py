@@ -1,6 +1,6 @@
 """Real 2-process FSDP on the CPU (gloo), through conf/trainer/fsdp_cpu.yaml: Lightning's FSDP
 machinery with the same wrap unit, sharded reference, norm clipping and consolidation as
-trainer=fsdp on GPUs (tisdpo/pipeline/sharded.py says what the CPU strategy changes).
+trainer=fsdp on GPUs (tisdpo/runtime/sharded.py says what the CPU strategy changes).
 
 - TDPO (the reference runs every step, sharded by train.reference_placement=auto): per-step loss
   and the consolidated weights after N steps match a single-process run with the same global batch.
@@ -26,10 +26,10 @@ from tests.test_ddp import OPTIM, PER_DEVICE, STEPS, WORLD, StepLosses, _free_po
 from tisdpo.models.loading import frozen_copy
 from tisdpo.models.sharding import is_sharded
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.fit import build_trainer, save_trained
-from tisdpo.pipeline.loaders import preference_loader
-from tisdpo.pipeline.loss_config import build_loss_spec
-from tisdpo.pipeline.sharded import ShardedReference, reference_placement
+from tisdpo.runtime.fit import build_trainer, save_trained
+from tisdpo.stages.loaders import preference_loader
+from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.runtime.sharded import ShardedReference, reference_placement
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -103,7 +103,7 @@ def test_two_process_fsdp_matches_single_process(tmp_path):
 
 
 def test_reference_placement_options():
-    from tisdpo.pipeline.sharded import shards_reference
+    from tisdpo.runtime.sharded import shards_reference
 
     policy = _setup()[2]
     assert shards_reference("auto", True) and not shards_reference("auto", False)
@@ -124,8 +124,8 @@ def test_gradient_checkpointing_reaches_every_stage_that_trains():
     """train.gradient_checkpointing applies to whatever fit_stage trains (SFT, pi+/pi-, the policy):
     the model's own checkpointing on one device; under FSDP the strategy's, per wrap unit."""
     from tisdpo.modules.sft import SFTModule
-    from tisdpo.pipeline.fit import fit_stage
-    from tisdpo.pipeline.loaders import sft_loader, tokenize_sft
+    from tisdpo.runtime.fit import fit_stage
+    from tisdpo.stages.loaders import sft_loader, tokenize_sft
 
     tokenizer, _, model = _setup()
     cfg = compose_config(["trainer=cpu"], tiny=False)

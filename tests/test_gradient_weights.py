@@ -11,8 +11,8 @@ from tests.conftest import TINY_MODEL, compose_config
 from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.loss_config import build_loss_spec
+from tisdpo.stages.loaders import tokenize_pairs
+from tisdpo.stages.loss_config import build_loss_spec
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 from tisdpo.modules.triplet import TripletTerm
 from tisdpo.weights.gradient import GradientWeights, embedding_attribution
@@ -102,7 +102,7 @@ def test_triplet_gradients_reach_the_policy_through_anchor_chosen_and_rejected(s
     ids, attention, labels = module.loss.auxiliary.anchor_batch(module, batch)
     assert (labels != -100).any(dim=1).all(), "every example has an anchor response"
     from tisdpo.losses import triplet_loss
-    from tisdpo.losses.logprobs import token_logps
+    from tisdpo.kernels.logprobs import token_logps
 
     def logps(model, ids_, attention_, labels_):
         lp, mask = token_logps(model(input_ids=ids_, attention_mask=attention_).logits, labels_)

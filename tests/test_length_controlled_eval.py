@@ -11,9 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import compose_config
 from tisdpo.eval.synthetic_metrics import counted, evaluate_policy, length_controlled_reward, length_fit, summarize
-from tisdpo.pipeline.data_stage import prepare_data
-from tisdpo.pipeline.eval_stage import eval_max_new_tokens, longest_response_tokens
-from tisdpo.pipeline.validate import ConfigError
+from tisdpo.stages.data import prepare_data
+from tisdpo.stages.evaluation import eval_max_new_tokens, longest_response_tokens
+from tisdpo.runtime.validate import ConfigError
 from tisdpo.tasks import SyntheticTask, SyntheticTaskConfig
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tisdpo.losses.logprobs import per_position_kl, token_logps
+from tisdpo.kernels.logprobs import per_position_kl, token_logps
 
 N, T, V = 3, 9, 17
 

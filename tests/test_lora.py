@@ -13,13 +13,13 @@ pytest.importorskip("peft")
 
 from tests.conftest import compose_config  # noqa: E402
 from tisdpo.data.collate import PreferenceCollator  # noqa: E402
-from tisdpo.losses.logprobs import token_logps  # noqa: E402
+from tisdpo.kernels.logprobs import token_logps  # noqa: E402
 from tisdpo.models.loading import build_model  # noqa: E402
 from tisdpo.models.lora import AdapterDisabledReference, policy_and_reference  # noqa: E402
 from tisdpo.modules.preference import PreferenceModule  # noqa: E402
-from tisdpo.pipeline.fit import build_trainer
-from tisdpo.pipeline.loaders import preference_loader, tokenize_pairs  # noqa: E402
-from tisdpo.pipeline.loss_config import build_loss_spec  # noqa: E402
+from tisdpo.runtime.fit import build_trainer
+from tisdpo.stages.loaders import preference_loader, tokenize_pairs  # noqa: E402
+from tisdpo.stages.loss_config import build_loss_spec  # noqa: E402
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig  # noqa: E402
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -102,7 +102,7 @@ def test_full_finetuning_keeps_a_frozen_copy(data):
 
 
 def test_lora_pipeline_end_to_end(tmp_path):
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     lora = "model.lora={r:4,alpha:8,dropout:0.0,target_modules:all-linear}"
     results = run(compose_config([lora, "eval.n_prompts=8", "eval.max_new_tokens=8"], tmp_path))

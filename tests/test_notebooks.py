@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import ROOT, TINY, compose_config
-from tisdpo.pipeline.runner import run
+from tisdpo.stages.runner import run
 
 
 def _execute(name: str, env: dict[str, str]) -> nbformat.NotebookNode:

@@ -8,10 +8,10 @@ import torch
 
 from tests.conftest import compose_config
 from tisdpo.eval.weight_quality import true_token_rewards
-from tisdpo.pipeline.data_stage import prepare_data
-from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.runner import run
-from tisdpo.pipeline.weights_stage import oracle_weight_scores, weights_stage
+from tisdpo.stages.data import prepare_data
+from tisdpo.stages.loaders import tokenize_pairs
+from tisdpo.stages.runner import run
+from tisdpo.stages.weights import oracle_weight_scores, weights_stage
 
 
 def test_oracle_run_weights_the_truly_good_tokens_up(tmp_path):

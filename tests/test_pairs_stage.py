@@ -1,4 +1,4 @@
-"""dataset.pairs=generated: RLCD pairs written by the SFT model (tisdpo/pipeline/pairs_stage.py).
+"""dataset.pairs=generated: RLCD pairs written by the SFT model (tisdpo/stages/pairs.py).
 
 Chosen is the answer under the positive system prompt, rejected the one under the negative prompt,
 both stored with the plain prompt; the pairs are a cached artifact; on the built-in task they carry
@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import tisdpo.pipeline.pairs_stage as pairs_stage
-import tisdpo.pipeline.runner as runner
+import tisdpo.stages.pairs as pairs_stage
+import tisdpo.stages.runner as runner
 from tests.conftest import CONF, SHARED_DATA, compose_config
-from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.data_stage import prepare_data
-from tisdpo.pipeline.pairs_stage import GENERATION_DEFAULTS, generated_pairs_stage, wants_generated_pairs
-from tisdpo.pipeline.runner import run
-from tisdpo.pipeline.sft_stage import sft_stage
-from tisdpo.pipeline.validate import ConfigError, validate_config
+from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.stages.data import prepare_data
+from tisdpo.stages.pairs import GENERATION_DEFAULTS, generated_pairs_stage, wants_generated_pairs
+from tisdpo.stages.runner import run
+from tisdpo.stages.sft import sft_stage
+from tisdpo.runtime.validate import ConfigError, validate_config
 
 REAL_DATA = pytest.mark.skipif(not (SHARED_DATA / "gpt2_tokenizer").is_dir(), reason="../shared/data is absent")
 GENERATION = ["++dataset.generation.max_new_tokens=12", "++dataset.generation.n_train=24", "++dataset.generation.n_test=8"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY, compose_config
-from tisdpo.pipeline.runner import run
+from tisdpo.stages.runner import run
 
 
 def _run(tmp_path, *overrides):

@@ -13,11 +13,11 @@ from tests.conftest import compose_config
 from tisdpo.data.collate import LengthGroupedSampler, PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.fit import build_trainer
-from tisdpo.pipeline.loaders import preference_loader, tokenize_pairs
-from tisdpo.pipeline.loss_config import build_loss_spec
-from tisdpo.pipeline.loaders import length_grouped
-from tisdpo.pipeline.fit import enable_gradient_checkpointing
+from tisdpo.runtime.fit import build_trainer
+from tisdpo.stages.loaders import preference_loader, tokenize_pairs
+from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.stages.loaders import length_grouped
+from tisdpo.runtime.fit import enable_gradient_checkpointing
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -72,7 +72,7 @@ def test_bf16_mixed_fit_on_cpu(data, loss):
 
 
 def test_bf16_mixed_pipeline_end_to_end(tmp_path):
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     results = run(compose_config(["trainer.precision=bf16-mixed", "eval.n_prompts=8", "eval.max_new_tokens=8"], tmp_path))
     assert results["train/steps"] == 6 and math.isfinite(results["val/loss"])

@@ -11,8 +11,8 @@ from tests.conftest import TINY_MODEL, compose_config
 from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.loss_config import build_loss_spec
+from tisdpo.stages.loaders import tokenize_pairs
+from tisdpo.stages.loss_config import build_loss_spec
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 

@@ -5,8 +5,8 @@ import pytest
 
 from tests.conftest import SHARED_DATA, compose_config
 from tisdpo.models.loading import load_tokenizer
-from tisdpo.pipeline.loaders import format_prompt, tokenize_pairs, tokenize_sft
-from tisdpo.pipeline.validate import ConfigError, validate_config
+from tisdpo.stages.loaders import format_prompt, tokenize_pairs, tokenize_sft
+from tisdpo.runtime.validate import ConfigError, validate_config
 
 ROWS = [{"prompt": "How do I bake bread?", "chosen": "Knead, rest, bake.", "rejected": "No idea."}]
 
@@ -38,7 +38,7 @@ def test_the_judged_policy_samples_from_the_prompts_it_was_trained_on(tmp_path, 
     """The eval stage hands the judges' sampler the same template training used (judges read plain prompts)."""
     from types import SimpleNamespace
 
-    import tisdpo.pipeline.eval_stage as eval_stage
+    import tisdpo.stages.evaluation as eval_stage
 
     seen = {}
     monkeypatch.setattr(eval_stage, "evaluate_with_judges",

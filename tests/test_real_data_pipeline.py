@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from tests.conftest import SHARED_DATA, compose_config
-from tisdpo.pipeline.runner import run
+from tisdpo.stages.runner import run
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "gpt2_tokenizer").is_dir(), reason="../shared/data is absent")
 

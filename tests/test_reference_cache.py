@@ -10,14 +10,14 @@ from tests.conftest import compose_config
 from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.loss_config import build_loss_spec
-from tisdpo.pipeline.reference_cache import (
+from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.stages.loaders import tokenize_pairs
+from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.stages.reference_logps import (
     attach_reference_logps, cache_applies, compute_reference_logps, move_to, reference_logps_key,
     with_reference_logps,
 )
-from tisdpo.pipeline.train_stage import cached_reference_logps
+from tisdpo.stages.train import cached_reference_logps
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -142,7 +142,7 @@ def test_artifact_is_keyed_and_reused(data, tmp_path):
         reference_logps_key(examples=[{**examples[0], "chosen_labels": examples[0]["chosen_labels"][:-1] + [-100]}]
                              + examples[1:], reference_id={"sft": "abc"}, precision="32-true"),
     ]
-    from tisdpo.pipeline.cache import stable_hash
+    from tisdpo.runtime.cache import stable_hash
 
     keys = {stable_hash(s) for s in [spec, *others]}
     assert len(keys) == 5
@@ -161,7 +161,7 @@ def test_stage_skips_kl_losses(data, tmp_path):
 
 
 def test_pipeline_cache_on_and_off_give_the_same_run(tmp_path):
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     on = run(compose_config(["eval=none"], tmp_path))
     stages = [e["stage"] for e in on["stages"]]

@@ -34,7 +34,7 @@ def kill_run(tmp_path: Path, trainer: int, step: int, overrides: list[str]) -> s
 
 def run_in_process(overrides: list[str]):
     from tests.conftest import compose_config
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     return run(compose_config(overrides))
 
@@ -83,8 +83,8 @@ class Toy(L.LightningModule):
 def fit_toy(ckpt_dir: Path, ckpt_path: str | None = None, workers: int = 0) -> Toy:
     from torch.utils.data import DataLoader
 
-    from tisdpo.pipeline.callbacks import RNGStateCallback
-    from tisdpo.pipeline.loaders import ResumableDataLoader
+    from tisdpo.runtime.callbacks import RNGStateCallback
+    from tisdpo.stages.loaders import ResumableDataLoader
 
     L.seed_everything(0, verbose=False)
     module = Toy()
@@ -163,7 +163,7 @@ def test_killed_estimator_stage_resumes_to_the_same_artifact(tmp_path, caplog):
     assert not [p for p in (cache_b / "estimator").iterdir() if not p.name.startswith(".") and p.suffix != ".lock"]
 
     # The next run that needs the artifact resumes the build (no flag needed: the cache key finds it).
-    with caplog.at_level(logging.WARNING, logger="tisdpo.pipeline.cache"):
+    with caplog.at_level(logging.WARNING, logger="tisdpo.runtime.cache"):
         results = run_in_process(ESTIMATOR + paths(tmp_path / "again", cache_b))
     assert "resuming the interrupted build" in caplog.text
     estimator_events = [e for e in results["stages"] if e["stage"] == "estimator"]
@@ -188,7 +188,7 @@ def test_killed_estimator_stage_resumes_to_the_same_artifact(tmp_path, caplog):
 # which checkpoint, which dir, which config
 # ---------------------------------------------------------------------------------------
 def test_unreadable_last_checkpoint_falls_back_to_the_newest_readable(tmp_path):
-    from tisdpo.pipeline.checkpoints import find_checkpoint
+    from tisdpo.runtime.checkpoints import find_checkpoint
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
@@ -203,8 +203,8 @@ def test_unreadable_last_checkpoint_falls_back_to_the_newest_readable(tmp_path):
 
 def test_resume_with_a_different_config_is_one_clear_error(tmp_path):
     from tests.conftest import compose_config
-    from tisdpo.pipeline.run_dir import begin_run, prepare_run_dir
-    from tisdpo.pipeline.validate import ConfigError
+    from tisdpo.runtime.run_dir import begin_run, prepare_run_dir
+    from tisdpo.runtime.validate import ConfigError
     from omegaconf import OmegaConf
 
     def start(*overrides):
@@ -217,7 +217,7 @@ def test_resume_with_a_different_config_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"loss.name: 'ipo' -> 'dpo'.*overrides.yaml"):
         start("resume=true")
     cfg = compose_config([f"resume={tmp_path / 'nowhere'}"], tmp_path)
-    from tisdpo.pipeline.validate import validate_config
+    from tisdpo.runtime.validate import validate_config
 
     with pytest.raises(ConfigError, match="no such run dir"):
         validate_config(cfg)
@@ -225,7 +225,7 @@ def test_resume_with_a_different_config_is_one_clear_error(tmp_path):
 
 def test_resume_true_in_a_fresh_dir_says_where_to_point_it(tmp_path, caplog):
     from tests.conftest import compose_config
-    from tisdpo.pipeline.checkpoints import train_checkpoint
+    from tisdpo.runtime.run_dir import train_checkpoint
 
     cfg = compose_config(["resume=true"], tmp_path)
     with caplog.at_level(logging.WARNING):
@@ -237,9 +237,9 @@ def test_resume_true_in_a_fresh_dir_says_where_to_point_it(tmp_path, caplog):
 # the process that gets killed
 # ---------------------------------------------------------------------------------------
 def _killed_main(trainer_number: int, step: int, overrides: list[str]) -> None:
-    import tisdpo.pipeline.fit as fit
+    import tisdpo.runtime.fit as fit
     from tests.conftest import compose_config
-    from tisdpo.pipeline.runner import run
+    from tisdpo.stages.runner import run
 
     class KillMidStep(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.conftest import compose_config
-from tisdpo.pipeline import run_cache
-from tisdpo.pipeline.runner import run
+from tisdpo.runtime import run_cache
+from tisdpo.stages.runner import run
 
 
 def _run(tmp_path: Path, name: str, *overrides: str) -> dict:

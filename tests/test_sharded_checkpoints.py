@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tisdpo.pipeline.checkpoint_files import checkpoint_problem, discard_partial, find_checkpoint, write_sidecar
+from tisdpo.runtime.checkpoints import checkpoint_problem, discard_partial, find_checkpoint, write_sidecar
 
 
 def _sharded(directory: Path, name: str, step: int, *, ranks: int = 2, complete: bool = True, sidecar: bool = True) -> Path:

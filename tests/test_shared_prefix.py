@@ -11,11 +11,11 @@ from omegaconf import OmegaConf
 
 from tests.conftest import compose_config
 from tisdpo.data.collate import PreferenceCollator
-from tisdpo.losses.logprobs import token_logps
+from tisdpo.kernels.logprobs import token_logps
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.modules.shared_prefix import pack_pairs, packed_logps, packing_matches
-from tisdpo.pipeline.loss_config import build_loss_spec
+from tisdpo.kernels.shared_prefix import pack_pairs, packed_logps, packing_matches
+from tisdpo.stages.loss_config import build_loss_spec
 
 VOCAB = 50
 TINY_MODEL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

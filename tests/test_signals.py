@@ -42,8 +42,8 @@ def signalled_run(tmp_path: Path, trainer: int, step: int, name: str, args: list
 
 
 def test_sigterm_mid_training_checkpoints_records_exits_143_and_resumes_exactly(tmp_path):
-    from tisdpo.pipeline.checkpoint_files import read_sidecar
-    from tisdpo.pipeline.runner import run
+    from tisdpo.runtime.checkpoints import read_sidecar
+    from tisdpo.stages.runner import run
 
     cache, straight, stopped = tmp_path / "cache", tmp_path / "straight", tmp_path / "stopped"
     expected = run(compose_config(TRAIN + paths(straight, cache)))  # also builds the SFT model the others reuse
@@ -91,9 +91,9 @@ class SignalAt(L.Callback):
 
 
 def test_sigint_mid_training_says_interrupted_by_sigint_and_exits_130(tmp_path, monkeypatch):
-    import tisdpo.pipeline.fit as fit
-    from tisdpo.pipeline.failures import run_recorded
-    from tisdpo.pipeline.runner import run
+    import tisdpo.runtime.fit as fit
+    from tisdpo.runtime.failures import run_recorded
+    from tisdpo.stages.runner import run
 
     original = fit.build_trainer
 
@@ -113,7 +113,7 @@ def test_sigint_mid_training_says_interrupted_by_sigint_and_exits_130(tmp_path, 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
 def test_a_signal_outside_training_still_leaves_failed_json_and_a_non_zero_status(tmp_path, name):
-    from tisdpo.pipeline.failures import run_recorded
+    from tisdpo.runtime.failures import run_recorded
 
     def evaluation(cfg):  # e.g. generation during the eval stage: no Lightning fit to defer to
         os.kill(os.getpid(), signal.Signals[name])
@@ -128,7 +128,7 @@ def test_a_signal_outside_training_still_leaves_failed_json_and_a_non_zero_statu
 
 
 def _signalled_main(trainer_number: int, step: int, name: str, args: list[str]) -> None:
-    import tisdpo.pipeline.fit as fit
+    import tisdpo.runtime.fit as fit
 
     original, built = fit.build_trainer, []
 

@@ -14,9 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import compose_config
-from tisdpo.pipeline.data_stage import rows_fingerprint
-from tisdpo.pipeline.run_dir import begin_run, check_resume_data, prepare_run_dir
-from tisdpo.pipeline.validate import ConfigError
+from tisdpo.stages.data import rows_fingerprint
+from tisdpo.runtime.run_dir import begin_run, check_resume_data, prepare_run_dir
+from tisdpo.runtime.validate import ConfigError
 
 
 def data(tag: str):
@@ -69,7 +69,7 @@ def test_a_finished_run_returns_its_results_only_for_the_config_it_finished_with
 
 
 def test_other_code_warns_or_is_refused_with_resume_strict_code(tmp_path, monkeypatch, caplog):
-    import tisdpo.pipeline.run_dir as run_dir
+    import tisdpo.runtime.run_dir as run_dir
 
     monkeypatch.setattr(run_dir, "code_identity", lambda: {"git_commit": "aaaa", "version": "0.1"})
     start(tmp_path, "loss=ipo")

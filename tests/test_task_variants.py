@@ -124,7 +124,7 @@ def test_fingerprint_changes_only_with_a_variant():
 @pytest.mark.parametrize("variant", ["context", "sparse", "small", "noisy", "contrastive_hard"])
 def test_every_variant_dataset_and_experiment_compose(variant, tmp_path):
     from omegaconf import OmegaConf
-    from tisdpo.pipeline.validate import validate_config
+    from tisdpo.runtime.validate import validate_config
 
     cfg = compose_config([f"experiment=variant_{variant}", "method=tisdpo_oracle"], tmp_path, tiny=False)
     validate_config(cfg)

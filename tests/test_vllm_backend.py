@@ -19,17 +19,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import tisdpo.pipeline.eval_stage as eval_stage_module
-import tisdpo.pipeline.pairs_stage as pairs_stage
+import tisdpo.stages.evaluation as eval_stage_module
+import tisdpo.stages.pairs as pairs_stage
 from tests.conftest import compose_config
 from tisdpo.errors import UserError
 from tisdpo.eval.generation import cut_at_eos, sample_responses
 from tisdpo.eval.run_judges import evaluate_with_judges
 from tisdpo.eval.vllm_backend import VLLMEngine, open_sampler, prompt_seeds, sampling_params
-from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.data_stage import prepare_data
-from tisdpo.pipeline.pairs_stage import generated_pairs_stage
-from tisdpo.pipeline.validate import ConfigError, validate_config
+from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.stages.data import prepare_data
+from tisdpo.stages.pairs import generated_pairs_stage
+from tisdpo.runtime.validate import ConfigError, validate_config
 
 EOS = 2  # the built-in task tokenizer's EOS
 EVENTS: list[str] = []  # what happened, in order, across the fake engine and the test judges

@@ -20,7 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, TINY, compose_config
-from tisdpo.pipeline import loggers
+from tisdpo.runtime import loggers
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402  (after the importorskip)
@@ -178,7 +178,7 @@ def test_tisdpo_stage_runs_join_the_training_run_group_and_eval_continues_the_ru
     assert [e["id"] for e in json.loads(sft_record.read_text())["runs"]] == [sft.id]
 
     # The eval-only command logs into that same run.
-    script = (f"from tisdpo.pipeline.loggers import open_run_logger, finish_logging; from pathlib import Path; "
+    script = (f"from tisdpo.runtime.loggers import open_run_logger, finish_logging; from pathlib import Path; "
               f"lg = open_run_logger({str(run_dir)!r}); lg.log_metrics({{'eval/extra': 1.0}}); "
               f"finish_logging(lg, Path({str(run_dir)!r}), {{'eval/extra': 1.0}})")
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}

@@ -11,10 +11,10 @@ import torch
 
 from tests.conftest import compose_config
 from tisdpo.eval.weight_quality import quality_metrics
-from tisdpo.pipeline.data_stage import prepare_data
-from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.runner import run
-from tisdpo.pipeline.weights_stage import weights_stage
+from tisdpo.stages.data import prepare_data
+from tisdpo.stages.loaders import tokenize_pairs
+from tisdpo.stages.runner import run
+from tisdpo.stages.weights import weights_stage
 
 
 def _stage(tmp_path, *overrides):
@@ -44,7 +44,7 @@ def test_quality_is_measured_on_the_final_weights_and_raw_scores_apart(tmp_path)
 
 
 def test_means_and_bounds_over_the_tokens_that_carry_weight(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="tisdpo.pipeline.weights_stage"):
+    with caplog.at_level(logging.INFO, logger="tisdpo.stages.weights"):
         _, _, _, weighting = _stage(tmp_path, "estimator=uniform")
     m = weighting.metrics
     assert (m["weights/mean_chosen"], m["weights/std_chosen"], m["weights/bound_fraction"]) == (1.0, 0.0, 0.0)

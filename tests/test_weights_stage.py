@@ -7,15 +7,15 @@ from omegaconf import OmegaConf
 
 from tests.conftest import TINY_MODEL, compose_config
 from tisdpo.models.loading import build_model
-from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.loaders import tokenize_pairs
+from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.stages.loaders import tokenize_pairs
 from tisdpo.eval.weight_quality import true_token_rewards
-from tisdpo.pipeline.estimator_models import swap_pair
+from tisdpo.stages.estimator_models import swap_pair
 from tisdpo.losses import tisdpo_loss
-from tisdpo.pipeline.weights_stage import apply_transform, attach_weights
+from tisdpo.stages.weights import apply_transform, attach_weights
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 from tisdpo.weights.estimators import oracle_scores, score_difference, weighted_token_masks
-from tisdpo.weights.scoring import naive_response_logps, response_logps
+from tisdpo.kernels.scoring import naive_response_logps, response_logps
 
 
 

@@ -1,9 +1,9 @@
 """The one base class for mistakes in what the user gave us (config values, data files).
 
 A :class:`UserError` is bad user input, not a crash: a single run reports it as one line on
-stderr and exits with status 2 (see ``tisdpo/pipeline/failures.py``); in a sweep it is raised
+stderr and exits with status 2 (see ``tisdpo/runtime/failures.py``); in a sweep it is raised
 like any failure so the other jobs go on. Subclasses: ``ConfigError``
-(``tisdpo.pipeline.validate``) and ``DataError`` (``tisdpo.data.errors``).
+(``tisdpo.runtime.validate``) and ``DataError`` (``tisdpo.data.errors``).
 """
 from __future__ import annotations
 

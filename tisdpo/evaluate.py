@@ -43,15 +43,15 @@ from tisdpo.errors import UserError
 from tisdpo import jsonio
 from tisdpo.jsonio import write_json_atomic
 from tisdpo.models.loading import build_model
-from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.data_stage import prepare_data
-from tisdpo.pipeline.eval_stage import check_eval_options, eval_stage
-from tisdpo.pipeline.export import POLICY_DIR
-from tisdpo.pipeline.loggers import finish_logging, open_run_logger
-from tisdpo.pipeline.models import frozen_dtype, initial_model, master_dtype, stage_device
-from tisdpo.pipeline.run_dir import RUN_CONFIG
-from tisdpo.pipeline.sft_stage import sft_stage
-from tisdpo.pipeline.validate import validate_config
+from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.stages.data import prepare_data
+from tisdpo.stages.evaluation import check_eval_options, eval_stage
+from tisdpo.stages.export import POLICY_DIR
+from tisdpo.runtime.loggers import finish_logging, open_run_logger
+from tisdpo.stages.start_models import frozen_dtype, initial_model, master_dtype, stage_device
+from tisdpo.runtime.run_dir import RUN_CONFIG
+from tisdpo.stages.sft import sft_stage
+from tisdpo.runtime.validate import validate_config
 
 log = logging.getLogger("tisdpo.evaluate")
 

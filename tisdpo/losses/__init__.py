@@ -6,7 +6,7 @@
       -> (losses [B], chosen_rewards [B], rejected_rewards [B])
 
 Which losses need the per-position KL, and in which direction, is answered by `kl_direction`
-(the KL itself comes from `tisdpo.losses.logprobs.per_position_kl`).
+(the KL itself comes from `tisdpo.kernels.logprobs.per_position_kl`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Optional
 from .dpo import dpo_loss
 from .ipo import ipo_loss
 from .kto import kto_loss
-from .logprobs import per_position_kl, token_logps
+from tisdpo.kernels.logprobs import per_position_kl, token_logps
 from .tdpo import tdpo_loss
 from .tidpo import tidpo_loss, triplet_loss
 from .tisdpo import tisdpo_loss

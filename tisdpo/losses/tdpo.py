@@ -13,7 +13,7 @@ def tdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     """TDPO1 / TDPO2 loss per pair.
 
         KL_t = KL(π_ref(·|ctx_t) ‖ π_θ(·|ctx_t))   (chosen_kl / rejected_kl, [B, T];
-               = per_position_kl(ref_logits, policy_logits) from tisdpo.losses.logprobs)
+               = per_position_kl(ref_logits, policy_logits) from tisdpo.kernels.logprobs)
         K(y) = Σ_t mask_t KL_t
         TDPO1: L = −logσ(β (S_w − S_l − (K_l − K_w)))
         TDPO2: L = −logσ(β (S_w − S_l − α (K_l − sg(K_w))))      sg = stop-gradient

@@ -10,7 +10,7 @@ import torch
 
 from tisdpo.constants import IGNORE_INDEX
 from tisdpo.data.collate import prompt_response_batch
-from tisdpo.losses.logprobs import token_logps
+from tisdpo.kernels.logprobs import token_logps
 
 
 def mismatched_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, ...]:

@@ -2,7 +2,7 @@
 
 One step: chosen and rejected go through the policy in ONE forward pass ([2B, T]; for losses
 that need only log-probs, optionally one packed row per pair so the prompt runs once, see
-``tisdpo.modules.shared_prefix``); the reference runs under ``no_grad`` (or its per-token log-probs come precomputed with the batch);
+``tisdpo.kernels.shared_prefix``); the reference runs under ``no_grad`` (or its per-token log-probs come precomputed with the batch);
 per-token log-probs are gathered over response tokens; the loss comes from
 ``tisdpo.losses`` and sees only per-token tensors. Metrics use TRL's names so that runs
 can be compared side by side with TRL's DPOTrainer in W&B.
@@ -17,10 +17,10 @@ import lightning as L
 import torch
 
 from tisdpo.data.collate import concat_pair
-from tisdpo.losses.logprobs import per_position_kl, token_logps
+from tisdpo.kernels.logprobs import per_position_kl, token_logps
 from tisdpo.models.sharding import finish_backward, is_sharded
 from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer
-from tisdpo.modules.shared_prefix import PackedPairs, pack_pairs, packed_logps, packing_matches, packing_supported
+from tisdpo.kernels.shared_prefix import PackedPairs, pack_pairs, packed_logps, packing_matches, packing_supported
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         self.online_weights = online_weights  # TI-DPO: weights from the current policy each step
         self.pad_token_id = pad_token_id
         # Log-prob-only losses: chosen and rejected packed into one row per pair, the prompt run
-        # once (tisdpo.modules.shared_prefix); checked against the standard forward on first use.
+        # once (tisdpo.kernels.shared_prefix); checked against the standard forward on first use.
         self.shared_prefix = shared_prefix
         self._packing_checked = False
 

@@ -3,7 +3,7 @@
 Anchors y ~ pi_theta(.|x) (top-k/top-p sampling, resampled per example every ``anchor_every``
 steps), per-token implicit rewards rho_t = log pi_theta - log pi_ref, and
 ``tisdpo.losses.triplet_loss`` on (y, y_w, y_l). The term is attached to the loss where the loss is
-built (``tisdpo.pipeline.loss_config``), like KTO's mismatched-pair reference point.
+built (``tisdpo.stages.loss_config``), like KTO's mismatched-pair reference point.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from tisdpo.data.collate import prompt_response_batch
 from tisdpo.losses import triplet_loss
-from tisdpo.losses.logprobs import token_logps
+from tisdpo.kernels.logprobs import token_logps
 from tisdpo.models.sharding import is_sharded
 
 

@@ -10,7 +10,7 @@
 
 Scores are ragged: one 1-D tensor per response with one value per response token (EOS included),
 in the order of the tokenised training examples. Training pi+/pi- is a pipeline stage
-(``tisdpo.pipeline.estimator_models``); this module holds the scoring arithmetic.
+(``tisdpo.stages.estimator_models``); this module holds the scoring arithmetic.
 """
 from __future__ import annotations
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from tisdpo.jsonio import write_json_atomic
-from tisdpo.pipeline.cache import stable_hash
-from tisdpo.pipeline.checkpoint_files import CHECKPOINT_DIR
-from tisdpo.pipeline.validate import ConfigError
+from tisdpo.runtime.cache import stable_hash
+from tisdpo.runtime.checkpoints import CHECKPOINT_DIR, checkpoint_problem, find_checkpoint
+from tisdpo.runtime.validate import ConfigError
 from tisdpo.provenance import code_identity
 
 log = logging.getLogger(__name__)
@@ -234,3 +234,28 @@ def begin_run(cfg, output_dir: Path, config_dict: dict) -> dict | None:
         log.info("resume: %s already finished (%s); nothing to do", output_dir, results_file)
         return results
     return None
+
+
+def train_checkpoint(cfg, output_dir: Path) -> str | None:
+    """The checkpoint the preference training stage resumes from, if any."""
+    resume = parse_resume(cfg.get("resume"))
+    if not resume.requested:
+        return None
+    if resume.checkpoint is not None and resume.checkpoint.exists():  # resume=<a checkpoint (file or sharded dir)>: exactly that one
+        problem = checkpoint_problem(resume.checkpoint)
+        if problem is not None:  # the user named this file: no silent fallback to another one
+            raise ConfigError(f"resume={resume.checkpoint}: the checkpoint {problem}; pass resume=<its run dir> to "
+                              "continue from the newest intact checkpoint")
+        log.info("resuming training from %s", resume.checkpoint)
+        return str(resume.checkpoint)
+    found = find_checkpoint(output_dir / CHECKPOINT_DIR)
+    if found is None:
+        if resume.run_dir is None:
+            log.warning("resume=true, but %s holds no checkpoint: starting from scratch (Hydra makes a new dir per "
+                        "run: pass hydra.run.dir=<the previous run dir>, or resume=<the previous run dir>)",
+                        output_dir / CHECKPOINT_DIR)
+        else:
+            log.warning("resume=%s: the run has no intact checkpoint: training starts from scratch", output_dir)
+        return None
+    log.info("resuming training from %s", found)
+    return str(found)

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from tisdpo.constants import IGNORE_INDEX
 from tisdpo.data.collate import concat_pair
-from tisdpo.losses.logprobs import token_logps
+from tisdpo.kernels.logprobs import token_logps
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Checkpoint files on disk: whether one is intact, and which one a run resumes from.
 
 Light on purpose (no torch, no Lightning): ``failures.py`` names the last good checkpoint in
-``failed.json`` and must stay importable in a second. ``checkpoints.py`` holds the Lightning side.
+``failed.json`` and must stay importable in a second. The Lightning side (``VerifiedCheckpoint``,
+stage checkpointing) is in ``callbacks.py``; which checkpoint a resumed run starts from is
+``run_dir.train_checkpoint``.
 
 Every checkpoint the pipeline writes gets a sidecar ``<ckpt>.sha256`` (JSON: ``sha256``, ``size``,
 ``step``, ``file``), written atomically once the checkpoint file is complete. A resume trusts a

@@ -44,11 +44,11 @@ from omegaconf import DictConfig, OmegaConf
 from tisdpo.data.noise import flip_labels
 from tisdpo.eval.generation import sample_responses
 from tisdpo.eval.vllm_backend import ENGINE_DEFAULTS, open_sampler
-from tisdpo.pipeline.cache import ArtifactCache, stable_hash
-from tisdpo.pipeline.data_stage import PreparedData
-from tisdpo.pipeline.loaders import format_prompt
-from tisdpo.pipeline.models import frozen_dtype, initial_model, initial_model_identity, stage_device
-from tisdpo.pipeline.validate import ConfigError
+from tisdpo.runtime.cache import ArtifactCache, stable_hash
+from tisdpo.stages.data import PreparedData
+from tisdpo.stages.loaders import format_prompt
+from tisdpo.stages.start_models import frozen_dtype, initial_model, initial_model_identity, stage_device
+from tisdpo.runtime.validate import ConfigError
 from tisdpo.weights.estimators import contrastive_rows
 
 log = logging.getLogger(__name__)

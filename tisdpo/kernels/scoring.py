@@ -17,7 +17,7 @@ import torch
 
 from tisdpo.constants import IGNORE_INDEX, SIDES
 from tisdpo.data.collate import PreferenceCollator, concat_pair
-from tisdpo.losses.logprobs import token_logps
+from tisdpo.kernels.logprobs import token_logps
 
 # model_type values whose CausalLM forward computes logits = lm_head(base_model(...).last_hidden_state)
 # with nothing after it (no soft-capping, no logit scale): the head may run on chosen rows only.

@@ -12,15 +12,17 @@ from omegaconf import DictConfig
 from tisdpo.models.lora import policy_and_reference
 from tisdpo.models.sharding import is_sharded
 from tisdpo.modules.preference import LossSpec, PreferenceModule
-from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.callbacks import RNGStateCallback, SignalCheckpoint
-from tisdpo.pipeline.checkpoints import CHECKPOINT_DIR, VerifiedCheckpoint, train_checkpoint
-from tisdpo.pipeline.fit import accumulation, fit_stage, optimizer_steps, trained_state_dict, world_size
-from tisdpo.pipeline.loaders import length_grouped, preference_loader
-from tisdpo.pipeline.loss_config import build_loss_spec
-from tisdpo.pipeline.models import frozen_dtype, initial_model, initial_model_identity, stage_device
-from tisdpo.pipeline.reference_cache import cache_applies, reference_logps_key, with_reference_logps
-from tisdpo.pipeline.sharded import reference_placement
+from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.runtime.callbacks import RNGStateCallback, SignalCheckpoint
+from tisdpo.runtime.callbacks import VerifiedCheckpoint
+from tisdpo.runtime.checkpoints import CHECKPOINT_DIR
+from tisdpo.runtime.run_dir import train_checkpoint
+from tisdpo.runtime.fit import accumulation, fit_stage, optimizer_steps, trained_state_dict, world_size
+from tisdpo.stages.loaders import length_grouped, preference_loader
+from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.stages.start_models import frozen_dtype, initial_model, initial_model_identity, stage_device
+from tisdpo.stages.reference_logps import cache_applies, reference_logps_key, with_reference_logps
+from tisdpo.runtime.sharded import reference_placement
 
 log = logging.getLogger(__name__)
 

@@ -15,20 +15,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.jsonio import write_json_atomic
 from tisdpo.models.lora import policy_and_reference
-from tisdpo.pipeline import run_cache
-from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.data_stage import prepare_data
-from tisdpo.pipeline.eval_stage import eval_stage, training_evaluators
-from tisdpo.pipeline.export import export_policy
-from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.loggers import build_logger, finish_logging
-from tisdpo.pipeline.models import frozen_dtype, initial_model, stage_device
-from tisdpo.pipeline.pairs_stage import generated_pairs_stage
-from tisdpo.pipeline.run_dir import begin_run, check_resume_data, prepare_run_dir
-from tisdpo.pipeline.sft_stage import sft_stage
-from tisdpo.pipeline.train_stage import models_for_eval, train_stage
-from tisdpo.pipeline.validate import validate_config
-from tisdpo.pipeline.weights_stage import weights_stage
+from tisdpo.runtime import run_cache
+from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.stages.data import prepare_data
+from tisdpo.stages.evaluation import eval_stage, training_evaluators
+from tisdpo.stages.export import export_policy
+from tisdpo.stages.loaders import tokenize_pairs
+from tisdpo.runtime.loggers import build_logger, finish_logging
+from tisdpo.stages.start_models import frozen_dtype, initial_model, stage_device
+from tisdpo.stages.pairs import generated_pairs_stage
+from tisdpo.runtime.run_dir import begin_run, check_resume_data, prepare_run_dir
+from tisdpo.stages.sft import sft_stage
+from tisdpo.stages.train import models_for_eval, train_stage
+from tisdpo.runtime.validate import validate_config
+from tisdpo.stages.weights import weights_stage
 
 log = logging.getLogger(__name__)
 

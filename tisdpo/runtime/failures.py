@@ -41,8 +41,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from tisdpo.errors import UserError
-from tisdpo.pipeline.checkpoint_files import CHECKPOINT_DIR, find_checkpoint
-from tisdpo.pipeline.validate import ConfigError, validate_config
+from tisdpo.runtime.checkpoints import CHECKPOINT_DIR, find_checkpoint
+from tisdpo.runtime.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from tisdpo.eval.benchmarks import run_benchmarks
 from tisdpo.eval.curve import EvalCurve
 from tisdpo.eval.run_judges import evaluate_with_judges
 from tisdpo.eval.synthetic_metrics import UNFINISHED_MODES, UNFINISHED_REWARD, evaluate_policy
-from tisdpo.pipeline.data_stage import PreparedData
-from tisdpo.pipeline.export import POLICY_DIR
-from tisdpo.pipeline.loaders import format_prompt
-from tisdpo.pipeline.validate import ConfigError
+from tisdpo.stages.data import PreparedData
+from tisdpo.stages.export import POLICY_DIR
+from tisdpo.stages.loaders import format_prompt
+from tisdpo.runtime.validate import ConfigError
 
 log = logging.getLogger(__name__)
 

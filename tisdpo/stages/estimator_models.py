@@ -16,14 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from tisdpo.losses import dpo_loss
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import LossSpec, PreferenceModule
-from tisdpo.pipeline.cache import RESUME_SUBDIR
-from tisdpo.pipeline.checkpoints import stage_every_n_steps
-from tisdpo.pipeline.fit import accumulation, fit_stage, optimizer_steps, save_trained, world_size
-from tisdpo.pipeline.loaders import preference_loader, tokenize_sft
-from tisdpo.pipeline.loggers import RUN_RECORD, stage_logger, stage_run_name
-from tisdpo.pipeline.models import frozen_dtype, initial_model, master_dtype
-from tisdpo.pipeline.sharded import reference_placement
-from tisdpo.pipeline.sft_stage import train_sft
+from tisdpo.runtime.cache import RESUME_SUBDIR
+from tisdpo.runtime.callbacks import stage_every_n_steps
+from tisdpo.runtime.fit import accumulation, fit_stage, optimizer_steps, save_trained, world_size
+from tisdpo.stages.loaders import preference_loader, tokenize_sft
+from tisdpo.runtime.loggers import RUN_RECORD, stage_logger, stage_run_name
+from tisdpo.stages.start_models import frozen_dtype, initial_model, master_dtype
+from tisdpo.runtime.sharded import reference_placement
+from tisdpo.stages.sft import train_sft
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ COMPATIBLE_ESTIMATORS = {
     "tidpo": ("gradient", "uniform", "random"),
 }
 
-# Lightning Trainer arguments the pipeline passes itself (tisdpo/pipeline/fit.py, train_stage.py):
+# Lightning Trainer arguments the pipeline passes itself (tisdpo/runtime/fit.py, train_stage.py):
 # a value under `trainer` would be overwritten, or clash. Per key: the option to use instead
 # (None: none), a note, and whether the value carries over as it is (same meaning, same units).
 PIPELINE_TRAINER_KEYS: dict[str, tuple[str | None, str | None, bool]] = {

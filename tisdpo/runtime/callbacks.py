@@ -1,5 +1,6 @@
-"""Lightning callbacks of the pipeline: the global RNG streams, saved and restored for exact resume;
-a checkpoint taken when a signal stops training.
+"""Lightning callbacks of the pipeline: verified checkpoints (a sha256 sidecar beside each, see
+``checkpoints.py``), the global RNG streams saved and restored for exact resume, and a checkpoint taken
+when a signal stops training.
 
 A Lightning checkpoint holds the weights, the optimiser, the LR schedule and the loop counters;
 for a resumed run to end with the same parameters as an uninterrupted one it also needs the
@@ -15,6 +16,7 @@ checkpoint and raises ``failures.Interrupted``, which ``failures.run_recorded`` 
 """
 from __future__ import annotations
 
+import logging
 import random
 import signal
 from pathlib import Path
@@ -22,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from tisdpo.pipeline.checkpoint_files import LAST, save_verified
-from tisdpo.pipeline.failures import Interrupted, fit_running, on_signal, pending_signal
+from tisdpo.runtime.checkpoints import LAST, discard_partial, find_checkpoint, save_verified, sidecar_path, write_sidecar
+from tisdpo.runtime.failures import Interrupted, fit_running, on_signal, pending_signal
+
+log = logging.getLogger(__name__)
 
 
 def rng_states() -> dict[str, Any]:
@@ -146,3 +150,51 @@ def _mid_accumulation(trainer) -> bool:
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     should = getattr(loop, "_should_accumulate", None)
     return bool(should()) if callable(should) else False
+
+
+class VerifiedCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus a sha256 sidecar written once each checkpoint is complete;
+    a write that fails (a full disk) leaves no partial file behind. No version counter: a run dir
+    moved or resumed keeps writing ``last.ckpt`` (a ``last-v1.ckpt`` beside a stale ``last.ckpt``
+    made the stale one win the next resume)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+            if trainer.is_global_zero:
+                write_sidecar(Path(filepath), trainer.global_step)
+        except BaseException:
+            if trainer.is_global_zero:
+                discard_partial(Path(filepath))
+            raise
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            sidecar_path(Path(filepath)).unlink(missing_ok=True)
+
+
+def stage_every_n_steps(cfg) -> int:
+    """How often a pipeline stage (SFT, estimator models) checkpoints: ``checkpoint.stage_every_n_steps``
+    (default: ``checkpoint.every_n_steps``); 0 turns stage checkpoints off."""
+    node = cfg.get("checkpoint") or {}
+    value = node.get("stage_every_n_steps")
+    return int(value if value is not None else node.get("every_n_steps") or 0)
+
+
+def stage_checkpointing(work_dir: Path | None, every_n_steps: int) -> tuple[list[Callback], str | None]:
+    """Callbacks that checkpoint a stage's training into ``work_dir`` every N steps, and the
+    checkpoint to resume from (None: start). ``work_dir=None`` or N <= 0: no checkpoints."""
+    if work_dir is None or every_n_steps <= 0:
+        return [], None
+    work_dir = Path(work_dir)
+    resume_from = find_checkpoint(work_dir)
+    if resume_from is not None:
+        log.info("stage: resuming an interrupted training from %s", resume_from)
+    checkpoint = VerifiedCheckpoint(dirpath=work_dir, every_n_train_steps=every_n_steps, save_last=True, save_top_k=1)
+    # A signal mid-stage: checkpoint where the stage is, then stop (the next request resumes the build).
+    return [checkpoint, RNGStateCallback(), SignalCheckpoint(work_dir)], str(resume_from) if resume_from else None

@@ -27,15 +27,15 @@ from tisdpo.constants import IGNORE_INDEX, SIDES
 from tisdpo.eval.gradient_weight_quality import GradientWeightQuality
 from tisdpo.eval.weight_quality import quality_metrics, true_token_rewards
 from tisdpo.models.loading import build_model
-from tisdpo.pipeline.cache import ArtifactCache
-from tisdpo.pipeline.data_stage import PreparedData
-from tisdpo.pipeline.estimator_models import train_pair
-from tisdpo.pipeline.loaders import tokenize_pairs
-from tisdpo.pipeline.models import initial_model_identity, stage_device
+from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.stages.data import PreparedData
+from tisdpo.stages.estimator_models import train_pair
+from tisdpo.stages.loaders import tokenize_pairs
+from tisdpo.stages.start_models import initial_model_identity, stage_device
 from tisdpo.weights.estimators import (PAIR_ESTIMATORS, contrast_scores, contrastive_rows, oracle_scores,
                                       response_lengths, weighted_token_masks)
 from tisdpo.weights.gradient import GradientWeights
-from tisdpo.weights.scoring import response_logps
+from tisdpo.kernels.scoring import response_logps
 from tisdpo.weights.transforms import TRANSFORMS, at_bound
 from tisdpo.weights.views import write_weight_views
 

@@ -8,13 +8,13 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.modules.sft import SFTModule
-from tisdpo.pipeline.cache import RESUME_SUBDIR, ArtifactCache, stable_hash
-from tisdpo.pipeline.checkpoints import stage_every_n_steps
-from tisdpo.pipeline.data_stage import PreparedData, rows_fingerprint
-from tisdpo.pipeline.fit import fit_stage, save_trained
-from tisdpo.pipeline.loaders import sft_loader, tokenize_sft
-from tisdpo.pipeline.loggers import RUN_RECORD, stage_logger
-from tisdpo.pipeline.models import base_model, base_model_identity, stage_device
+from tisdpo.runtime.cache import RESUME_SUBDIR, ArtifactCache, stable_hash
+from tisdpo.runtime.callbacks import stage_every_n_steps
+from tisdpo.stages.data import PreparedData, rows_fingerprint
+from tisdpo.runtime.fit import fit_stage, save_trained
+from tisdpo.stages.loaders import sft_loader, tokenize_sft
+from tisdpo.runtime.loggers import RUN_RECORD, stage_logger
+from tisdpo.stages.start_models import base_model, base_model_identity, stage_device
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tisdpo.jsonio import read_json, write_json_atomic
-from tisdpo.pipeline.cache import stable_hash
+from tisdpo.runtime.cache import stable_hash
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.jsonio import write_json_atomic
-from tisdpo.pipeline.run_dir import RUN_CONFIG, parse_resume
+from tisdpo.runtime.run_dir import RUN_CONFIG, parse_resume
 from tisdpo.provenance import code_identity
 
 log = logging.getLogger(__name__)

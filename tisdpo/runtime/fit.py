@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from tisdpo.models.sharding import full_state_dict, is_sharded
-from tisdpo.pipeline.checkpoints import stage_checkpointing
-from tisdpo.pipeline.sharded import is_fsdp, is_fsdp_strategy
+from tisdpo.runtime.callbacks import stage_checkpointing
+from tisdpo.runtime.sharded import is_fsdp, is_fsdp_strategy
 
 
 def world_size(trainer_cfg: DictConfig) -> int:

@@ -28,8 +28,8 @@ import torch
 
 from tisdpo.constants import SIDES
 from tisdpo.data.collate import PreferenceCollator, concat_pair
-from tisdpo.losses.logprobs import token_logps
-from tisdpo.modules.shared_prefix import pack_pairs, packed_logps, packing_matches, packing_supported
+from tisdpo.kernels.logprobs import token_logps
+from tisdpo.kernels.shared_prefix import pack_pairs, packed_logps, packing_matches, packing_supported
 
 log = logging.getLogger(__name__)
 KEYS = tuple(f"{side}_reference_logps" for side in SIDES)
@@ -93,7 +93,7 @@ def compute_reference_logps(
 
     One no-grad forward per batch, batches formed from examples sorted by length so that little
     padding is computed: with ``shared_prefix`` one packed row per pair (the prompt once, see
-    ``tisdpo.modules.shared_prefix``; checked against the standard forward on the first batch),
+    ``tisdpo.kernels.shared_prefix``; checked against the standard forward on the first batch),
     else chosen and rejected concatenated. ``model`` is any callable returning ``.logits`` (a
     frozen copy, or a LoRA policy's disabled-adapter view).
     """
