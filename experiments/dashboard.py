@@ -23,10 +23,12 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-if TYPE_CHECKING:   # pragma: no cover
-    from .report import Report
+from .collect import parse_wandb_source, wandb_filters
+from .report_model import Report
+from .report_views import (display_frame, failures_frame, frontier_plots, orderings_frame, render_matched_kl_sections,
+                           table_caption, to_markdown)
 
 SPEC_FILE = "wandb_report.json"
 GROUP_BY = "config.label"          # every run's config has `label` (the method's row name)
@@ -82,8 +84,6 @@ def dashboard_target(report: Report, group: str | None = None, entity: str | Non
 
     From the arguments, else the ``wandb:entity/project/group`` source, else the runs' configs
     (``logger.entity``/``logger.project``/``logger.group``, ``project``, ``scale``)."""
-    from .collect import parse_wandb_source
-
     src_entity = src_project = src_group = None
     if report.source.startswith("wandb:"):
         path, src_group = parse_wandb_source(report.source[len("wandb:"):])
@@ -129,9 +129,6 @@ def weight_keys(report: Report) -> list[str]:
 def build_dashboard(report: Report, target: dict[str, Any], figures: Sequence[Path] = ()):
     """The ``wandb_workspaces`` Report object (nothing is sent)."""
     wr = workspaces()
-    from .report import (display_frame, failures_frame, orderings_frame, render_matched_kl_sections, table_caption,
-                         to_markdown)
-
     entity = target["entity"] or PLACEHOLDER_ENTITY
     project = target["project"]
     expression = run_filter(target["group"], target["table"], target["scale"])
@@ -238,16 +235,12 @@ def write_dashboard(report: Report, out: Path, group: str | None = None, entity:
     Returns the report's URL online, else the spec file's path. The PNGs are written either way
     (``plots/``), so the offline dashboard has its figures.
     """
-    from .report import frontier_plots
-
     online = wandb_online() if online is None else online
     target = dashboard_target(report, group, entity, project)
     figures = sorted((out / "plots").glob("*.png")) if plots else []
     if not any(p.name.startswith("frontier_") for p in figures):
         figures += frontier_plots(report, out / "plots")
     wandb_report = build_dashboard(report, target, figures)
-    from .collect import wandb_filters
-
     spec = {
         "title": wandb_report.title, "description": wandb_report.description,
         "entity": target["entity"], "project": target["project"],

@@ -24,7 +24,6 @@ import argparse
 import math
 import re
 import sys
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,113 +33,16 @@ import pandas as pd
 
 from . import frontier as fr
 from .collect import DEFAULT_IGNORE, Method, Run, Stat, collect_runs, group_methods, method_identity, overrides_label
+from .dashboard import DashboardError, write_dashboard
 from .paper import MetricSpec, Ordering, PaperTable, list_paper_tables, load_paper_table
+from .report_model import SEPARATION, FrontierSection, MatchedOrdering, OrderingResult, Report, ReportRow
+from .report_views import (display_frame, failures_frame, frontier_plots, jobs_summary, numeric_frame, orderings_frame,
+                           render_matched_kl_sections, to_latex, to_markdown)
 
-# ---------------------------------------------------------------- the table model
+# ---------------------------------------------------------------- building the report
 
-SEPARATION = 2.0   # a link is "clear of seed noise" when its gap exceeds this many standard errors
 BETA_KEYS = ("loss.beta", "beta")   # a β sweep is more points on one method's frontier, not another method
 FRONTIER_KEYS = {"eval/true_reward": "true_reward", "eval/safe_rate": "safe_rate"}   # paper column key -> curve key
-
-
-@dataclass
-class ReportRow:
-    label: str
-    paper_method: str | None                 # the paper row it stands for
-    method: Method | None                    # our runs (None: paper-only row)
-    ours: dict[str, Stat | None] = field(default_factory=dict)
-    paper: dict[str, float | None] = field(default_factory=dict)
-    launched: int = 0    # jobs of this method in the sweep, whatever became of them (≥ n_runs)
-
-    @property
-    def n_runs(self) -> int:
-        return len(self.method.runs) if self.method else 0
-
-
-@dataclass
-class OrderingResult:
-    ordering: Ordering
-    metric: MetricSpec
-    status: str              # reproduced | not reproduced | not evaluated
-    detail: str
-    paper_holds: bool | None
-    # The claimed link our numbers support least: (better, worse, gap in standard errors of the
-    # difference of means; negative = the wrong way round). None when not evaluated or n == 1.
-    weakest_link: tuple[str, str, float] | None = None
-
-    @property
-    def clear_of_noise(self) -> bool:
-        """Every link holds by more than 2 standard errors (descriptive, not a significance test)."""
-        return self.weakest_link is not None and self.weakest_link[2] > SEPARATION
-
-
-@dataclass
-class MatchedOrdering:
-    """A paper ordering judged at matched KL: per budget, does every link hold, and clearly (CI)?"""
-
-    ordering: Ordering
-    metric: MetricSpec
-    curve_metric: str
-    status: str             # reproduced | not reproduced | mixed | not evaluated
-    holds: int = 0          # budgets where every link's mean difference has the claimed sign
-    clear: int = 0          # budgets where every link's CI excludes 0 on the claimed side
-    budgets: int = 0
-    detail: str = ""
-
-
-@dataclass
-class FrontierSection:
-    """Everything the matched-KL section shows (see :mod:`experiments.frontier`)."""
-
-    points: pd.DataFrame
-    budgets: list[float]
-    table: pd.DataFrame
-    baseline: str | None
-    curves: bool                        # some run logged eval/curve
-    pooled: list[str] = field(default_factory=list)   # methods on pooled final points
-    orderings: list[MatchedOrdering] = field(default_factory=list)
-    oracles: list[str] = field(default_factory=list)
-    n_resamples: int = fr.N_RESAMPLES
-    condition: dict[str, Any] = field(default_factory=dict)   # the runs' setting (a column's `where`), {} = all
-
-    @property
-    def empty(self) -> bool:
-        return not len(self.points) or not self.budgets
-
-    @property
-    def suffix(self) -> str:
-        """File-name suffix of this condition's plots ("" for the unconditioned section)."""
-        return "".join(f"_{k.split('.')[-1]}{v}" for k, v in self.condition.items())
-
-    @property
-    def heading(self) -> str:
-        return ", ".join(f"{k} = {v}" for k, v in self.condition.items())
-
-
-@dataclass
-class Report:
-    source: str
-    runs: list[Run]
-    methods: list[Method]
-    metrics: list[MetricSpec]
-    rows: list[ReportRow]
-    table: PaperTable | None = None
-    paper_scale: bool = False
-    orderings: list[OrderingResult] = field(default_factory=list)
-    # one matched-KL section per run condition the table's columns are measured under (e.g. each
-    # label-noise level: methods are compared on runs of the same level), or one section for all runs
-    frontiers: list[FrontierSection] = field(default_factory=list)
-
-    @property
-    def matched_orderings(self) -> list[MatchedOrdering]:
-        return [o for section in self.frontiers for o in section.orderings]
-
-    @property
-    def failures(self) -> list[Run]:
-        return [r for r in self.runs if not r.ok]
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.runs)
 
 
 def _norm_label(text: str) -> str:
@@ -459,284 +361,7 @@ def _detail(ordering: Ordering, metric: MetricSpec, values: dict[str, float], ne
     return f"{best} {values[best]:.4g} vs " + ", ".join(beaten)
 
 
-# ---------------------------------------------------------------- formatting
-
-
-def runs_cell(row: ReportRow) -> str:
-    """Finished seeds, and ``k/n`` when fewer than the n launched (a missing seed is visible)."""
-    return f"{row.n_runs}/{row.launched}" if row.launched > row.n_runs else str(row.n_runs)
-
-
-def format_stat(stat: Stat | None, digits: int, n_runs: int, pm: str = "±") -> str:
-    if stat is None:
-        return "-"
-    text = f"{stat.mean:.{digits}f}"
-    if stat.n > 1:
-        text += f" {pm} {stat.std:.{digits}f}"
-    if stat.n != n_runs:
-        text += f" (n={stat.n})"
-    return text
-
-
-def format_paper(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def metric_header(metric: MetricSpec, table: PaperTable | None, ours: bool = True) -> str:
-    """Column header; our column of a stand-in metric names the stand-in in [brackets]."""
-    if table is None:
-        return metric.name
-    if not ours and metric.standing_in:
-        metric = table.metric(metric.name)
-    unit = f" ({metric.unit})" if metric.unit == "%" else ""
-    stand_in = f" [{metric.stand_in.label}]" if metric.standing_in else ""
-    return f"{metric.name} {metric.arrow}{unit}{stand_in}"
-
-
-def display_frame(report: Report, digits: int = 2, pm: str = "±") -> pd.DataFrame:
-    """Rows = methods, columns = the paper's metrics, cells formatted for Markdown/LaTeX."""
-    records = []
-    for row in report.rows:
-        record: dict[str, str] = {"Method": row.label, "runs": runs_cell(row)}
-        for metric in report.metrics:
-            header = metric_header(metric, report.table)
-            ours_cell = format_stat(row.ours.get(metric.name), digits, row.n_runs, pm) if row.method else "-"
-            if report.table is not None and report.paper_scale:
-                record[f"{header} ours"] = ours_cell
-                record[f"{header} paper"] = format_paper(row.paper.get(metric.name))
-            else:
-                record[header] = ours_cell
-        if report.table is not None and not report.paper_scale:
-            for metric in report.metrics:
-                record[f"{metric_header(metric, report.table, ours=False)} (paper, ref.)"] = format_paper(row.paper.get(metric.name))
-        records.append(record)
-    return pd.DataFrame.from_records(records)
-
-
-def numeric_frame(report: Report) -> pd.DataFrame:
-    """Machine-readable: mean, std, n per metric, and the paper's value."""
-    records = []
-    for row in report.rows:
-        record: dict[str, Any] = {"method": row.label, "paper_row": row.paper_method or "",
-                                  "runs": row.n_runs, "launched": max(row.launched, row.n_runs)}
-        for metric in report.metrics:
-            stat = row.ours.get(metric.name)
-            record[f"{metric.name} mean"] = stat.mean if stat else math.nan
-            record[f"{metric.name} std"] = stat.std if stat else math.nan
-            record[f"{metric.name} n"] = stat.n if stat else 0
-            if report.table is not None:
-                value = row.paper.get(metric.name)
-                record[f"{metric.name} paper"] = math.nan if value is None else value
-        records.append(record)
-    return pd.DataFrame.from_records(records)
-
-
-def to_markdown(frame: pd.DataFrame) -> str:
-    def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
-
-
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "↑": r"$\uparrow$", "↓": r"$\downarrow$", "η": r"$\eta$", "±": r"$\pm$"}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
-
-
-def to_latex(report: Report, digits: int = 2) -> str:
-    frame = display_frame(report, digits)
-    frame = frame.map(latex_escape)
-    frame.columns = [latex_escape(c) for c in frame.columns]
-    caption = table_caption(report)
-    return frame.to_latex(index=False, escape=False, caption=latex_escape(caption),
-                          label=f"tab:{report.table.name if report.table else 'results'}",
-                          column_format="l" + "r" * (len(frame.columns) - 1))
-
-
-def table_caption(report: Report) -> str:
-    if report.table is None:
-        return "Our runs: mean ± std over seeds."
-    t = report.table
-    mode = ("paper numbers beside ours (scale: paper)" if report.paper_scale
-            else f"paper numbers ({t.model}) for reference only: our runs are at a smaller scale")
-    return f"{t.title}. Ours: mean ± std over seeds; {mode}. Source: {t.source}."
-
-
-def orderings_frame(report: Report) -> pd.DataFrame:
-    records = []
-    for result in report.orderings:
-        records.append({"claim": result.ordering.describe(result.metric), "ours": result.status,
-                        "weakest link": format_link(result.weakest_link),
-                        "measured by": measured_by(result.metric),
-                        "paper holds": {True: "yes", False: "NO", None: "n/a"}[result.paper_holds],
-                        "detail": result.detail, "note": result.ordering.claim})
-    return pd.DataFrame.from_records(records, columns=["claim", "ours", "weakest link", "measured by", "paper holds",
-                                                       "detail", "note"])
-
-
-def format_link(link: tuple[str, str, float] | None) -> str:
-    if link is None:
-        return "-"
-    better, worse, separation = link
-    return f"{better} vs {worse}: {separation:+.1f} SE"
-
-
-def measured_by(metric: MetricSpec) -> str:
-    if metric.standing_in:
-        return f"built-in stand-in: {metric.stand_in.label} (`{metric.key}`)"
-    return "the paper's metric"
-
-
-
-FAILURE_COLUMNS = ["job", "status", "label", "overrides", "signal", "last checkpoint", "error"]
-
-
-def failures_frame(report: Report) -> pd.DataFrame:
-    records = [{"job": r.run_id, "status": r.status, "label": r.label or "",
-                "overrides": " ".join(f"{k}={v}" for k, v in r.overrides.items()), "signal": r.signal or "",
-                "last checkpoint": r.last_checkpoint or "", "error": (r.error or "")[:500]}
-               for r in report.failures]
-    return pd.DataFrame.from_records(records, columns=FAILURE_COLUMNS)
-
-
-def jobs_summary(report: Report) -> str:
-    """``N jobs (k finished, f failed, i interrupted, m missing)``, omitting zero counts but finished."""
-    counts = [f"{report.count('ok')} finished"]
-    for status, word in (("failed", "failed or unfinished"), ("running", "running"),
-                         ("interrupted", "interrupted"), ("missing", "missing")):
-        if report.count(status):
-            counts.append(f"{report.count(status)} {word}")
-    if len(counts) == 1:
-        counts.append("0 failed or unfinished")
-    return f"{len(report.runs)} jobs ({', '.join(counts)})"
-
-
-# ---------------------------------------------------------------- matched-KL formatting
-
-
-def _ci(value: float, low: float, high: float, signed: bool = False) -> str:
-    fmt = "+.3g" if signed else ".3g"
-    if not math.isfinite(value):
-        return "-"
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return f"{value:{fmt}}"
-    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
-
-
-def matched_kl_frame(section: FrontierSection, metric: str) -> pd.DataFrame:
-    """Rows = methods, columns = KL budgets; cell = mean [95% CI] (n) and the verdict vs the baseline."""
-    table = section.table[section.table["metric"] == metric]
-    records = []
-    for method, rows in table.groupby("method", sort=False):
-        record = {"Method": method}
-        for row in rows.itertuples(index=False):
-            cell = _ci(row.value, row.ci_low, row.ci_high) + f" (n={row.n_seeds})"
-            if row.verdict and row.verdict not in ("no data",):
-                diff = _ci(row.diff, row.diff_low, row.diff_high, signed=True)
-                cell += f"; Δ {diff} {'(paired)' if row.paired else '(unpaired)'}: **{row.verdict}**"
-            record[f"KL {row.kl_budget:.3g}"] = cell
-        records.append(record)
-    return pd.DataFrame.from_records(records)
-
-
-def matched_orderings_frame(section: FrontierSection) -> pd.DataFrame:
-    records = [{"claim": o.ordering.describe(o.metric), "at matched KL": o.status,
-                "holds at": f"{o.holds}/{o.budgets} budgets", "clear (CI) at": f"{o.clear}/{o.budgets}",
-                "measured by": fr.METRIC_LABELS.get(o.curve_metric, o.curve_metric), "detail": o.detail}
-               for o in section.orderings]
-    return pd.DataFrame.from_records(records, columns=["claim", "at matched KL", "holds at", "clear (CI) at",
-                                                       "measured by", "detail"])
-
-
-def oracle_lines(section: FrontierSection) -> list[str]:
-    """The oracle control's message: without a matched-KL gain over the baseline, this task variant
-    cannot show what token weighting buys."""
-    if not section.oracles or section.baseline is None or section.empty:
-        return []
-    lines = []
-    for oracle in section.oracles:
-        if fr.beats_baseline(section.table, oracle):
-            budgets = section.table[(section.table["method"] == oracle) & (section.table["metric"] == "true_reward")
-                                    & (section.table["verdict"] == fr.BETTER)]["kl_budget"]
-            lines.append(f"- The oracle control **{oracle}** beats {section.baseline} at matched KL "
-                         f"(KL {', '.join(f'{b:.3g}' for b in budgets)}): this task variant leaves room for "
-                         "token weighting to show a gain.")
-        else:
-            lines.append(f"- **Warning: the oracle control {oracle} does not beat {section.baseline} at matched KL** "
-                         "(no KL budget where its true-reward CI is above the baseline's). Even true token "
-                         "weights give no measurable gain on this task variant, so it cannot show token-weighting "
-                         "gains: a tie or loss of the estimated-weight methods here says nothing about the papers' "
-                         "claims.")
-    return lines
-
-
-def render_matched_kl_sections(sections: Sequence[FrontierSection], figures: bool = True) -> list[str]:
-    """The headline: one matched-KL section, or one per table condition (its own budgets and verdicts)."""
-    if len(sections) <= 1:
-        return render_matched_kl(sections[0] if sections else None, figures)
-    lines = ["## Matched-KL comparison (headline)", "",
-             "The table's columns are measured on different runs (" + "; ".join(s.heading for s in sections) + "): "
-             "each condition is compared on its own runs, with its own KL budgets.", ""]
-    for section in sections:
-        body = render_matched_kl(section, figures)[2:]
-        lines += [f"### {section.heading}", "", *[line.replace("### The paper's", "#### The paper's") for line in body]]
-    return lines
-
-
-def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> list[str]:
-    lines = ["## Matched-KL comparison (headline)", ""]
-    if section is None or not len(section.points):
-        return lines + ["No finished run logged `eval/kl_ref`: no comparison at matched KL is possible, so the "
-                        "orderings below are judged only at the paper's hyperparameters (each method at its own KL).",
-                        ""]
-    if section.empty:
-        return lines + ["The methods' KL ranges do not overlap: no common KL budget, no matched-KL verdict.", ""]
-    n_methods = section.points["method"].nunique()
-    lines += [f"Each method's true reward and safe rate at {len(section.budgets)} KL budgets "
-              f"({', '.join(f'{b:.3g}' for b in section.budgets)} nats) inside the range every method reached "
-              f"({n_methods} methods). Per seed, the points of every evaluation (and every β) are joined by "
-              "linear interpolation in KL (no extrapolation); cells are the mean over seeds with a 95% percentile "
-              f"bootstrap CI over seeds ({section.n_resamples:,} resamples), n = seeds with data at that KL."]
-    if section.baseline:
-        lines.append(f"Δ = method − {section.baseline}, paired by seed where both have it; **better**/**worse** when "
-                     "the CI of Δ excludes 0, else no clear difference. With few seeds the percentile bootstrap "
-                     "is narrow: read it as a description of the seed spread.")
-    else:
-        lines.append("No baseline method (DPO) among the runs: no verdicts.")
-    if not section.curves:
-        lines += ["", "**Final points only:** no run logged `eval/curve` (results from before the training curve "
-                  "was stored), so each seed has a single (KL, reward) point. Each method's seeds are pooled into "
-                  "one curve and the CI comes from resampling seeds; rerun to get per-seed frontiers."]
-    elif section.pooled:
-        lines += ["", f"Final points only for {', '.join(section.pooled)} (no `eval/curve`): pooled over seeds."]
-    for metric in fr.METRICS:
-        frame = matched_kl_frame(section, metric)
-        if len(frame):
-            lines += ["", f"**{fr.METRIC_LABELS[metric]}** at matched KL:", "", to_markdown(frame)]
-    oracle = oracle_lines(section)
-    if oracle:
-        lines += ["", *oracle]
-    if section.orderings:
-        counts = {s: sum(o.status == s for o in section.orderings)
-                  for s in ("reproduced", "mixed", "not reproduced", "not evaluated")}
-        lines += ["", "### The paper's orderings at matched KL", "",
-                  f"{counts['reproduced']} reproduced at every budget "
-                  f"({sum(o.status == 'reproduced' and o.clear == o.budgets for o in section.orderings)} with every "
-                  f"link's CI clear of 0 at every budget), {counts['mixed']} at some budgets only, "
-                  f"{counts['not reproduced']} at none, {counts['not evaluated']} not evaluated "
-                  f"(of {len(section.orderings)} orderings on true reward or safe rate; the others have no "
-                  "matched-KL measure).", "", to_markdown(matched_orderings_frame(section))]
-    if figures:
-        lines += ["", f"![true reward vs KL](plots/frontier_true_reward{section.suffix}.png) "
-                  f"![safe rate vs KL](plots/frontier_safe_rate{section.suffix}.png)"]
-    return lines + [""]
+# ---------------------------------------------------------------- report.md and runs.csv
 
 
 def runs_frame(report: Report) -> pd.DataFrame:
@@ -876,24 +501,6 @@ def matched_kl_csv(sections: Sequence[FrontierSection]) -> pd.DataFrame:
     return pd.concat([s.table.assign(condition=s.heading) for s in sections], ignore_index=True)
 
 
-def frontier_plots(report: Report, out_dir: Path) -> list[Path]:
-    """``frontier_<metric>[<condition>].png`` per frontier metric with data, per condition."""
-    from .plots import plot_frontier
-
-    title = report.table.name if report.table else "runs"
-    written = []
-    for section in report.frontiers:
-        if not len(section.points):
-            continue
-        where = f" ({section.heading})" if section.condition else ""
-        for metric in fr.METRICS:
-            if np.isfinite(section.points[metric].astype(float)).any():
-                written.append(plot_frontier(
-                    section.points, metric, out_dir / f"frontier_{metric}{section.suffix}.png", section.budgets,
-                    f"{title}{where}: {fr.METRIC_LABELS[metric]} vs KL (mean, min–max over seeds; x = final points)"))
-    return written
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a Hydra multirun dir (or any dir of job dirs), or "
@@ -947,8 +554,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_report(report, out, args.digits, plots=not args.no_plots)
     dashboard = None
     if args.wandb:
-        from .dashboard import DashboardError, write_dashboard
-
         try:
             dashboard = write_dashboard(report, out, group=args.wandb_group, entity=args.wandb_entity,
                                         project=args.wandb_project, plots=not args.no_plots)

@@ -121,6 +121,18 @@ def test_utf16_is_named(tmp_path, encoding):
                                                "(or UTF-32) encoded; save it as UTF-8")
 
 
+@pytest.mark.parametrize("name,data", [("z.jsonl", b"\0" * 4096), ("z.json", b"\0"), ("z.parquet", b"\0" * 64),
+                                       ("z.jsonl.gz", gzip.compress(b"\0" * 100))])
+def test_a_file_of_nul_bytes_is_named_as_such_not_as_utf16(tmp_path, name, data):
+    """A zero-filled file (an interrupted copy, a preallocated file) is not text in any encoding:
+    re-encoding it as UTF-8, as the UTF-16 message would advise, cannot help."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    n = len(gzip.decompress(data)) if name.endswith(".gz") else len(data)
+    assert error_of("hh", path) == (f"hh, dataset.path {str(path)!r}: the file holds only NUL bytes ({n:,} of them): "
+                                    "a zero-filled (binary) file, not text; re-download or re-create it")
+
+
 def test_latin1_byte_is_named_with_its_line_and_offset(tmp_path):
     path = tmp_path / "l.jsonl"
     path.write_bytes((jsonl([uf(0), uf(1)]) + '{"prompt": "caf\u00e9"}\n').encode("latin-1"))

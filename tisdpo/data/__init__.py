@@ -1,4 +1,4 @@
-"""Preference data: dataset adapters -> canonical examples -> token ids -> batches.
+"""Preference data: a file or hub split (sources, formats) -> canonical examples (schemas) -> token ids -> batches.
 
     rows, report = load_preference_rows("pku_saferlhf", path="pairs.json")
     rows, n = flip_labels(rows, 0.2, seed=0)                       # optional label noise
@@ -7,23 +7,12 @@
     print(report.summary())                                        # dropped X of N rows: ...
 """
 
-from .adapters import (
-    ADAPTERS,
-    HUB_DEFAULTS,
-    HubSource,
-    adapt_rows,
-    content_problem,
-    hh,
-    load_preference_rows,
-    pku_saferlhf,
-    read_raw_rows,
-    tldr,
-    ultrafeedback,
-)
 from .collate import PreferenceCollator, SFTCollator, pad_sequences
 from .dedupe import drop_duplicate_pairs, holdout_split
 from .errors import DataError, DropCounter, SkipRow
 from .noise import flip_labels
+from .schemas import ADAPTERS, adapt_rows, content_problem, hh, pku_saferlhf, tldr, ultrafeedback
+from .sources import HUB_DEFAULTS, HubSource, load_preference_rows, read_raw_rows
 from .tokenize import IGNORE_INDEX, TRUNCATION_MODES, tokenize_dataset, tokenize_example, tokenize_sft_example
 
 __all__ = [

@@ -82,7 +82,7 @@ class DataError(UserError):
 class SkipRow(Exception):
     """Raised by an adapter for a row that is well-formed but deliberately filtered out
     (e.g. a CNN/DM article in the TL;DR comparisons); the loader counts it under
-    ``reason``. Not an error: :func:`~tisdpo.data.adapters.adapt_rows` never lets it out.
+    ``reason``. Not an error: :func:`~tisdpo.data.schemas.adapt_rows` never lets it out.
     """
 
     def __init__(self, reason: str, field: str | None = None, detail: str | None = None):

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tisdpo.data.adapters import load_preference_rows
+from tisdpo.data.sources import load_preference_rows
 from tisdpo.data.dedupe import drop_duplicate_pairs, holdout_split
 from tisdpo.data.errors import DropCounter
 from tisdpo.data.noise import flip_labels

@@ -1,4 +1,4 @@
-"""Dataset adapters: one function per dataset, raw hub row -> canonical example.
+"""Dataset schemas: one function per dataset, a raw hub row -> a canonical example.
 
 Canonical example::
 
@@ -11,36 +11,28 @@ raises :class:`~tisdpo.data.errors.DataError` (naming dataset, row and field) wh
 does not have the documented schema, or :class:`~tisdpo.data.errors.SkipRow` for a
 well-formed row that an option filters out. Content checks (empty strings, identical
 responses) are not the adapters' job: :func:`adapt_rows` applies them uniformly.
+
+Rows are already in memory here: reading files is :mod:`tisdpo.data.formats`' job, and choosing
+the source (file or hub) and the rows to keep is :mod:`tisdpo.data.sources`'.
 """
 
 from __future__ import annotations
 
-import gzip
 import inspect
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import numpy as np
-import pyarrow.parquet as pq  # a dependency of datasets; parquet files are read with it
-
-from tisdpo.errors import UserError
 
 from .errors import DataError, DropCounter, SkipRow, describe_type
 
 __all__ = [
     "ADAPTERS",
-    "HUB_DEFAULTS",
-    "HubSource",
     "adapt_rows",
+    "adapter_for",
+    "check_options",
     "content_problem",
     "hh",
-    "load_preference_rows",
     "pku_saferlhf",
-    "read_raw_rows",
     "tldr",
     "ultrafeedback",
 ]
@@ -343,17 +335,8 @@ def hh(row: Any, *, index: int | None = None, prefix: str = "shared") -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# registry
+# registry: dataset.name -> adapter
 # ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HubSource:
-    """Where a dataset lives on the hub, and how the generic split names map onto it."""
-
-    hub_id: str
-    hub_config: str | None = None
-    split_aliases: Mapping[str, str] = field(default_factory=dict)
-
-
 ADAPTERS: dict[str, Callable[..., dict]] = {
     "pku_saferlhf": pku_saferlhf,
     "ultrafeedback": ultrafeedback,
@@ -361,25 +344,16 @@ ADAPTERS: dict[str, Callable[..., dict]] = {
     "hh": hh,
 }
 
-HUB_DEFAULTS: dict[str, HubSource] = {
-    "pku_saferlhf": HubSource("PKU-Alignment/PKU-SafeRLHF"),
-    "ultrafeedback": HubSource(
-        "HuggingFaceH4/ultrafeedback_binarized",
-        split_aliases={"train": "train_prefs", "test": "test_prefs", "validation": "test_prefs"},
-    ),
-    "tldr": HubSource("openai/summarize_from_feedback", "comparisons", split_aliases={"test": "validation"}),
-    "hh": HubSource("Anthropic/hh-rlhf"),
-}
 
-
-def _adapter(name: str) -> Callable[..., dict]:
+def adapter_for(name: str) -> Callable[..., dict]:
+    """The adapter registered as ``name`` (``dataset.name``); unknown names list the known ones."""
     try:
         return ADAPTERS[name]
     except KeyError:
         raise ValueError(f"unknown dataset.name {name!r}; known: {', '.join(sorted(ADAPTERS))}") from None
 
 
-def _check_options(name: str, adapter: Callable, options: Mapping[str, Any]) -> None:
+def check_options(name: str, adapter: Callable, options: Mapping[str, Any]) -> None:
     """Fail before touching any row when a config passes an option the adapter lacks."""
     accepted = [p for p in inspect.signature(adapter).parameters if p not in ("row", "index")]
     unknown = sorted(set(options) - set(accepted))
@@ -418,10 +392,10 @@ def adapt_rows(
     ``indices`` gives each row's index in the source (default: its position), used in
     error messages and ``meta["row"]``. Structural problems raise :class:`DataError`;
     content problems are counted (raised when ``strict``). Does not require a non-empty
-    result: :func:`load_preference_rows` does.
+    result: :func:`~tisdpo.data.sources.load_preference_rows` does.
     """
-    adapter = _adapter(name)
-    _check_options(name, adapter, adapter_options)
+    adapter = adapter_for(name)
+    check_options(name, adapter, adapter_options)
     if indices is not None and len(indices) != len(rows):
         raise ValueError(f"adapt_rows: {len(indices)} indices for {len(rows)} rows")
     if counter is None:
@@ -441,247 +415,4 @@ def adapt_rows(
             counter.drop(problem[0], index=index, field=problem[1])
             continue
         examples.append(example)
-    return examples, counter
-
-
-# ---------------------------------------------------------------------------------------
-# reading raw rows: local file or hub
-# ---------------------------------------------------------------------------------------
-# Local files are read as text with Python's json module, never through a columnar
-# (pyarrow / datasets) conversion first: that conversion unifies a column's type across rows,
-# so a float in row 60 turned row 0's int into 0.0 and the error blamed the wrong row.
-_LOCAL_FORMATS = {
-    ".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json",
-    ".parquet": "parquet",
-}
-_UTF8_BOM = b"\xef\xbb\xbf"
-_GZIP_MAGIC = b"\x1f\x8b"
-# split names that mean "the held-out split": the file then came from dataset.test_path
-_TEST_SPLITS = frozenset({"test", "test_prefs", "validation", "valid", "dev", "eval"})
-
-
-def _option_name(split: str, option: str | None) -> str:
-    """The config option a local file came from, for messages (the caller may say it outright)."""
-    if option is not None:
-        return option
-    return "dataset.test_path" if str(split) in _TEST_SPLITS else "dataset.path"
-
-
-def _one_line(err: BaseException) -> str:
-    # library messages (pyarrow, gzip) can span lines; ours are one line by contract
-    return " ".join(str(err).split()) or type(err).__name__
-
-
-def _local_format(path: Path, name: str, source: str) -> str:
-    lowered = path.name.lower()
-    for suffix, fmt in sorted(_LOCAL_FORMATS.items(), key=lambda kv: -len(kv[0])):
-        if lowered.endswith(suffix):
-            return fmt
-    raise DataError(name, None, None, f"unsupported file type; use one of {', '.join(sorted(_LOCAL_FORMATS))}", source)
-
-
-def _read_bytes(path: Path, name: str, source: str) -> bytes:
-    if not path.exists():
-        raise DataError(name, None, None, "does not exist", source)
-    if path.is_dir():
-        raise DataError(name, None, None, "is a directory, not a file; give the data file itself "
-                        f"({', '.join(sorted(_LOCAL_FORMATS))})", source)
-    if path.stat().st_size == 0:
-        raise DataError(name, None, None, "the file is empty (0 bytes)", source)
-    try:
-        if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
-    except (EOFError, OSError) as err:  # truncated gzip: EOFError; not gzip: BadGzipFile (an OSError)
-        if path.name.lower().endswith(".gz"):
-            raise DataError(name, None, None, f"not a complete gzip file ({_one_line(err)}); "
-                            "re-download or re-compress it", source) from err
-        raise DataError(name, None, None, f"cannot be read ({_one_line(err)})", source) from err
-
-
-def _decode(data: bytes, name: str, source: str) -> str:
-    """UTF-8 text (a UTF-8 byte-order mark is dropped); anything else is named, with its line."""
-    if data.startswith(_UTF8_BOM):
-        data = data[len(_UTF8_BOM):]
-    elif data.startswith((b"\xff\xfe", b"\xfe\xff")) or data[:1] == b"\0" or data[1:2] == b"\0":
-        # JSON starts with an ASCII character: a NUL next to it means 2 or 4 bytes per character
-        raise DataError(name, None, None, "the file is UTF-16 (or UTF-32) encoded; save it as UTF-8", source)
-    elif data.startswith(_GZIP_MAGIC):
-        raise DataError(name, None, None, "the file is gzip-compressed but its name does not end in .gz", source)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_start = data.rfind(b"\n", 0, err.start) + 1
-        line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(
-            name, None, None,
-            f"not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start - line_start} of the line); "
-            "save the file as UTF-8", source, line=line,
-        ) from err
-
-
-def _json_rows(text: str, name: str, source: str) -> tuple[list[Any], list[int] | None]:
-    """A top-level JSON list, or JSON Lines: (rows, 1-based line of each row or None)."""
-    if not text.strip():
-        raise DataError(name, None, None, "the file holds only whitespace, no rows", source)
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text), None
-        except json.JSONDecodeError as err:
-            raise DataError(name, None, None, f"not valid JSON: {err.msg} at column {err.colno}",
-                            source, line=err.lineno) from err
-    return _json_lines(text, name, source)
-
-
-def _json_lines(text: str, name: str, source: str) -> tuple[list[Any], list[int]]:
-    rows: list[Any] = []
-    lines: list[int] = []
-    # split on "\n" only: str.splitlines also splits on U+2028 etc., legal inside JSON strings
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue  # blank lines (a trailing newline) hold no row
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if not rows and _one_object(text):
-                raise DataError(name, None, None, "the file holds one JSON object, not rows: use a JSON list "
-                                "of rows, or JSON Lines (one row per line)", source) from err
-            raise DataError(name, len(rows), None, f"not valid JSON: {err.msg} at column {err.colno}",
-                            source, line=number) from err
-        lines.append(number)
-    return rows, lines
-
-
-def _one_object(text: str) -> bool:
-    """Whether the whole text is one (pretty-printed) JSON object: its first line alone fails."""
-    try:
-        return isinstance(json.loads(text), Mapping)
-    except json.JSONDecodeError:
-        return False
-
-
-def _parquet_rows(path: Path, name: str, source: str) -> list[dict]:
-    try:
-        # to_pylist keeps each value's own type: parquet columns are typed in the file
-        return pq.read_table(path).to_pylist()
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several types; the file is named
-        raise DataError(name, None, None, f"not a readable parquet file ({_one_line(err)})", source) from err
-
-
-def _read_local(name: str, path: str | os.PathLike, option: str) -> tuple[list[Any], list[int] | None, str]:
-    """(rows, 1-based line of each row for JSON Lines else None, source text for messages)."""
-    path = Path(path).expanduser()
-    source = f"{option} {str(path)!r}"
-    fmt = _local_format(path, name, source)
-    if fmt == "parquet":
-        _read_bytes(path, name, source)  # existence, directory, emptiness: one set of messages
-        return _parquet_rows(path, name, source), None, source
-    rows, lines = _json_rows(_decode(_read_bytes(path, name, source), name, source), name, source)
-    return rows, lines, source
-
-
-def read_raw_rows(
-    name: str,
-    *,
-    path: str | os.PathLike | None = None,
-    hub_id: str | None = None,
-    hub_config: str | None = None,
-    split: str = "train",
-    data_dir: str | None = None,
-    option: str | None = None,
-):
-    """The raw rows: a list of dicts from ``path`` if given, else a ``datasets.Dataset`` from the hub.
-
-    Local JSON (a top-level list or JSON Lines, optionally gzipped; UTF-8 with or without a
-    byte-order mark) is parsed with the json module, parquet with pyarrow. A local file has
-    one split, so ``split`` is ignored there except to name the file's option in errors
-    (``option``, default ``dataset.test_path`` for test-like splits, else ``dataset.path``).
-    Unreadable files raise :class:`DataError` naming the option, the file and the line.
-    """
-    if path is not None:
-        return _read_local(name, path, _option_name(split, option))[0]
-
-    import datasets  # heavy import: only when data is actually read
-
-    source = HUB_DEFAULTS.get(name)
-    if hub_id is None:
-        if source is None:
-            raise ValueError(f"dataset {name!r} has no default hub id: set dataset.hub_id or dataset.path")
-        hub_id = source.hub_id
-        hub_config = hub_config if hub_config is not None else source.hub_config
-    if source is not None and hub_id == source.hub_id:
-        split = source.split_aliases.get(split, split)
-    kwargs = {"split": split}
-    if data_dir is not None:
-        kwargs["data_dir"] = data_dir  # hh-rlhf subsets (harmless-base, ...) are folders
-    try:
-        return datasets.load_dataset(hub_id, hub_config, **kwargs)
-    except Exception as err:
-        if hasattr(err, "add_note"):  # python >= 3.11; keeps the original exception type
-            err.add_note(
-                f"while loading dataset {name!r} from the hub ({hub_id}, config {hub_config}, split {split!r}); "
-                "offline, point dataset.path at a local JSON/JSONL/parquet file instead"
-            )
-        raise
-
-
-def _select(n_rows: int, *, limit: int | None, shuffle: bool, seed: int, option: str = "dataset.limit") -> list[int] | None:
-    """Row indices to keep (None = all, in order)."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise UserError(f"{option} must be a non-negative integer or null, got {limit!r}")
-    if not shuffle:
-        return None if limit is None or limit >= n_rows else list(range(limit))
-    order = np.random.default_rng(seed).permutation(n_rows)
-    return [int(i) for i in order[: n_rows if limit is None else limit]]
-
-
-def load_preference_rows(
-    name: str,
-    *,
-    path: str | os.PathLike | None = None,
-    hub_id: str | None = None,
-    hub_config: str | None = None,
-    split: str = "train",
-    limit: int | None = None,
-    seed: int = 0,
-    strict: bool = False,
-    shuffle: bool = False,
-    data_dir: str | None = None,
-    option: str | None = None,
-    **adapter_options: Any,
-) -> tuple[list[dict], DropCounter]:
-    """Load a preference dataset as canonical examples, with a drop report.
-
-    Source: ``path`` (local JSON/JSONL/JSONL.GZ/parquet) if given, else the hub
-    (``hub_id``/``hub_config`` default to the dataset's; ``split`` names such as
-    "train"/"test" are mapped to the hub's, e.g. UltraFeedback "train" -> "train_prefs").
-    ``limit`` keeps the first N raw rows (after a permutation seeded by ``seed`` when
-    ``shuffle``); drops are counted out of those N. Raises :class:`DataError` when no row
-    survives. Every :class:`DataError` names where the rows came from: the option
-    (``option``: ``dataset.path`` or ``dataset.test_path``, see :func:`read_raw_rows`) and
-    file, the 0-based row in it (and its line, for JSON Lines), or the hub id and split.
-    """
-    adapter = _adapter(name)
-    _check_options(name, adapter, adapter_options)  # before a possibly long download
-    option = _option_name(split, option)
-    if path is not None:
-        rows, lines, source = _read_local(name, path, option)
-    else:
-        rows, lines = read_raw_rows(name, hub_id=hub_id, hub_config=hub_config, split=split, data_dir=data_dir), None
-        source = f"hub {hub_id or HUB_DEFAULTS[name].hub_id!r} split {split!r}"
-    limit_option = "dataset.test_limit" if option == "dataset.test_path" else "dataset.limit"
-    indices = _select(len(rows), limit=limit, shuffle=shuffle, seed=seed, option=limit_option)
-    try:
-        if path is not None:
-            chosen = rows if indices is None else [rows[i] for i in indices]
-        else:
-            chosen = rows.to_list() if indices is None else rows.select(indices).to_list()
-        examples, counter = adapt_rows(name, chosen, indices=indices, strict=strict, **adapter_options)
-        counter.require_nonempty()
-    except DataError as err:
-        if err.source is not None:
-            raise
-        line = lines[err.index] if lines is not None and err.index is not None and err.index < len(lines) else None
-        raise err.with_source(source, line) from err
     return examples, counter
