@@ -175,7 +175,8 @@ def run_ours(args, init_model, examples, tokenizer, *, cached: bool, logps=None,
     from omegaconf import OmegaConf
 
     from tisdpo.losses import dpo_loss
-    from tisdpo.modules.preference import LossSpec, PreferenceModule
+    from tisdpo.losses.record import BoundLoss
+from tisdpo.modules.preference import PreferenceModule
     from tisdpo.runtime.fit import build_trainer
     from tisdpo.stages.loaders import preference_loader
     from tisdpo.stages.reference_logps import attach_reference_logps
@@ -188,7 +189,7 @@ def run_ours(args, init_model, examples, tokenizer, *, cached: bool, logps=None,
         "lr": args.lr, "warmup_steps": 0, "schedule": "constant",
         "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": args.lr, "weight_decay": 0.0, "fused": True},
     })
-    spec = LossSpec("dpo", functools.partial(dpo_loss, beta=0.1))
+    spec = BoundLoss("dpo", functools.partial(dpo_loss, beta=0.1))
     cfg = run_config(args)
     module = PreferenceModule(
         policy, reference, spec, optim, total_steps=n_steps, logits_chunk_size=args.chunk,

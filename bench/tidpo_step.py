@@ -30,9 +30,9 @@ from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.stages.loaders import tokenize_pairs
-from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.losses.registry import bind_loss
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
-from tisdpo.modules.triplet import TripletTerm
+from tisdpo.losses.tidpo_triplet import TripletTerm
 from tisdpo.weights.gradient import GradientWeights
 
 
@@ -52,7 +52,7 @@ def make_module(name: str, tokenizer, model_config: dict, triplet_tokens: int):
     if name in ("tidpo", "tidpo_anchor4"):
         triplet = TripletTerm(tokenizer, gamma=0.1, margin=0.1, max_new_tokens=triplet_tokens,
                               anchor_every=4 if name == "tidpo_anchor4" else 1)
-    loss_spec = dataclasses.replace(build_loss_spec(cfg.loss, tokenizer), auxiliary=triplet)
+    loss_spec = dataclasses.replace(bind_loss(cfg.loss, tokenizer), auxiliary=triplet)
     module = PreferenceModule(policy, frozen_copy(policy), loss_spec, cfg.optim,
                               pad_token_id=tokenizer.pad_token_id, **kwargs)
     module.optimizer = torch.optim.AdamW(module.policy.parameters(), lr=5e-5)

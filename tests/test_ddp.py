@@ -19,7 +19,7 @@ from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.runtime.fit import build_trainer
 from tisdpo.stages.loaders import preference_loader, tokenize_pairs
-from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.losses.registry import bind_loss
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 STEPS, PER_DEVICE, WORLD = 3, 4, 2
@@ -69,7 +69,7 @@ def _fit(trainer_name: str, batch_size: int, order: list[int] | None = None):
     if order is not None:
         examples = [examples[i] for i in order]
     cfg = compose_config([f"trainer={trainer_name}", "loss=dpo"], tiny=False)
-    module = PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss), OmegaConf.create(OPTIM),
+    module = PreferenceModule(policy, frozen_copy(policy), bind_loss(cfg.loss), OmegaConf.create(OPTIM),
                               total_steps=STEPS, pad_token_id=tokenizer.pad_token_id)
 
     losses = StepLosses()
@@ -240,7 +240,7 @@ def test_fsdp_clips_gradient_norm_through_the_sharded_root():
 
     tokenizer, _, policy = _setup()
     cfg = compose_config(["loss=dpo"], tiny=False)
-    module = PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss), OmegaConf.create(OPTIM),
+    module = PreferenceModule(policy, frozen_copy(policy), bind_loss(cfg.loss), OmegaConf.create(OPTIM),
                               pad_token_id=tokenizer.pad_token_id)
     root = mock.Mock()
     strategy = mock.Mock(spec=FSDPStrategy)

@@ -173,7 +173,7 @@ def test_unknown_group_choice_lists_the_valid_ones(tmp_path, override, valid):
     (["estimator.name=nope"], "estimator.name='nope' is not one of dpo_pair, gradient, none, oracle, prompt, random, sft_pair, uniform"),
     (["dataset.name=nope"], "dataset.name='nope' is not one of synthetic, hh, pku_saferlhf, tldr, ultrafeedback"),
     (["loss.name=nope"], "loss='nope' is not one of"),
-    (["loss=tisdpo", "estimator=gradient"], "estimator=gradient cannot be used with loss=tisdpo; valid: prompt, sft_pair"),
+    (["loss=tisdpo", "estimator=gradient"], "estimator=gradient gives online weights, and loss=tisdpo takes offline weights"),
     (["sft.max_length=1"], "sft.max_length=1 leaves no room for a prompt and a response"),
     (["dataset.max_prompt_length=0"], "dataset.max_prompt_length=0 must be positive"),
     (["train.eval_batch_size=0"], "train.eval_batch_size=0 must be >= 1"),

@@ -28,7 +28,7 @@ from tisdpo.models.sharding import is_sharded
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.runtime.fit import build_trainer, save_trained
 from tisdpo.stages.loaders import preference_loader
-from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.losses.registry import bind_loss
 from tisdpo.runtime.sharded import ShardedReference, reference_placement
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -42,7 +42,7 @@ def _fit(trainer_name: str, batch_size: int, out_dir: Path, order: list[int] | N
         examples = [examples[i] for i in order]
     cfg = compose_config([f"trainer={trainer_name}", "loss=tdpo"], tiny=False)
     reference = frozen_copy(policy)
-    module = PreferenceModule(policy, reference, build_loss_spec(cfg.loss), OmegaConf.create(OPTIM),
+    module = PreferenceModule(policy, reference, bind_loss(cfg.loss), OmegaConf.create(OPTIM),
                               total_steps=STEPS, pad_token_id=tokenizer.pad_token_id)
 
     losses = StepLosses()

@@ -12,9 +12,10 @@ from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.stages.loaders import tokenize_pairs
-from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.losses.record import StepContext
+from tisdpo.losses.registry import bind_loss
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
-from tisdpo.modules.triplet import TripletTerm
+from tisdpo.losses.tidpo_triplet import TripletTerm
 from tisdpo.weights.gradient import GradientWeights, embedding_attribution
 
 
@@ -50,14 +51,9 @@ def test_attribution_equals_explicit_per_sequence_autograd(setup):
     policy.zero_grad(set_to_none=True)
 
 
-class _Holder:
-    def __init__(self, policy):
-        self.policy = policy
-
-
 def test_weights_mean_one_on_response_and_one_on_prompt(setup):
     _, batch, policy = setup
-    chosen, rejected = GradientWeights(lam=0.7)(_Holder(policy), batch)
+    chosen, rejected = GradientWeights(lam=0.7)(StepContext(policy=policy, reference=None, batch=batch, step=0))
     for weights, labels in ((chosen, batch["chosen_labels"]), (rejected, batch["rejected_labels"])):
         response = labels != -100
         means = (weights * response).sum(-1) / response.sum(-1)
@@ -69,13 +65,13 @@ def test_weights_mean_one_on_response_and_one_on_prompt(setup):
 def test_prior_only_and_importance_only(setup):
     _, batch, policy = setup
     response = batch["chosen_labels"] != -100
-    prior_only, _ = GradientWeights(lam=0.0)(_Holder(policy), batch)
+    prior_only, _ = GradientWeights(lam=0.0)(StepContext(policy=policy, reference=None, batch=batch, step=0))
     row = prior_only[0][response[0]]
     n = len(row)
     t = torch.arange(n, dtype=torch.float)
     prior = torch.exp(-0.5 * ((t - (n - 1) / 2) / (n / 4)) ** 2)
     torch.testing.assert_close(row, n * prior / prior.sum())
-    importance_only, _ = GradientWeights(lam=1.0)(_Holder(policy), batch)
+    importance_only, _ = GradientWeights(lam=1.0)(StepContext(policy=policy, reference=None, batch=batch, step=0))
     attribution = embedding_attribution(policy, batch["chosen_input_ids"], batch["chosen_attention_mask"])[0][response[0]]
     torch.testing.assert_close(importance_only[0][response[0]], n * attribution / attribution.sum())
 
@@ -84,7 +80,7 @@ def _tidpo_module(tokenizer, policy, gamma=0.1):
     cfg = compose_config(["loss=tidpo"], tiny=False)
     optim = OmegaConf.create({"lr": 1e-3, "warmup_steps": 0, "schedule": "constant",
                               "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}})
-    loss = dataclasses.replace(build_loss_spec(cfg.loss, tokenizer),
+    loss = dataclasses.replace(bind_loss(cfg.loss, tokenizer),
                                auxiliary=TripletTerm(tokenizer, gamma=gamma, margin=0.1, max_new_tokens=6))
     return PreferenceModule(policy, frozen_copy(policy), loss, optim,
                             online_weights=GradientWeights(), pad_token_id=tokenizer.pad_token_id)
@@ -99,7 +95,7 @@ def test_triplet_gradients_reach_the_policy_through_anchor_chosen_and_rejected(s
         for p in module.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     torch.manual_seed(0)
-    ids, attention, labels = module.loss.auxiliary.anchor_batch(module, batch)
+    ids, attention, labels = module.loss.auxiliary.anchor_batch(module.step_context(batch))
     assert (labels != -100).any(dim=1).all(), "every example has an anchor response"
     from tisdpo.losses import triplet_loss
     from tisdpo.kernels.logprobs import token_logps
@@ -143,9 +139,9 @@ def test_anchors_are_resampled_only_when_stale(setup):
     policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=5)
     module = _tidpo_module(tokenizer, policy)
     module.loss.auxiliary.anchor_every = 3
-    module.loss.auxiliary.anchor_batch(module, batch)
+    module.loss.auxiliary.anchor_batch(module.step_context(batch))
     first = dict(module.loss.auxiliary.anchors)
-    module.loss.auxiliary.anchor_batch(module, batch)  # same step: reuse
+    module.loss.auxiliary.anchor_batch(module.step_context(batch))  # same step: reuse
     assert module.loss.auxiliary.anchors == first
 
 
@@ -166,7 +162,7 @@ def _released_sequence_weights(importance: torch.Tensor, attention: torch.Tensor
 
 def test_sequence_normalisation_is_the_released_arithmetic(setup):
     _, batch, policy = setup
-    chosen, _ = GradientWeights(lam=0.7, normalize="sequence")(_Holder(policy), batch)
+    chosen, _ = GradientWeights(lam=0.7, normalize="sequence")(StepContext(policy=policy, reference=None, batch=batch, step=0))
     ids, attention = batch["chosen_input_ids"], batch["chosen_attention_mask"]
     expected = _released_sequence_weights(embedding_attribution(policy, ids, attention), attention, 0.7)
     response = batch["chosen_labels"] != -100
@@ -180,7 +176,7 @@ def test_sequence_normalisation_is_the_released_arithmetic(setup):
 def test_weight_eos_false_gives_eos_zero_and_leaves_it_out_of_the_span(setup, normalize):
     tokenizer, batch, policy = setup
     eos = tokenizer.eos_token_id
-    weights, _ = GradientWeights(lam=0.7, normalize=normalize, weight_eos=False, eos_token_id=eos)(_Holder(policy), batch)
+    weights, _ = GradientWeights(lam=0.7, normalize=normalize, weight_eos=False, eos_token_id=eos)(StepContext(policy=policy, reference=None, batch=batch, step=0))
     response = batch["chosen_labels"] != -100
     at_eos = response & (batch["chosen_input_ids"] == eos)
     assert at_eos.sum(-1).eq(1).all() and torch.all(weights[at_eos] == 0)

@@ -19,7 +19,7 @@ from tisdpo.models.lora import AdapterDisabledReference, policy_and_reference  #
 from tisdpo.modules.preference import PreferenceModule  # noqa: E402
 from tisdpo.runtime.fit import build_trainer
 from tisdpo.stages.loaders import preference_loader, tokenize_pairs  # noqa: E402
-from tisdpo.stages.loss_config import build_loss_spec  # noqa: E402
+from tisdpo.losses.registry import bind_loss  # noqa: E402
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig  # noqa: E402
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -68,7 +68,7 @@ def test_lora_trains_adapters_only_and_the_reference_is_the_base(data):
     assert sum(p.numel() for p in policy.parameters()) == base_numel + lora_numel
     assert lora_numel < 0.5 * base_numel
 
-    spec = build_loss_spec(compose_config(["loss=dpo"], tiny=False).loss)
+    spec = bind_loss(compose_config(["loss=dpo"], tiny=False).loss)
     module = PreferenceModule(policy, reference, spec, OPTIM, total_steps=4, pad_token_id=tokenizer.pad_token_id)
     assert sum(p.numel() for p in module.parameters()) == base_numel + lora_numel  # no reference copy registered
     frozen_before = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}

@@ -4,9 +4,26 @@ import math
 import pytest
 import torch
 
-from tisdpo.losses import (LOSSES, NEEDS_KL, POLICY_REF, REF_POLICY, dpo_loss, ipo_loss,
-                           kl_direction, kto_loss, tdpo_loss, tidpo_loss, tisdpo_loss,
-                           triplet_loss)
+from omegaconf import OmegaConf
+
+from tisdpo.constants import CONF_DIR
+from tisdpo.losses import (POLICY_REF, REF_POLICY, dpo_loss, ipo_loss, kto_loss, tdpo_loss, tidpo_loss,
+                           tisdpo_loss, triplet_loss)
+from tisdpo.losses.registry import kl_direction
+from tisdpo.registry import group_names, loss_record
+
+
+def loss_node(name: str, **hparams):
+    """conf/loss/<name>.yaml's loss node (a _global_ file keeps it under `loss`), with overrides."""
+    node = OmegaConf.load(CONF_DIR / "loss" / f"{name}.yaml")
+    node = node.get("loss", node)
+    return OmegaConf.merge(node, hparams)
+
+
+# Every registered loss that takes the plain pair contract (no extra data fields such as TPO's gold
+# response, and not an online method): the generic contract tests run on each.
+LOSSES = {name: loss_record(loss_node(name)).fn for name in group_names("loss")
+          if not loss_record(loss_node(name)).needs and loss_record(loss_node(name)).pairwise}
 
 ATOL = 1e-6
 B, TW, TL = 4, 5, 7
@@ -318,16 +335,20 @@ def test_bad_options(batch):
         call(tidpo_loss, batch, base="ipo")
 
 
-def test_kl_direction():
-    assert set(NEEDS_KL) == {"tdpo", "tisdpo", "tidpo"}
-    assert kl_direction("dpo") is None and kl_direction("kto") is None
-    assert kl_direction("tdpo") == REF_POLICY == "ref_policy"
-    assert kl_direction("tisdpo") == POLICY_REF == "policy_ref"
-    assert kl_direction("tisdpo", use_eta=False) is None
-    assert kl_direction("tidpo") is None
-    assert kl_direction("tidpo", base="tdpo2") == REF_POLICY
-    with pytest.raises(ValueError, match="unknown loss"):
-        kl_direction("ppo")
+def test_kl_direction_comes_from_each_record():
+    needs_kl = {name for name in group_names("loss") if kl_direction(loss_node(name)) is not None}
+    assert needs_kl == {"tdpo", "tisdpo", "tidpo"}  # tidpo.yaml: the released code's tdpo2 base
+    assert kl_direction(loss_node("tdpo")) == REF_POLICY == "ref_policy"
+    assert kl_direction(loss_node("tisdpo")) == POLICY_REF == "policy_ref"
+    assert kl_direction(loss_node("tisdpo", use_eta=False)) is None
+    assert kl_direction(loss_node("tidpo", base="dpo")) is None
+    assert kl_direction(loss_node("tidpo", base="tdpo2")) == REF_POLICY
+
+
+def test_an_unknown_loss_target_is_one_line():
+    from tisdpo.checks import ConfigError
+    with pytest.raises(ConfigError, match="no module tisdpo.losses.ppo"):
+        loss_record(OmegaConf.create({"name": "ppo", "_target_": "tisdpo.losses.ppo.ppo_loss"}))
 
 
 # ---- triplet ----
@@ -387,3 +408,67 @@ def test_triplet_shape_errors():
         triplet_loss(*a, w[0], w[1], w[2][:, :-1], *l)
     with pytest.raises(ValueError, match="rejected_policy_logps"):
         triplet_loss(*a, *w, l[0][:2], l[1][:2], l[2][:2])
+
+
+# ---- reference-free losses: SimPO and TPO ----
+
+from tisdpo.losses.simpo import simpo_loss  # noqa: E402
+from tisdpo.losses.tpo import tpo_loss  # noqa: E402
+
+
+def policy_sum(batch, side, i):
+    """Σ_t mask_t log π_θ(y_t) of one response, in plain float64 Python."""
+    pol, m = batch[f"policy_{side}_logps"][i].detach(), batch[f"{side}_mask"][i]
+    return sum(float(m[t]) * float(pol[t]) for t in range(len(pol))), sum(float(x) for x in m)
+
+
+@pytest.mark.parametrize("beta,gamma", [(2.0, 1.0), (2.5, 0.25), (0.7, 0.0)])
+def test_simpo_matches_an_independent_float64_formula(batch, beta, gamma):
+    losses, cr, rr = call(simpo_loss, batch, beta=beta, gamma=gamma)
+    for i in range(B):
+        (sw, nw), (sl, nl) = policy_sum(batch, "chosen", i), policy_sum(batch, "rejected", i)
+        rw, rl = beta * sw / nw, beta * sl / nl
+        assert losses[i].item() == pytest.approx(-logsig(rw - rl - gamma), abs=ATOL)
+        assert (cr[i].item(), rr[i].item()) == pytest.approx((rw, rl), abs=ATOL)
+
+
+def test_simpo_ignores_the_reference(batch):
+    other = dict(batch, reference_chosen_logps=batch["reference_chosen_logps"] - 3.0,
+                 reference_rejected_logps=torch.zeros_like(batch["reference_rejected_logps"]))
+    assert torch.equal(call(simpo_loss, batch)[0], call(simpo_loss, other)[0])
+
+
+@pytest.mark.parametrize("beta,alpha,normalized,gamma", [(0.1, 1.0, False, 0.0), (2.0, 0.5, True, 0.8), (0.5, 0.0, False, 0.0)])
+def test_tpo_matches_an_independent_float64_formula(batch, beta, alpha, normalized, gamma):
+    losses, cr, rr = call(tpo_loss, batch, beta=beta, alpha=alpha, length_normalized=normalized, gamma=gamma)
+    for i in range(B):
+        (sw, nw), (sl, nl) = policy_sum(batch, "chosen", i), policy_sum(batch, "rejected", i)
+        nll_gold = -sw / nw  # gold = chosen: the pairs carry two responses
+        if normalized:
+            sw, sl = sw / nw, sl / nl
+        expected = -logsig(beta * sw - beta * sl - gamma) + alpha * nll_gold
+        assert losses[i].item() == pytest.approx(expected, abs=ATOL)
+        assert (cr[i].item(), rr[i].item()) == pytest.approx((beta * sw, beta * sl), abs=ATOL)
+
+
+def test_tpo_takes_a_separate_gold_response(batch):
+    g = torch.Generator().manual_seed(3)
+    gold = -torch.rand(B, 6, generator=g, dtype=torch.float64)
+    gold_mask = torch.ones(B, 6, dtype=torch.float64)
+    with_gold, _, _ = call(tpo_loss, batch, alpha=1.0, gold_logps=gold, gold_mask=gold_mask)
+    without_bc, _, _ = call(tpo_loss, batch, alpha=0.0)
+    assert torch.allclose(with_gold - without_bc, -gold.mean(-1), atol=ATOL)
+
+
+def test_simpo_with_zero_margin_and_equal_lengths_is_a_scaled_reference_free_dpo(batch):
+    """Same lengths, γ = 0, reference 0: SimPO's argument is β/|y| (log π(y_w) − log π(y_l)), i.e. DPO's with β/|y|."""
+    b = dict(batch, rejected_mask=batch["chosen_mask"].clone(), policy_rejected_logps=batch["policy_rejected_logps"][:, :TW],
+             reference_rejected_logps=torch.zeros(B, TW, dtype=torch.float64),
+             reference_chosen_logps=torch.zeros(B, TW, dtype=torch.float64),
+             rejected_weights=None, rejected_kl=None, chosen_weights=None, chosen_kl=None)
+    n = b["chosen_mask"].sum(-1)
+    simpo, _, _ = call(simpo_loss, b, beta=1.0, gamma=0.0)
+    for i in range(B):
+        dpo_i, _, _ = call(dpo_loss, {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in b.items()},
+                           beta=1.0 / float(n[i]))
+        assert simpo[i].item() == pytest.approx(dpo_i.item(), abs=ATOL)

@@ -15,7 +15,7 @@ from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.runtime.fit import build_trainer
 from tisdpo.stages.loaders import preference_loader, tokenize_pairs
-from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.losses.registry import bind_loss
 from tisdpo.stages.loaders import length_grouped
 from tisdpo.runtime.fit import enable_gradient_checkpointing
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
@@ -37,7 +37,7 @@ def data():
 
 def _module(tokenizer, loss="dpo"):
     policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=0)
-    spec = build_loss_spec(compose_config([f"loss={loss}"], tiny=False).loss)
+    spec = bind_loss(compose_config([f"loss={loss}"], tiny=False).loss)
     return PreferenceModule(policy, frozen_copy(policy), spec, OPTIM, total_steps=3, pad_token_id=tokenizer.pad_token_id)
 
 

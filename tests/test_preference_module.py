@@ -12,7 +12,7 @@ from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.stages.loaders import tokenize_pairs
-from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.losses.registry import bind_loss
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 
@@ -32,11 +32,12 @@ def _module(loss_overrides: list[str], tokenizer, **kwargs):
     policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=0)
     optim = OmegaConf.create({"lr": 1e-2, "warmup_steps": 0, "schedule": "constant",
                               "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2}})
-    return PreferenceModule(policy, frozen_copy(policy), build_loss_spec(cfg.loss, tokenizer), optim,
+    return PreferenceModule(policy, frozen_copy(policy), bind_loss(cfg.loss, tokenizer), optim,
                             pad_token_id=tokenizer.pad_token_id, **kwargs)
 
 
-def _uniform_weights(module, batch):
+def _uniform_weights(ctx):
+    batch = ctx.batch
     return torch.ones_like(batch["chosen_labels"], dtype=torch.float), torch.ones_like(batch["rejected_labels"], dtype=torch.float)
 
 
@@ -75,7 +76,7 @@ def test_dpo_is_ln2_at_start(setup):
 
 def test_kto_uses_mismatched_pairs(setup):
     tokenizer, batch = setup
-    from tisdpo.modules.kto_reference import mismatched_batch
+    from tisdpo.losses.kto_reference import mismatched_batch
 
     ids, attention, labels = mismatched_batch(batch, tokenizer.pad_token_id)
     # row 0 = prompt of example 0 followed by the chosen response of example 1

@@ -10,11 +10,12 @@ from tests.conftest import compose_config
 from tisdpo.data.collate import PreferenceCollator
 from tisdpo.models.loading import build_model
 from tisdpo.modules.preference import PreferenceModule
+from tisdpo.kernels.scoring import move_to
 from tisdpo.runtime.cache import ArtifactCache
 from tisdpo.stages.loaders import tokenize_pairs
-from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.losses.registry import bind_loss
 from tisdpo.stages.reference_logps import (
-    attach_reference_logps, cache_applies, compute_reference_logps, move_to, reference_logps_key,
+    attach_reference_logps, cache_applies, compute_reference_logps, reference_logps_key,
     with_reference_logps,
 )
 from tisdpo.stages.train import cached_reference_logps
@@ -54,9 +55,9 @@ class CountingReference(torch.nn.Module):
 
 def _module(overrides, data, reference):
     tokenizer, _, policy, _ = data
-    spec = build_loss_spec(compose_config(overrides, tiny=False).loss)
-    uniform = (lambda m, b: (torch.ones_like(b["chosen_labels"], dtype=torch.float),
-                             torch.ones_like(b["rejected_labels"], dtype=torch.float)))
+    spec = bind_loss(compose_config(overrides, tiny=False).loss)
+    uniform = (lambda ctx: (torch.ones_like(ctx.batch["chosen_labels"], dtype=torch.float),
+                            torch.ones_like(ctx.batch["rejected_labels"], dtype=torch.float)))
     return PreferenceModule(policy, reference, spec, OPTIM, pad_token_id=tokenizer.pad_token_id,
                             online_weights=uniform if spec.uses_weights else None)
 
@@ -154,7 +155,7 @@ def test_stage_skips_kl_losses(data, tmp_path):
                                (["loss=tisdpo", "estimator=uniform"], False)):
         cfg = compose_config(overrides + [f"cache.dir={tmp_path / 'c'}"], tiny=False)
         cache = ArtifactCache(tmp_path / "c")
-        train, val = cached_reference_logps(cfg, build_loss_spec(cfg.loss), reference, tokenizer, cache, None,
+        train, val = cached_reference_logps(cfg, bind_loss(cfg.loss), reference, tokenizer, cache, None,
                                             train=examples[:8], val=examples[8:12])
         assert ("chosen_reference_logps" in train[0]) is applies and ("chosen_reference_logps" in val[0]) is applies
         assert bool(cache.events) is applies

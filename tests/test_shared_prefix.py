@@ -15,7 +15,7 @@ from tisdpo.kernels.logprobs import token_logps
 from tisdpo.models.loading import build_model, frozen_copy
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.kernels.shared_prefix import pack_pairs, packed_logps, packing_matches
-from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.losses.registry import bind_loss
 
 VOCAB = 50
 TINY_MODEL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -92,9 +92,9 @@ def test_packed_under_bf16_autocast():
                                        ["loss=tidpo", "loss.base=dpo", "estimator=uniform", "loss.triplet.gamma=0"]])
 def test_module_loss_and_gradients_are_unchanged(overrides):
     batch = PreferenceCollator(0)(_examples(n=8, seed=5))
-    spec = build_loss_spec(compose_config(overrides, tiny=False).loss)
-    uniform = (lambda m, b: (torch.ones_like(b["chosen_labels"], dtype=torch.float),
-                             torch.ones_like(b["rejected_labels"], dtype=torch.float)))
+    spec = bind_loss(compose_config(overrides, tiny=False).loss)
+    uniform = (lambda ctx: (torch.ones_like(ctx.batch["chosen_labels"], dtype=torch.float),
+                            torch.ones_like(ctx.batch["rejected_labels"], dtype=torch.float)))
     results = []
     for shared in (False, True):
         policy = _model(seed=0)
@@ -113,7 +113,7 @@ def test_module_loss_and_gradients_are_unchanged(overrides):
 def test_kl_losses_and_unshared_prompts_fall_back():
     batch = PreferenceCollator(0)(_examples())
     for overrides in (["loss=tdpo"], ["loss=tisdpo", "estimator=uniform"]):
-        spec = build_loss_spec(compose_config(overrides, tiny=False).loss)
+        spec = bind_loss(compose_config(overrides, tiny=False).loss)
         module = PreferenceModule(_model(), frozen_copy(_model()), spec, OPTIM, shared_prefix=True)
         assert module.packed_pairs(batch) is None
     other = dict(batch)
@@ -165,7 +165,7 @@ def test_a_model_that_breaks_packing_is_caught_on_first_use(caplog):
     broken = IgnoresPositions(_model())
     ok, diff = packing_matches(broken, batch, pack_pairs(batch))
     assert not ok and diff > 1e-3
-    spec = build_loss_spec(compose_config(["loss=dpo"], tiny=False).loss)
+    spec = bind_loss(compose_config(["loss=dpo"], tiny=False).loss)
     module = PreferenceModule(broken, frozen_copy(broken), spec, OPTIM, shared_prefix=True)
     with caplog.at_level("WARNING"):
         assert module.packed_pairs(batch) is None

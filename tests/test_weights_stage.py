@@ -14,8 +14,9 @@ from tisdpo.stages.estimator_models import swap_pair
 from tisdpo.losses import tisdpo_loss
 from tisdpo.stages.weights import apply_transform, attach_weights
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
-from tisdpo.weights.estimators import oracle_scores, score_difference, weighted_token_masks
-from tisdpo.kernels.scoring import naive_response_logps, response_logps
+from tisdpo.weights.contrast import oracle_scores, score_difference, weighted_token_masks
+from oracles import naive_response_logps
+from tisdpo.kernels.scoring import response_logps
 
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from tisdpo.kernels.scoring import score_sequences
 from tisdpo.models.sharding import gathered_root, is_sharded
 
 
@@ -172,40 +173,16 @@ def sequence_logps(
         raise ValueError("prompts and responses_ids differ in length")
     if isinstance(append_eos, bool):
         append_eos = [append_eos] * n
-    device = _model_device(model)
-    pad_id = _pad_id(tokenizer)
     eos_id = tokenizer.eos_token_id
-    out_sum: list[float] = []
-    out_tok: list[list[float]] = []
-    with _eval_mode(model):
-        for start in range(0, n, batch_size):
-            p_chunk = list(prompts[start : start + batch_size])
-            p_ids = tokenizer(p_chunk, add_special_tokens=True)["input_ids"]
-            seqs, spans = [], []
-            for j, pids in enumerate(p_ids):
-                if len(pids) == 0:
-                    raise ValueError(f"empty prompt at index {start + j}: nothing to condition on")
-                r = list(responses_ids[start + j])
-                if append_eos[start + j]:
-                    r = r + [eos_id]
-                seqs.append(list(pids) + r)
-                spans.append((len(pids), len(r)))
-            T = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(seqs), T), dtype=torch.long)
-            for j, s in enumerate(seqs):
-                ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
-                attn[j, : len(s)] = 1
-            ids, attn = ids.to(device), attn.to(device)
-            logits = model(input_ids=ids, attention_mask=attn).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-            for j, (pl, rl) in enumerate(spans):
-                vals = tok_logp[j, pl - 1 : pl - 1 + rl] if rl > 0 else tok_logp[j, :0]
-                if per_token:
-                    out_tok.append(vals.tolist())
-                else:
-                    out_sum.append(float(vals.sum()))
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if n else []
+    for j, pids in enumerate(prompt_ids):
+        if len(pids) == 0:
+            raise ValueError(f"empty prompt at index {j}: nothing to condition on")
+    responses = [list(r) + ([eos_id] if eos else []) for r, eos in zip(responses_ids, append_eos)]
+    # the batched scorer (kernels/scoring.py), as every other no-grad log-prob pass
+    per_token_logps = score_sequences(model, prompt_ids, responses, _pad_id(tokenizer), batch_size=batch_size)
+    out_tok = [values.tolist() for values in per_token_logps]
+    out_sum = [float(values.sum()) for values in per_token_logps]
     return out_tok if per_token else out_sum
 
 

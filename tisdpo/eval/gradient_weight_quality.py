@@ -30,7 +30,7 @@ class GradientWeightQuality(L.Callback):
 
     def measure(self, pl_module) -> dict[str, float]:
         batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in self.collate(self.probe).items()}
-        chosen, rejected = self.weights(pl_module, batch)
+        chosen, rejected = self.weights(pl_module.step_context(batch))
         per_side = {}
         for side, w in zip(SIDES, (chosen, rejected)):
             response = batch[f"{side}_labels"] != IGNORE_INDEX

@@ -1,8 +1,11 @@
-"""Per-response-token log-probs of tokenised preference examples under a model, batched.
+"""The one batched no-grad per-token log-prob pass over tokenised preference examples.
 
-One forward per model per batch (chosen and rejected concatenated), log-probs gathered at
-the response positions only. The result is ragged: one 1-D float tensor per response, its
-length the number of response tokens of that example (EOS included).
+Every no-grad scoring pass goes through :func:`score_pairs`: the token-weight estimators' scores
+(``response_logps``: response positions only, ragged), the reference log-prob stage
+(``full_length``: one value per position, shifted like the labels, for the loss to slice), and the
+evaluation's sequence log-probs (``sequence_logps`` in ``tisdpo.eval.generation``, through
+:func:`score_sequences`). One forward per model per batch (chosen and rejected concatenated, or one
+packed row per pair with ``shared_prefix``).
 
 Why it is as fast as a bare forward (bench/scoring.py measures it):
 - examples are batched longest first, so a batch pads to lengths close to its own;
@@ -13,11 +16,17 @@ Why it is as fast as a bare forward (bench/scoring.py measures it):
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
 from tisdpo.constants import IGNORE_INDEX, SIDES
-from tisdpo.data.collate import PreferenceCollator, concat_pair
+from tisdpo.data.collate import PreferenceCollator, concat_pair, prompt_response_batch
 from tisdpo.kernels.logprobs import token_logps
+from tisdpo.kernels.shared_prefix import pack_pairs, packed_logps, packing_matches, packing_supported
+
+log = logging.getLogger(__name__)
 
 # model_type values whose CausalLM forward computes logits = lm_head(base_model(...).last_hidden_state)
 # with nothing after it (no soft-capping, no logit scale): the head may run on chosen rows only.
@@ -62,46 +71,125 @@ def _length_order(examples: list[dict]) -> list[int]:
     return sorted(range(len(examples)), key=lambda i: -size[i])
 
 
+def autocast_context(device: torch.device | str, precision: str | None):
+    """The autocast a Lightning ``precision`` implies for a no-grad pass (none for 32/64/true)."""
+    precision = str(precision or "32")
+    device_type = torch.device(device).type
+    if precision in ("bf16-mixed", "bf16"):
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision in ("16-mixed", "16") and device_type == "cuda":
+        return torch.autocast(device_type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def move_to(model, device: torch.device | str | None) -> tuple[torch.device, torch.device]:
+    """(where the model now is, where it was): moves ``model`` to ``device`` where it can move.
+
+    Inputs must go where the parameters *are*, not where they were asked to go: "cuda" puts them
+    on "cuda:0", and torch.device("cuda") != torch.device("cuda:0"); a view that cannot move (the
+    LoRA reference) stays where it lives.
+    """
+    parameters = getattr(model, "parameters", None)
+    home = next(parameters()).device if parameters is not None else torch.device("cpu")
+    if device is None or torch.device(device) == home or not hasattr(model, "to"):
+        return home, home
+    model.to(device)
+    return (next(parameters()).device if parameters is not None else torch.device(device)), home
+
+
+@contextlib.contextmanager
+def _scoring(model, device):
+    """The model in eval mode on ``device`` for the pass; back where and how it was afterwards."""
+    device, home = move_to(model, device)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield device
+    finally:
+        if device != home:
+            model.to(home)
+        if hasattr(model, "train"):
+            model.train(was_training)
+
+
+@torch.no_grad()
+def score_pairs(model, examples: list[dict], pad_token_id: int, *, batch_size: int = 64, chunk_size: int = 256,
+                precision: str | None = None, device: torch.device | str | None = None, full_length: bool = False,
+                shared_prefix: bool = False, head_only: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(chosen, rejected): float32 per-token log-probs of every example under ``model``, in order.
+
+    - ``full_length=False``: the response positions only, one value per response token (ragged);
+      ``full_length=True``: one value per position ``[len(input_ids) - 1]``, shifted like the
+      labels (0 where no label), the layout the preference module slices.
+    - Batches are formed longest first, so a batch pads to lengths close to its own.
+    - ``head_only`` (default: where exact, response positions only): for the architectures whose
+      logits are exactly ``lm_head(last hidden state)`` the output head runs on the response
+      positions only: prompt and padding positions never get a [V]-wide logit row.
+    - ``shared_prefix``: one packed row per pair, the prompt run once (``kernels/shared_prefix.py``),
+      checked against the standard forward on the first batch and dropped when it does not match.
+    - ``precision``: a Lightning precision string, applied as autocast; ``device``: where to run.
+    ``model`` is any callable returning ``.logits`` (a frozen copy, or a LoRA policy's
+    disabled-adapter view).
+    """
+    head_only = _head_only(model) if head_only is None else head_only
+    if full_length or shared_prefix:
+        head_only = False  # both need the per-position layout of the full forward
+    collate = PreferenceCollator(pad_token_id)
+    order = _length_order(examples)
+    out: dict[str, list[torch.Tensor | None]] = {side: [None] * len(examples) for side in SIDES}
+    with _scoring(model, device) as device:
+        for start in range(0, len(order), batch_size):
+            indices = order[start: start + batch_size]
+            size = len(indices)
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices]).items()}
+            ids, attention, labels = (concat_pair(batch, key) for key in ("input_ids", "attention_mask", "labels"))
+            packed = pack_pairs(batch, pad_token_id) if shared_prefix else None
+            with autocast_context(device, precision):
+                if packed is not None and start == 0:  # first use: packing must reproduce the plain forward
+                    shared_prefix = packing_supported(model) and packing_matches(model, batch, packed, chunk_size)[0]
+                    if not shared_prefix:
+                        log.warning("scoring: shared-prefix packing is off for this model")
+                        packed = None
+                if head_only:
+                    flat = _picked_logps_from_hidden(model, ids, attention, labels, chunk_size).float().cpu()
+                    rows = flat.split((labels[:, 1:] != IGNORE_INDEX).sum(-1).cpu().tolist())
+                else:
+                    if packed is not None:
+                        logps = packed_logps(model, packed, chunk_size)
+                    else:
+                        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                        logps, _ = token_logps(logits, labels, chunk_size=chunk_size)
+                        del logits
+                    logps, mask = logps.float().cpu(), (labels[:, 1:] != IGNORE_INDEX).cpu()
+                    rows = [logps[r, : len(examples[indices[r % size]][f"{SIDES[r // size]}_input_ids"]) - 1]
+                            if full_length else logps[r][mask[r, : logps.shape[1]]] for r in range(2 * size)]
+            for row, i in enumerate(indices):  # rows are [chosen of the batch..., rejected of the batch...]
+                out["chosen"][i] = rows[row].clone()
+                out["rejected"][i] = rows[size + row].clone()
+    return out["chosen"], out["rejected"]  # type: ignore[return-value]
+
+
 def response_logps(model, examples: list[dict], pad_token_id: int, batch_size: int = 64,
                    chunk_size: int = 256) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(chosen, rejected) lists of per-token log-probs, one tensor per example, in order."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    collate = PreferenceCollator(pad_token_id)
-    picked = _picked_logps_from_hidden if _head_only(model) else _picked_logps_from_logits
-    order = _length_order(examples)
-    flat, counts = [], []  # per batch: response log-probs (on device), response lengths [2B]
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = collate([examples[i] for i in order[start: start + batch_size]])
-            ids, attention, labels = (concat_pair(batch, key).to(device) for key in ("input_ids", "attention_mask", "labels"))
-            flat.append(picked(model, ids, attention, labels, chunk_size))
-            counts.append((labels[:, 1:] != IGNORE_INDEX).sum(-1))
-    model.train(was_training)
-    # Outside inference mode: the returned tensors are ordinary ones (usable in autograd, writable).
-    values = torch.cat(flat).float().cpu().split(torch.cat(counts).cpu().tolist()) if flat else ()
-    chosen: list[torch.Tensor] = [torch.empty(0)] * len(examples)
-    rejected: list[torch.Tensor] = [torch.empty(0)] * len(examples)
-    done = 0
-    for start in range(0, len(order), batch_size):
-        batch_order = order[start: start + batch_size]
-        size = len(batch_order)
-        for j, i in enumerate(batch_order):  # rows are [chosen of the batch..., rejected of the batch...]
-            chosen[i] = values[done + j].clone()
-            rejected[i] = values[done + size + j].clone()
-        done += 2 * size
-    return chosen, rejected
+    """(chosen, rejected) lists of per-response-token log-probs, one tensor per example, in order
+    (the token-weight estimators' scoring pass: the model where it is, head on the responses only)."""
+    return score_pairs(model, examples, pad_token_id, batch_size=batch_size, chunk_size=chunk_size)
 
 
-def naive_response_logps(model, example: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One example at a time with a plain log_softmax: the reference the batched scorer is tested against."""
-    out = []
-    for side in SIDES:
-        ids = torch.tensor([example[f"{side}_input_ids"]])
-        labels = torch.tensor(example[f"{side}_labels"])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-        positions = [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
-        out.append(torch.tensor([logp[t - 1, labels[t]].item() for t in positions], dtype=torch.float64))
-    return out[0], out[1]
+@torch.no_grad()
+def score_sequences(model, prompts: list[list[int]], responses: list[list[int]], pad_token_id: int, *,
+                    batch_size: int = 64, chunk_size: int = 256) -> list[torch.Tensor]:
+    """Per-token log-probs of each response given its prompt (token ids), one tensor per sequence,
+    in order: the evaluation's pass (KL to the reference on sampled responses)."""
+    out: list[torch.Tensor] = []
+    with _scoring(model, None) as device:
+        for start in range(0, len(prompts), batch_size):
+            ids, attention, labels = prompt_response_batch(prompts[start: start + batch_size],
+                                                           responses[start: start + batch_size], pad_token_id, device)
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            logps, mask = token_logps(logits, labels, chunk_size=chunk_size)
+            del logits
+            logps, mask = logps.float().cpu(), mask.bool().cpu()
+            out.extend(logps[r][mask[r]].clone() for r in range(logps.shape[0]))
+    return out

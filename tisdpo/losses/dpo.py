@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_pair, masked_sum
+from tisdpo import checks
+from tisdpo.losses.record import LossRecord
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -28,3 +30,12 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     h = beta * (chosen - rejected)
     losses = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def check_hparams(cfg) -> None:
+    checks.in_range(cfg, "loss.beta", low=0, low_open=True, note="the strength of the KL constraint")
+    checks.in_range(cfg, "loss.label_smoothing", low=0, high=0.5, high_open=True,
+                    note="the assumed share of flipped labels; 0.5 would learn nothing")
+
+
+RECORD = LossRecord(fn=dpo_loss, check=check_hparams)

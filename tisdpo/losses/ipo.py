@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from ._common import check_pair, masked_sum
+from tisdpo import checks
+from tisdpo.losses.record import LossRecord
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -28,3 +30,12 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         rejected = rejected / rm.sum(-1).clamp(min=1)
     losses = (chosen - rejected - 1 / (2 * beta)) ** 2
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def check_hparams(cfg) -> None:
+    # IPO's target margin is 1/(2 beta): beta must be positive
+    checks.in_range(cfg, "loss.beta", low=0, low_open=True, note="the strength of the KL constraint")
+    checks.flag(cfg, "loss.average_log_prob")
+
+
+RECORD = LossRecord(fn=ipo_loss, check=check_hparams)

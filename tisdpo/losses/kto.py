@@ -6,6 +6,9 @@ from typing import Optional
 import torch
 
 from ._common import check_pair, masked_sum
+from tisdpo import checks
+from tisdpo.losses.kto_reference import mismatched_kl_logps
+from tisdpo.losses.record import LossRecord
 
 
 def kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -58,3 +61,13 @@ def kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     rejected_losses = undesirable_weight * torch.sigmoid(-beta * (z - rejected))
     losses = 0.5 * (chosen_losses + rejected_losses)
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def check_hparams(cfg) -> None:
+    checks.in_range(cfg, "loss.beta", low=0, low_open=True, note="the strength of the KL constraint")
+    for option in ("desirable_weight", "undesirable_weight"):
+        checks.in_range(cfg, f"loss.{option}", low=0, low_open=True)
+
+
+# The reference point z: both models on mismatched in-batch pairs, every step (kto_reference.py).
+RECORD = LossRecord(fn=kto_loss, extra_inputs=mismatched_kl_logps, check=check_hparams)

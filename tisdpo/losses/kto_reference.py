@@ -11,6 +11,7 @@ import torch
 from tisdpo.constants import IGNORE_INDEX
 from tisdpo.data.collate import prompt_response_batch
 from tisdpo.kernels.logprobs import token_logps
+from tisdpo.losses.record import StepContext
 
 
 def mismatched_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, ...]:
@@ -24,14 +25,14 @@ def mismatched_batch(batch: dict[str, torch.Tensor], pad_token_id: int) -> tuple
 
 
 @torch.no_grad()
-def mismatched_kl_logps(module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def mismatched_kl_logps(ctx: StepContext) -> dict[str, torch.Tensor]:
     """{"kl_logps": [B]} policy-minus-reference log-ratio sums of the mismatched pairs."""
-    if batch["chosen_input_ids"].shape[0] < 2:
+    if ctx.batch_size < 2:
         return {}  # no mismatched pair in a batch of one: kto_loss falls back to the matched estimate
-    ids, attention, labels = mismatched_batch(batch, module.pad_token_id)
+    ids, attention, labels = mismatched_batch(ctx.batch, ctx.pad_token_id)
     sums = []
-    for model in (module.policy, module.reference):
+    for model in (ctx.policy, ctx.reference):
         logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        logps, mask = token_logps(logits, labels, chunk_size=module.chunk)
+        logps, mask = token_logps(logits, labels, chunk_size=ctx.chunk_size)
         sums.append((logps * mask).sum(-1))
     return {"kl_logps": sums[0] - sums[1]}

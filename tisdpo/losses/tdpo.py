@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ._common import check_pair, masked_sum, require
+from tisdpo import checks
+from tisdpo.losses.record import REF_POLICY, LossRecord
 
 
 def tdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -40,3 +42,13 @@ def tdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     losses = -F.logsigmoid(beta * margin)
     return (losses, (beta * (chosen + a * chosen_k)).detach(),
             (beta * (rejected + a * rejected_k)).detach())
+
+
+def check_hparams(cfg) -> None:
+    checks.in_range(cfg, "loss.beta", low=0, low_open=True, note="the strength of the KL constraint")
+    checks.in_range(cfg, "loss.alpha", low=0, note="the weight of the KL term")
+    checks.one_of(cfg, "loss.variant", ("tdpo1", "tdpo2"))
+
+
+# TDPO's margin always holds the sequential KL(π_ref‖π_θ)
+RECORD = LossRecord(fn=tdpo_loss, kl=lambda hp: REF_POLICY, check=check_hparams)

@@ -1,10 +1,12 @@
 """TI-DPO (arXiv 2505.19653): token-importance-weighted DPO plus a triplet term."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from ._common import check_pair, check_same_shape, masked_sum, require
+from ._common import check_pair, masked_sum, require
+from tisdpo import checks
+from tisdpo.losses.record import OFFLINE, ONLINE, REF_POLICY, LossRecord
+from tisdpo.losses.tidpo_triplet import build_triplet, triplet_loss  # noqa: F401 (triplet_loss: the term's pure function)
 
 
 def tidpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -42,59 +44,23 @@ def tidpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logp
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
 
 
-def _left_align(x: torch.Tensor, mask: torch.Tensor):
-    """Move each row's valid entries to the front (order kept), zeros after; also return counts.
-
-    Makes "response position t" well defined whatever the padding layout of the caller.
-    """
-    m = mask.bool()
-    order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
-    return (x * m).gather(1, order), m.sum(1)
-
-
-def _distance(rho_a, n_a, rho_b, n_b):
-    """d(a, b) = Σ_{t < min(n_a, n_b)} (ρ_t(a) − ρ_t(b))²  -> [B]."""
-    length = min(rho_a.shape[1], rho_b.shape[1])
-    t = torch.arange(length, device=rho_a.device)
-    common = t[None, :] < torch.minimum(n_a, n_b)[:, None]
-    diff = rho_a[:, :length] - rho_b[:, :length]
-    return (diff.square() * common).sum(-1)
+def check_hparams(cfg) -> None:
+    checks.in_range(cfg, "loss.beta", low=0, low_open=True, note="the strength of the KL constraint")
+    checks.in_range(cfg, "loss.alpha", low=0, note="the weight of the KL term")
+    checks.one_of(cfg, "loss.base", ("dpo", "tdpo2"))
+    checks.in_range(cfg, "loss.triplet.gamma", low=0, note="the weight of the triplet term; 0 turns it off")
+    checks.in_range(cfg, "loss.triplet.margin", low=0)
+    checks.in_range(cfg, "loss.triplet.anchor_every", low=1, integer=True)
+    checks.in_range(cfg, "loss.triplet.max_new_tokens", low=1, integer=True)
+    checks.in_range(cfg, "loss.triplet.top_k", low=0, integer=True, note="0: no top-k filter")
+    checks.in_range(cfg, "loss.triplet.top_p", low=0, high=1, low_open=True)
+    checks.in_range(cfg, "loss.triplet.temperature", low=0, low_open=True, note="anchors are sampled")
 
 
-def triplet_loss(anchor_policy_logps, anchor_reference_logps, anchor_mask,
-                 chosen_policy_logps, chosen_reference_logps, chosen_mask,
-                 rejected_policy_logps, rejected_reference_logps, rejected_mask, *,
-                 margin: float = 0.1, reduction: str = "mean"):
-    """TI-DPO triplet term.
-
-        ρ_t(y)   = log π_θ(y_t|x,y_<t) − log π_ref(y_t|x,y_<t)          (per-token implicit reward)
-        d(a, b)  = Σ_{t < min(|a|, |b|)} (ρ_t(a) − ρ_t(b))²             (positions present in both)
-        L        = mean_i max(0, d(y, y_w) − d(y, y_l) + margin)
-
-    y is the anchor sampled from the current policy, y_w / y_l the chosen / rejected responses.
-    Position t is the t-th *valid* token of each response (found from the masks), so any
-    padding layout works; the three inputs may have different T. Gradients flow through all
-    three sequences. reduction="none" returns the per-example hinge [B].
-    """
-    check_same_shape("anchor_policy_logps", anchor_policy_logps,
-                     anchor_reference_logps=anchor_reference_logps, anchor_mask=anchor_mask)
-    check_same_shape("chosen_policy_logps", chosen_policy_logps,
-                     chosen_reference_logps=chosen_reference_logps, chosen_mask=chosen_mask)
-    check_same_shape("rejected_policy_logps", rejected_policy_logps,
-                     rejected_reference_logps=rejected_reference_logps,
-                     rejected_mask=rejected_mask)
-    b = anchor_policy_logps.shape[0]
-    for name, t in (("chosen_policy_logps", chosen_policy_logps),
-                    ("rejected_policy_logps", rejected_policy_logps)):
-        if t.shape[0] != b:
-            raise ValueError(f"{name} has batch size {t.shape[0]}, expected {b} "
-                             f"(that of anchor_policy_logps)")
-    rho_a, n_a = _left_align(anchor_policy_logps - anchor_reference_logps, anchor_mask)
-    rho_w, n_w = _left_align(chosen_policy_logps - chosen_reference_logps, chosen_mask)
-    rho_l, n_l = _left_align(rejected_policy_logps - rejected_reference_logps, rejected_mask)
-    hinge = F.relu(_distance(rho_a, n_a, rho_w, n_w) - _distance(rho_a, n_a, rho_l, n_l) + margin)
-    if reduction == "mean":
-        return hinge.mean()
-    if reduction == "none":
-        return hinge
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+# The released code's base is TDPO2 (KL(π_ref‖π_θ) in the margin); weights online (gradient
+# attribution) or, for the uniform/random ablations, offline; the triplet term samples anchors.
+RECORD = LossRecord(
+    fn=tidpo_loss, kl=lambda hp: REF_POLICY if hp.get("base", "dpo") == "tdpo2" else None,
+    token_weights=frozenset({ONLINE, OFFLINE}), weights_required=True,
+    auxiliary=build_triplet, config_keys=("triplet",), check=check_hparams,
+)

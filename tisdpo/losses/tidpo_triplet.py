@@ -3,19 +3,77 @@
 Anchors y ~ pi_theta(.|x) (top-k/top-p sampling, resampled per example every ``anchor_every``
 steps), per-token implicit rewards rho_t = log pi_theta - log pi_ref, and
 ``tisdpo.losses.triplet_loss`` on (y, y_w, y_l). The term is attached to the loss where the loss is
-built (``tisdpo.stages.loss_config``), like KTO's mismatched-pair reference point.
+bound (``RECORD.auxiliary`` of ``tisdpo/losses/tidpo.py``), like KTO's mismatched-pair reference point.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
-from omegaconf import DictConfig
-
+import torch.nn.functional as F
 from tisdpo.data.collate import prompt_response_batch
-from tisdpo.losses import triplet_loss
 from tisdpo.kernels.logprobs import token_logps
+from tisdpo.losses._common import check_same_shape
+from tisdpo.losses.record import StepContext
 from tisdpo.models.sharding import is_sharded
+
+
+def _left_align(x: torch.Tensor, mask: torch.Tensor):
+    """Move each row's valid entries to the front (order kept), zeros after; also return counts.
+
+    Makes "response position t" well defined whatever the padding layout of the caller.
+    """
+    m = mask.bool()
+    order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
+    return (x * m).gather(1, order), m.sum(1)
+
+
+def _distance(rho_a, n_a, rho_b, n_b):
+    """d(a, b) = Σ_{t < min(n_a, n_b)} (ρ_t(a) − ρ_t(b))²  -> [B]."""
+    length = min(rho_a.shape[1], rho_b.shape[1])
+    t = torch.arange(length, device=rho_a.device)
+    common = t[None, :] < torch.minimum(n_a, n_b)[:, None]
+    diff = rho_a[:, :length] - rho_b[:, :length]
+    return (diff.square() * common).sum(-1)
+
+
+def triplet_loss(anchor_policy_logps, anchor_reference_logps, anchor_mask,
+                 chosen_policy_logps, chosen_reference_logps, chosen_mask,
+                 rejected_policy_logps, rejected_reference_logps, rejected_mask, *,
+                 margin: float = 0.1, reduction: str = "mean"):
+    """TI-DPO triplet term.
+
+        ρ_t(y)   = log π_θ(y_t|x,y_<t) − log π_ref(y_t|x,y_<t)          (per-token implicit reward)
+        d(a, b)  = Σ_{t < min(|a|, |b|)} (ρ_t(a) − ρ_t(b))²             (positions present in both)
+        L        = mean_i max(0, d(y, y_w) − d(y, y_l) + margin)
+
+    y is the anchor sampled from the current policy, y_w / y_l the chosen / rejected responses.
+    Position t is the t-th *valid* token of each response (found from the masks), so any
+    padding layout works; the three inputs may have different T. Gradients flow through all
+    three sequences. reduction="none" returns the per-example hinge [B].
+    """
+    check_same_shape("anchor_policy_logps", anchor_policy_logps,
+                     anchor_reference_logps=anchor_reference_logps, anchor_mask=anchor_mask)
+    check_same_shape("chosen_policy_logps", chosen_policy_logps,
+                     chosen_reference_logps=chosen_reference_logps, chosen_mask=chosen_mask)
+    check_same_shape("rejected_policy_logps", rejected_policy_logps,
+                     rejected_reference_logps=rejected_reference_logps,
+                     rejected_mask=rejected_mask)
+    b = anchor_policy_logps.shape[0]
+    for name, t in (("chosen_policy_logps", chosen_policy_logps),
+                    ("rejected_policy_logps", rejected_policy_logps)):
+        if t.shape[0] != b:
+            raise ValueError(f"{name} has batch size {t.shape[0]}, expected {b} "
+                             f"(that of anchor_policy_logps)")
+    rho_a, n_a = _left_align(anchor_policy_logps - anchor_reference_logps, anchor_mask)
+    rho_w, n_w = _left_align(chosen_policy_logps - chosen_reference_logps, chosen_mask)
+    rho_l, n_l = _left_align(rejected_policy_logps - rejected_reference_logps, rejected_mask)
+    hinge = F.relu(_distance(rho_a, n_a, rho_w, n_w) - _distance(rho_a, n_a, rho_l, n_l) + margin)
+    if reduction == "mean":
+        return hinge.mean()
+    if reduction == "none":
+        return hinge
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
 class TripletTerm:
@@ -32,8 +90,8 @@ class TripletTerm:
         self.anchors: dict[int, tuple[list[int], int]] = {}  # example index -> (anchor ids, step sampled)
 
     @torch.no_grad()
-    def _sample(self, module, batch, rows: list[int]) -> None:
-        policy = module.policy
+    def _sample(self, ctx: StepContext, rows: list[int]) -> None:
+        policy, batch = ctx.policy, ctx.batch
         was_training = policy.training
         policy.eval()
         prompt_ids = batch["prompt_input_ids"][rows]
@@ -45,36 +103,35 @@ class TripletTerm:
         policy.train(was_training)
         new = out[:, prompt_ids.shape[1]:].tolist()
         for row, tokens in zip(rows, new):
-            if self.tokenizer.eos_token_id in tokens:  # keep EOS: chosen/rejected end with it too
-                tokens = tokens[: tokens.index(self.tokenizer.eos_token_id) + 1]
-            tokens = [t for t in tokens if t != self.tokenizer.pad_token_id] or [self.tokenizer.eos_token_id]
-            self.anchors[int(batch["index"][row])] = (tokens, module.global_step)
+            self.anchors[int(batch["index"][row])] = (anchor_tokens(tokens, self.tokenizer.eos_token_id,
+                                                                    self.tokenizer.pad_token_id), ctx.step)
 
-    def anchor_batch(self, module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        step = module.global_step
+    def anchor_batch(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        step, batch = ctx.step, ctx.batch
         stale = [i for i, idx in enumerate(batch["index"].tolist())
                  if idx not in self.anchors or step - self.anchors[idx][1] >= self.anchor_every]
-        if is_sharded(module.policy) and module.trainer.strategy.reduce_boolean_decision(bool(stale), all=False):
+        if is_sharded(ctx.policy) and ctx.strategy.reduce_boolean_decision(bool(stale), all=False):
             # generate is collective under FSDP: when any rank samples, every rank does (its whole batch
             # if none of its anchors is stale: they are only refreshed early)
             stale = stale or list(range(len(batch["index"])))
         if stale:
-            self._sample(module, batch, stale)
+            self._sample(ctx, stale)
         prompts = [batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
                    for i in range(len(batch["index"]))]
         anchors = [self.anchors[idx][0] for idx in batch["index"].tolist()]
         return prompt_response_batch(prompts, anchors, self.tokenizer.pad_token_id, batch["chosen_input_ids"].device)
 
-    def __call__(self, module, batch, policy_logps, reference_logps, mask) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        policy_logps, reference_logps, mask = ctx.policy_logps, ctx.reference_logps, ctx.mask
         if self.gamma == 0:
             return policy_logps.new_zeros(()), {}
-        ids, attention, labels = self.anchor_batch(module, batch)
-        anchor_policy, anchor_mask = token_logps(module.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits,
+        ids, attention, labels = self.anchor_batch(ctx)
+        anchor_policy, anchor_mask = token_logps(ctx.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits,
                                                  labels, chunk_size=self.chunk)
         with torch.no_grad():
-            anchor_reference, _ = token_logps(module.reference(input_ids=ids, attention_mask=attention, use_cache=False).logits,
+            anchor_reference, _ = token_logps(ctx.reference(input_ids=ids, attention_mask=attention, use_cache=False).logits,
                                               labels, chunk_size=self.chunk)
-        half = batch["chosen_input_ids"].shape[0]
+        half = ctx.batch_size
         loss = triplet_loss(
             anchor_policy, anchor_reference, anchor_mask.to(anchor_policy.dtype),
             policy_logps[:half], reference_logps[:half], mask[:half],
@@ -84,11 +141,27 @@ class TripletTerm:
         return self.gamma * loss, {"triplet/loss": loss.detach(), "triplet/anchor_length": anchor_mask.sum(-1).float().mean()}
 
 
-def build_triplet(triplet_cfg: DictConfig, tokenizer, chunk_size: int = 256) -> TripletTerm:
-    """The triplet term from the ``loss.triplet`` node (loss=tidpo)."""
-    t = triplet_cfg
+def anchor_tokens(tokens: list[int], eos_token_id: int, pad_token_id: int | None) -> list[int]:
+    """A sampled continuation cut after its first EOS, EOS kept (chosen/rejected end with it too),
+    padding dropped. The EOS survives when pad == EOS (SmolLM2, Llama with pad = EOS): only the
+    tokens before the cut are filtered for padding."""
+    if eos_token_id in tokens:
+        body = tokens[: tokens.index(eos_token_id)]
+        return [t for t in body if t != pad_token_id] + [eos_token_id]
+    return [t for t in tokens if t != pad_token_id] or [eos_token_id]
+
+
+def build_triplet(loss_node: Mapping[str, Any], tokenizer, chunk_size: int = 256) -> TripletTerm | None:
+    """The triplet term from the loss node's ``triplet`` (loss=tidpo); None without one (no
+    ``loss.triplet``, or gamma = 0: the "w/o triplet loss" ablation, which then needs no reference
+    model beyond cached log-probs)."""
+    t = loss_node.get("triplet")
+    if t is None or float(t["gamma"]) == 0:
+        return None
+    if tokenizer is None:
+        raise ValueError(f"loss={loss_node.get('name')} has a triplet term, which samples anchors: binding it needs the tokenizer")
     return TripletTerm(
-        tokenizer, gamma=float(t.gamma), margin=float(t.margin), anchor_every=int(t.anchor_every),
-        max_new_tokens=int(t.max_new_tokens), top_k=int(t.top_k), top_p=float(t.top_p),
-        temperature=float(t.temperature), chunk_size=chunk_size,
+        tokenizer, gamma=float(t["gamma"]), margin=float(t["margin"]), anchor_every=int(t["anchor_every"]),
+        max_new_tokens=int(t["max_new_tokens"]), top_k=int(t["top_k"]), top_p=float(t["top_p"]),
+        temperature=float(t["temperature"]), chunk_size=chunk_size,
     )

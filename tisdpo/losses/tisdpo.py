@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ._common import check_pair, masked_sum, require
+from tisdpo import checks
+from tisdpo.losses.record import OFFLINE, POLICY_REF, LossRecord
 
 
 def tisdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -38,3 +40,16 @@ def tisdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_log
     # u − η = β[(S^w_w − αK'_w) − (S^w_l − αK'_l)]
     losses = -F.logsigmoid(beta * (chosen - rejected))
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def check_hparams(cfg) -> None:
+    checks.in_range(cfg, "loss.beta", low=0, low_open=True, note="the strength of the KL constraint")
+    checks.in_range(cfg, "loss.alpha", low=0, note="the weight of the KL term")
+    checks.flag(cfg, "loss.use_eta")
+
+
+# η needs KL(π_θ‖π_ref) per position; "w/o η" needs none. Weights: offline scores (the estimators).
+RECORD = LossRecord(
+    fn=tisdpo_loss, kl=lambda hp: POLICY_REF if hp.get("use_eta", True) else None,
+    token_weights=frozenset({OFFLINE}), weights_required=True, check=check_hparams,
+)

@@ -10,7 +10,6 @@ can be compared side by side with TRL's DPOTrainer in W&B.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import lightning as L
@@ -18,6 +17,7 @@ import torch
 
 from tisdpo.data.collate import concat_pair
 from tisdpo.kernels.logprobs import per_position_kl, token_logps
+from tisdpo.losses.record import BoundLoss, StepContext
 from tisdpo.models.sharding import finish_backward, is_sharded
 from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer
 from tisdpo.kernels.shared_prefix import PackedPairs, pack_pairs, packed_logps, packing_matches, packing_supported
@@ -25,33 +25,12 @@ from tisdpo.kernels.shared_prefix import PackedPairs, pack_pairs, packed_logps, 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LossSpec:
-    """A configured loss: the pure function with its hyperparameters bound, and what it needs."""
-
-    name: str
-    fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    kl_direction: str | None = None  # None | "ref_policy" (TDPO) | "policy_ref" (TIS-DPO η)
-    uses_weights: bool = False
-    # (module, batch) -> extra loss kwargs, e.g. KTO's mismatched-pair log-ratios
-    extra_inputs: Callable[..., dict[str, torch.Tensor]] | None = None
-    # (module, batch, policy_logps, reference_logps, mask) -> (loss term, metrics) added to the
-    # loss, e.g. TI-DPO's triplet term (tisdpo.modules.triplet)
-    auxiliary: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
-
-    @property
-    def needs_reference_model(self) -> bool:
-        """True when something beyond the per-token log-probs runs the reference every step
-        (a KL term, KTO's mismatched pairs, the triplet anchors): cached log-probs do not suffice."""
-        return self.kl_direction is not None or self.extra_inputs is not None or self.auxiliary is not None
-
-
 class PreferenceModule(ShardedNormClipping, L.LightningModule):
     def __init__(
         self,
         policy,
         reference,
-        loss: LossSpec,
+        loss: BoundLoss,
         optim_cfg: Any,
         total_steps: int | None = None,
         logits_chunk_size: int = 256,
@@ -122,7 +101,9 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
             policy_logps, mask = token_logps(policy_logits, labels, chunk_size=self.chunk)
 
         reference_logits = None
-        if "chosen_reference_logps" in batch and self.loss.kl_direction is None:
+        if self.loss.reference_free:  # SimPO: the loss ignores the reference; zeros keep the contract
+            reference_logps = torch.zeros_like(policy_logps).detach()
+        elif "chosen_reference_logps" in batch and self.loss.kl_direction is None:
             reference_logps = concat_pair(batch, "reference_logps")[:, : policy_logps.shape[1]]
         else:
             with torch.no_grad():
@@ -142,7 +123,7 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
 
         if self.loss.uses_weights:
             if self.online_weights is not None:
-                chosen_w, rejected_w = self.online_weights(self, batch)
+                chosen_w, rejected_w = self.online_weights(self.step_context(batch))
                 weights = torch.cat([chosen_w, rejected_w], dim=0)
             elif "chosen_weights" in batch:
                 weights = concat_pair(batch, "weights")
@@ -153,7 +134,7 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
                 kwargs["chosen_weights"], kwargs["rejected_weights"] = weights[:batch_size], weights[batch_size:]
 
         if self.loss.extra_inputs is not None:
-            kwargs.update(self.loss.extra_inputs(self, batch))
+            kwargs.update(self.loss.extra_inputs(self.step_context(batch)))
         mask = mask.to(policy_logps.dtype)
         losses, chosen_rewards, rejected_rewards = self.loss.fn(
             policy_logps[:batch_size], policy_logps[batch_size:],
@@ -174,11 +155,20 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
             metrics["kl/chosen"] = (kwargs["chosen_kl"] * mask[:batch_size]).sum(-1).mean().detach()
             metrics["kl/rejected"] = (kwargs["rejected_kl"] * mask[batch_size:]).sum(-1).mean().detach()
         if self.loss.auxiliary is not None:
-            aux, aux_metrics = self.loss.auxiliary(self, batch, policy_logps, reference_logps, mask)
+            aux, aux_metrics = self.loss.auxiliary(self.step_context(batch, policy_logps, reference_logps, mask))
             loss = loss + aux
             metrics.update(aux_metrics)
         metrics["loss"] = loss.detach()
         return loss, metrics
+
+    def step_context(self, batch, policy_logps=None, reference_logps=None, mask=None) -> StepContext:
+        """What the loss's hooks and online weights see of this step (never the module itself)."""
+        trainer = self._trainer
+        return StepContext(
+            policy=self.policy, reference=self.reference, batch=batch, step=int(self.global_step),
+            strategy=trainer.strategy if trainer is not None else None, pad_token_id=self.pad_token_id,
+            chunk_size=self.chunk, policy_logps=policy_logps, reference_logps=reference_logps, mask=mask,
+        )
 
     # -- Lightning hooks ---------------------------------------------------------------
     def _log_metrics(self, split: str, metrics: dict[str, torch.Tensor], batch_size: int, on_step: bool):

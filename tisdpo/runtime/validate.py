@@ -16,15 +16,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tisdpo.errors import UserError
+from tisdpo.checks import ABSENT as _ABSENT
+from tisdpo.checks import ConfigError
+from tisdpo.checks import flag as _flag
+from tisdpo.checks import get as _get
+from tisdpo.checks import in_range as _check
+from tisdpo.checks import number as _number
+from tisdpo.checks import one_of as _one_of
+from tisdpo.constants import CONF_DIR
+from tisdpo.registry import estimator_record, group_names, loss_record
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-# Which estimators each weighted loss can use; every other loss takes no weights.
-COMPATIBLE_ESTIMATORS = {
-    "tisdpo": ("prompt", "sft_pair", "dpo_pair", "random", "uniform", "oracle"),
-    "tidpo": ("gradient", "uniform", "random"),
-}
 
 # Lightning Trainer arguments the pipeline passes itself (tisdpo/runtime/fit.py, train_stage.py):
 # a value under `trainer` would be overwritten, or clash. Per key: the option to use instead
@@ -42,25 +43,24 @@ PIPELINE_TRAINER_KEYS: dict[str, tuple[str | None, str | None, bool]] = {
     "inference_mode": (None, "validation runs without it: TI-DPO's attribution needs gradients there", False),
 }
 
-# Names of the losses (tisdpo.losses.LOSSES), dataset adapters (tisdpo.data.ADAPTERS) and weight
-# transforms (tisdpo.weights.transforms.TRANSFORMS), written out so that this module imports no
-# torch: run.py calls it before Hydra composes, and `--help` must stay instant.
-# tests/test_config_values.py checks they agree with the registries.
-LOSS_NAMES = ("dpo", "ipo", "kto", "tdpo", "tidpo", "tisdpo")
+# Names of the dataset adapters (tisdpo.data.ADAPTERS), written out so that this module imports no
+# torch: run.py calls it before Hydra composes, and `--help` must stay instant; tests/test_config_values.py
+# checks they agree. Losses and estimators are the conf/loss and conf/estimator files, and each checks
+# its own options through its record (tisdpo.registry; the records load torch only when asked).
 DATASET_NAMES = ("hh", "pku_saferlhf", "tldr", "ultrafeedback")
-TRANSFORM_NAMES = ("exp_clamp", "rank_linear", "clamp_linear")
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 SEED_MAX = 2**32 - 1  # numpy and Lightning's seed_everything take 32-bit seeds
 
-_ABSENT = object()
 
 
-class ConfigError(UserError):
-    """A config value that cannot work: one line naming the option, exit status 2."""
 
 
 def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _kinds(kinds) -> str:
+    return " or ".join(sorted(kinds))
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,70 +119,6 @@ def validate_config(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------------------------
 # value helpers: each names the option, its value and the valid range
 # ---------------------------------------------------------------------------------------
-def _get(cfg: DictConfig, option: str) -> Any:
-    """The value at a dotted option, or _ABSENT when this config has no such key."""
-    return OmegaConf.select(cfg, option, default=_ABSENT)
-
-
-def _number(option: str, value: Any, *, integer: bool) -> float | int:
-    kind = "a whole number" if integer else "a number"
-    # bools are ints in Python, and "true" for a step count is a typo, not 1
-    if value is None or isinstance(value, bool):
-        raise ConfigError(f"{option}={value!r} must be {kind}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{option}={value!r} must be {kind}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{option}={value} must be a finite number")
-    if integer:
-        if number != int(number):
-            raise ConfigError(f"{option}={value} must be {kind}")
-        return int(number)
-    return number
-
-
-def _check(cfg: DictConfig, option: str, *, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False, integer: bool = False,
-           nullable: bool = False, note: str = "") -> None:
-    """``option`` is a number within [low, high] (open ends where asked); absent keys pass."""
-    value = _get(cfg, option)
-    if value is _ABSENT or (value is None and nullable):
-        return
-    number = _number(option, value, integer=integer)
-    below = low is not None and (number <= low if low_open else number < low)
-    above = high is not None and (number >= high if high_open else number > high)
-    if below or above:
-        raise ConfigError(f"{option}={value} must be {_range_text(low, high, low_open, high_open, nullable)}"
-                          + (f" ({note})" if note else ""))
-
-
-def _show(bound: float) -> str:
-    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
-
-
-def _range_text(low, high, low_open: bool, high_open: bool, nullable: bool) -> str:
-    if low is not None and high is not None:
-        text = f"in {'(' if low_open else '['}{_show(low)}, {_show(high)}{')' if high_open else ']'}"
-    elif low is not None:
-        text = f"{'>' if low_open else '>='} {_show(low)}"
-    else:
-        text = f"{'<' if high_open else '<='} {_show(high)}"
-    return f"null or {text}" if nullable else text
-
-
-def _one_of(cfg: DictConfig, option: str, choices: tuple) -> None:
-    value = _get(cfg, option)
-    if value is not _ABSENT and value not in choices:
-        raise ConfigError(f"{option}={value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def _flag(cfg: DictConfig, option: str) -> None:
-    value = _get(cfg, option)
-    if value is not _ABSENT and value is not None and not isinstance(value, bool):
-        raise ConfigError(f"{option}={value!r} must be true or false")
-
-
 def _check_path(value, option: str) -> None:
     if value and not Path(str(value)).expanduser().exists() and str(value).startswith((".", "/", "~")):
         raise ConfigError(f"{option}={value!r}: no such file or directory")
@@ -192,23 +128,36 @@ def _check_path(value, option: str) -> None:
 # the groups
 # ---------------------------------------------------------------------------------------
 def _check_choices(cfg: DictConfig) -> None:
+    """The loss and the estimator exist, and fit each other by kind: a loss that takes token weights
+    names the kinds it takes (offline scores, online weights) and each estimator gives one kind."""
     loss, estimator = cfg.loss.name, cfg.estimator.name
-    if loss not in LOSS_NAMES:
-        raise ConfigError(f"loss={loss!r} is not one of {sorted(LOSS_NAMES)}")
-    estimators = [c for c in group_choices("estimator") if not c.startswith("_")]
+    losses = group_names("loss")
+    if loss not in losses:
+        raise ConfigError(f"loss={loss!r} is not one of {losses}")
+    estimators = group_names("estimator")
     if estimator not in estimators:
         raise ConfigError(f"estimator.name={estimator!r} is not one of {', '.join(estimators)}")
-    if loss in COMPATIBLE_ESTIMATORS:
-        valid = COMPATIBLE_ESTIMATORS[loss]
-        if estimator == "none":
-            raise ConfigError(f"loss={loss} needs token weights: add estimator=<one of {', '.join(valid)}>")
-        if estimator not in valid:
-            raise ConfigError(f"estimator={estimator} cannot be used with loss={loss}; valid: {', '.join(valid)}")
-    elif estimator != "none":
+    takes = loss_record(cfg.loss).token_weights
+    gives = estimator_record(estimator).kind
+    fitting = [e for e in estimators if estimator_record(e).kind in takes]
+    if takes and gives is None:
+        if loss_record(cfg.loss).weights_required:
+            raise ConfigError(f"loss={loss} needs token weights: add estimator=<one of {', '.join(fitting)}>")
+    elif takes and gives not in takes:
+        raise ConfigError(f"estimator={estimator} gives {gives} weights, and loss={loss} takes {_kinds(takes)} weights; "
+                          f"valid: {', '.join(fitting)}")
+    elif not takes and gives is not None:
+        weighted = [name for name in losses if _takes_weights(name)]
         raise ConfigError(
-            f"estimator={estimator} has no effect with loss={loss}: only {', '.join(COMPATIBLE_ESTIMATORS)} use token "
-            "weights (drop the estimator, or use loss=tisdpo / loss=tidpo)"
+            f"estimator={estimator} has no effect with loss={loss}: only {', '.join(weighted)} use token "
+            "weights (drop the estimator, or use one of those losses)"
         )
+
+
+def _takes_weights(loss_name: str) -> bool:
+    node = OmegaConf.load(CONF_DIR / "loss" / f"{loss_name}.yaml")
+    node = node.get("loss", node)  # a loss file in the _global_ package (tidpo) keeps its node under `loss`
+    return bool(loss_record(node).token_weights)
 
 
 def _check_dataset(cfg: DictConfig) -> None:
@@ -323,86 +272,22 @@ def _check_sft(cfg: DictConfig) -> None:
 
 
 def _check_loss(cfg: DictConfig) -> None:
-    name = cfg.loss.name
+    """The loss's own checks (its record), and the bounds every loss with these keys shares."""
     # beta scales the log-ratio margin: 0 ignores the data, < 0 prefers the rejected response
-    # (IPO's target margin is 1/(2 beta))
     _check(cfg, "loss.beta", low=0, low_open=True, note="the strength of the KL constraint")
-    _check(cfg, "loss.label_smoothing", low=0, high=0.5, high_open=True,
-           note="the assumed share of flipped labels; 0.5 would learn nothing")
     _check(cfg, "loss.alpha", low=0, note="the weight of the KL term")
-    if name == "tdpo":
-        _one_of(cfg, "loss.variant", ("tdpo1", "tdpo2"))
-    if name == "tidpo":
-        _one_of(cfg, "loss.base", ("dpo", "tdpo2"))
-        _check_triplet(cfg)
-    if name == "tisdpo":
-        _flag(cfg, "loss.use_eta")
-    if name == "kto":
-        for option in ("desirable_weight", "undesirable_weight"):
-            _check(cfg, f"loss.{option}", low=0, low_open=True)
-    if name == "ipo":
-        _flag(cfg, "loss.average_log_prob")
-
-
-def _check_triplet(cfg: DictConfig) -> None:
-    _check(cfg, "loss.triplet.gamma", low=0, note="the weight of the triplet term; 0 turns it off")
-    _check(cfg, "loss.triplet.margin", low=0)
-    _check(cfg, "loss.triplet.anchor_every", low=1, integer=True)
-    _check(cfg, "loss.triplet.max_new_tokens", low=1, integer=True)
-    _check(cfg, "loss.triplet.top_k", low=0, integer=True, note="0: no top-k filter")
-    _check(cfg, "loss.triplet.top_p", low=0, high=1, low_open=True)
-    _check(cfg, "loss.triplet.temperature", low=0, low_open=True, note="anchors are sampled")
+    record = loss_record(cfg.loss)
+    if record.check is not None:
+        record.check(cfg)
 
 
 def _check_estimator(cfg: DictConfig) -> None:
-    name = cfg.estimator.name
-    if name in ("dpo_pair", "sft_pair", "prompt"):
-        _check(cfg, "estimator.score_batch_size", low=1, integer=True)
-        _check_transform(cfg)
-    if name in ("dpo_pair", "sft_pair"):
-        _check(cfg, "estimator.max_steps", low=1, integer=True, nullable=name == "dpo_pair",
-               note="null: estimator.epochs passes, as the run's own training")
-        _check(cfg, "estimator.batch_size", low=1, integer=True)
+    """The estimator's own checks (its record); the optimiser of its model pair, when it trains one."""
+    record = estimator_record(cfg.estimator.name)
+    if record.check is not None:
+        record.check(cfg)
+    if record.pair_models is not None:
         _check_optim(cfg, "estimator.optim")
-    if name == "dpo_pair":
-        _check(cfg, "estimator.beta", low=0, low_open=True, note="the strength of the KL constraint")
-    if name == "sft_pair":
-        _one_of(cfg, "estimator.init", ("base", "sft"))
-    if name == "gradient":
-        _check(cfg, "estimator.lam", low=0, high=1, note="1: no prior, 0: prior only")
-        _one_of(cfg, "estimator.normalize", ("response", "sequence"))
-        _check(cfg, "estimator.quality_every_n_steps", low=0, integer=True)
-    if name == "random":
-        _check_low_high(cfg, "estimator")
-
-
-def _check_low_high(cfg: DictConfig, node: str) -> None:
-    """Token weights in [low, high]: non-negative, and low <= high."""
-    _check(cfg, f"{node}.low", low=0, note="token weights are non-negative")
-    _check(cfg, f"{node}.high", low=0, note="token weights are non-negative")
-    low, high = _get(cfg, f"{node}.low"), _get(cfg, f"{node}.high")
-    if low is not _ABSENT and high is not _ABSENT and float(low) > float(high):
-        raise ConfigError(f"{node}.low={low} must be <= {node}.high={high}")
-
-
-def _check_transform(cfg: DictConfig) -> None:
-    if _get(cfg, "estimator.transform") in (_ABSENT, None):
-        return
-    _one_of(cfg, "estimator.transform.name", TRANSFORM_NAMES)
-    node = f"estimator.transform.{cfg.estimator.transform.name}"
-    if cfg.estimator.transform.name == "exp_clamp":
-        _check(cfg, f"{node}.k", low=0, low_open=True, note="the weight scale")
-        _check(cfg, f"{node}.mu", low=0)
-        for option in ("lower", "upper"):
-            _check(cfg, f"{node}.{option}", integer=False)
-        lower, upper = _get(cfg, f"{node}.lower"), _get(cfg, f"{node}.upper")
-        if lower is not _ABSENT and upper is not _ABSENT and float(lower) > float(upper):
-            raise ConfigError(f"{node}.lower={lower} must be <= {node}.upper={upper}")
-        _flag(cfg, f"{node}.rescale_mean_one")
-    else:
-        _check_low_high(cfg, node)
-        if cfg.estimator.transform.name == "clamp_linear":
-            _check(cfg, f"{node}.bound", low=0, low_open=True)
 
 
 def _check_eval(cfg: DictConfig) -> None:

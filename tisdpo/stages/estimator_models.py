@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.losses import dpo_loss
 from tisdpo.models.loading import build_model, frozen_copy
-from tisdpo.modules.preference import LossSpec, PreferenceModule
+from tisdpo.losses.record import BoundLoss
+from tisdpo.modules.preference import PreferenceModule
 from tisdpo.runtime.cache import RESUME_SUBDIR
 from tisdpo.runtime.callbacks import stage_every_n_steps
 from tisdpo.runtime.fit import accumulation, fit_stage, optimizer_steps, save_trained, world_size
@@ -45,7 +46,7 @@ def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], token
     L.seed_everything(seed, workers=True, verbose=False)
     policy = build_model(name_or_path=str(init_dir), dtype=master_dtype(cfg))
     reference = frozen_copy(policy).to(frozen_dtype(cfg) or policy.dtype)
-    loss = LossSpec("dpo", functools.partial(dpo_loss, beta=float(est.beta)))
+    loss = BoundLoss("dpo", functools.partial(dpo_loss, beta=float(est.beta)))
     # The DPO baseline's recipe, batch included: the global batch and length of the run's training
     # (under DDP/FSDP with the run's strategy, the reference placed like the policy's).
     batch_size, world = int(est.batch_size), world_size(cfg.trainer)
@@ -75,9 +76,11 @@ def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed:
     return init, trainer
 
 
-def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: list[dict],
+def train_pair(cfg: DictConfig, kind: str, *, out: Path, sft_dir: Path | None, train_rows: list[dict],
                train_examples: list[dict], tokenizer) -> None:
-    """Write pi+ to out/positive and pi- to out/negative.
+    """Write pi+ to out/positive and pi- to out/negative: DPO on the data and on the swapped data
+    (``kind="dpo"``, from the SFT model), or SFT on the chosen and on the rejected responses
+    (``kind="sft"``, from the base model or, with ``estimator.init=sft``, from ours).
 
     ``out`` is the artifact's stable build dir: each model checkpoints in out/_resume/<side> and is
     marked done once saved, so a killed build resumes where it stopped (pi+ is not trained again)."""
@@ -87,9 +90,9 @@ def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: 
     def stage_run(side: str) -> dict:  # each model's W&B run, named in the artifact's wandb_run.json
         return {"run_name": stage_run_name("estimator", out, side), "record": out / RUN_RECORD}
 
-    if name == "dpo_pair":
+    if kind == "dpo":
         if sft_dir is None:
-            raise ValueError("estimator=dpo_pair starts from an SFT model: the SFT stage was skipped and no checkpoint is on disk")
+            raise ValueError(f"estimator={name} starts from an SFT model: the SFT stage was skipped and no checkpoint is on disk")
         trainers = {
             "positive": lambda: train_dpo_model(cfg, sft_dir, train_examples, tokenizer, seed=cfg.seed,
                                                 checkpoint_dir=work / "positive", **stage_run("positive")),
@@ -97,7 +100,7 @@ def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: 
                                                 seed=cfg.seed + 1, checkpoint_dir=work / "negative",
                                                 **stage_run("negative")),
         }
-    elif name == "sft_pair":
+    elif kind == "sft":
         start_dir = sft_dir if cfg.estimator.init == "sft" else None  # init=base: from the base model
 
         def sft_side(side: str, key: str, offset: int):
@@ -108,7 +111,7 @@ def train_pair(cfg: DictConfig, *, out: Path, sft_dir: Path | None, train_rows: 
         trainers = {side: sft_side(side, key, offset)
                     for side, key, offset in (("positive", "chosen", 0), ("negative", "rejected", 1))}
     else:
-        raise ValueError(f"estimator={name} trains no model pair")
+        raise ValueError(f"estimator={name}: pair_models={kind!r} is not 'dpo' or 'sft'")
     for side, train in trainers.items():
         done = work / f"{side}.done"
         if done.is_file():

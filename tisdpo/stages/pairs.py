@@ -49,7 +49,7 @@ from tisdpo.stages.data import PreparedData
 from tisdpo.stages.loaders import format_prompt
 from tisdpo.stages.start_models import frozen_dtype, initial_model, initial_model_identity, stage_device
 from tisdpo.runtime.validate import ConfigError
-from tisdpo.weights.estimators import contrastive_rows
+from tisdpo.weights.contrast import contrastive_rows
 
 log = logging.getLogger(__name__)
 

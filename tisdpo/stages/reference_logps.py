@@ -6,7 +6,7 @@ examples, the reference model's identity and the precision of the pass), and eve
 step, and every later job of a sweep, reads it instead of running the reference forward.
 
 Valid only for losses that need nothing of the reference but those log-probs
-(``LossSpec.kl_direction is None``: DPO, cDPO, IPO, KTO, TIS-DPO without η, TI-DPO with
+(``BoundLoss.kl_direction is None``: DPO, cDPO, IPO, KTO, TIS-DPO without η, TI-DPO with
 base=dpo). TDPO and TIS-DPO's η need the reference's full next-token distribution, so they keep
 running the reference forward.
 
@@ -17,7 +17,6 @@ into [B, T-1]. Tensors rather than lists of Python floats: 4 bytes a token inste
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -27,9 +26,7 @@ import numpy as np
 import torch
 
 from tisdpo.constants import SIDES
-from tisdpo.data.collate import PreferenceCollator, concat_pair
-from tisdpo.kernels.logprobs import token_logps
-from tisdpo.kernels.shared_prefix import pack_pairs, packed_logps, packing_matches, packing_supported
+from tisdpo.kernels.scoring import score_pairs
 
 log = logging.getLogger(__name__)
 KEYS = tuple(f"{side}_reference_logps" for side in SIDES)
@@ -51,33 +48,6 @@ def examples_fingerprint(examples: list[dict]) -> str:
     return digest.hexdigest()[:16]
 
 
-def autocast_context(device: torch.device | str, precision: str | None):
-    """The autocast a Lightning ``precision`` implies for the reference forward (none for 32/64/true)."""
-    precision = str(precision or "32")
-    device_type = torch.device(device).type
-    if precision in ("bf16-mixed", "bf16"):
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    if precision in ("16-mixed", "16") and device_type == "cuda":
-        return torch.autocast(device_type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def move_to(model, device: torch.device | str | None) -> tuple[torch.device, torch.device]:
-    """(where the model now is, where it was): moves ``model`` to ``device`` where it can move.
-
-    Inputs must go where the parameters *are*, not where they were asked to go: "cuda" puts them
-    on "cuda:0", and torch.device("cuda") != torch.device("cuda:0"); a view that cannot move (the
-    LoRA reference) stays where it lives.
-    """
-    parameters = getattr(model, "parameters", None)
-    home = next(parameters()).device if parameters is not None else torch.device("cpu")
-    if device is None or torch.device(device) == home or not hasattr(model, "to"):
-        return home, home
-    model.to(device)
-    return (next(parameters()).device if parameters is not None else torch.device(device)), home
-
-
-@torch.no_grad()
 def compute_reference_logps(
     model,
     examples: list[dict],
@@ -89,53 +59,12 @@ def compute_reference_logps(
     device: torch.device | str | None = None,
     shared_prefix: bool = True,
 ) -> dict[str, list[torch.Tensor]]:
-    """{"chosen": [...], "rejected": [...]}: one float32 tensor [len(input_ids) - 1] per example, in order.
-
-    One no-grad forward per batch, batches formed from examples sorted by length so that little
-    padding is computed: with ``shared_prefix`` one packed row per pair (the prompt once, see
-    ``tisdpo.kernels.shared_prefix``; checked against the standard forward on the first batch),
-    else chosen and rejected concatenated. ``model`` is any callable returning ``.logits`` (a
-    frozen copy, or a LoRA policy's disabled-adapter view).
-    """
-    device, home = move_to(model, device)
-    moved = device != home
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    collate = PreferenceCollator(pad_token_id)
-    order = sorted(range(len(examples)), key=lambda i: -max(len(examples[i][f"{s}_input_ids"]) for s in SIDES))
-    out: dict[str, list[torch.Tensor | None]] = {side: [None] * len(examples) for side in SIDES}
-    try:
-        for start in range(0, len(order), batch_size):
-            indices = order[start: start + batch_size]
-            batch = collate([examples[i] for i in indices])
-            size = len(indices)
-            ids, attention, labels = (concat_pair(batch, key).to(device) for key in ("input_ids", "attention_mask", "labels"))
-            packed = pack_pairs({k: v.to(device) for k, v in batch.items()}, pad_token_id) if shared_prefix else None
-            with autocast_context(device, precision):
-                if packed is not None and start == 0:  # first use: packing must reproduce the plain forward
-                    shared_prefix = packing_supported(model) and packing_matches(
-                        model, {k: v.to(device) for k, v in batch.items()}, packed, chunk_size)[0]
-                    if not shared_prefix:
-                        log.warning("reference cache: shared-prefix packing is off for this model")
-                        packed = None
-                if packed is not None:
-                    logps = packed_logps(model, packed, chunk_size)
-                else:
-                    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-                    logps, _ = token_logps(logits, labels, chunk_size=chunk_size)
-                    del logits
-            logps = logps.float().cpu()
-            for row, i in enumerate(indices):
-                for s, side in enumerate(SIDES):
-                    n = len(examples[i][f"{side}_input_ids"]) - 1
-                    out[side][i] = logps[s * size + row, :n].clone()
-    finally:
-        if moved:
-            model.to(home)
-        if hasattr(model, "train"):
-            model.train(was_training)
-    return out  # type: ignore[return-value]
+    """{"chosen": [...], "rejected": [...]}: one float32 tensor [len(input_ids) - 1] per example, in order:
+    the batched scorer (``kernels/scoring.score_pairs``) in the layout the preference module slices,
+    with one packed row per pair where the model allows it (the prompt once)."""
+    chosen, rejected = score_pairs(model, examples, pad_token_id, batch_size=batch_size, chunk_size=chunk_size,
+                                   precision=precision, device=device, full_length=True, shared_prefix=shared_prefix)
+    return {"chosen": chosen, "rejected": rejected}
 
 
 def save_reference_logps(path: Path, logps: dict[str, list[torch.Tensor]]) -> None:

@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from tisdpo.models.lora import policy_and_reference
 from tisdpo.models.sharding import is_sharded
-from tisdpo.modules.preference import LossSpec, PreferenceModule
+from tisdpo.losses.record import BoundLoss
+from tisdpo.modules.preference import PreferenceModule
 from tisdpo.runtime.cache import ArtifactCache
 from tisdpo.runtime.callbacks import RNGStateCallback, SignalCheckpoint
 from tisdpo.runtime.callbacks import VerifiedCheckpoint
@@ -19,7 +20,7 @@ from tisdpo.runtime.checkpoints import CHECKPOINT_DIR
 from tisdpo.runtime.run_dir import train_checkpoint
 from tisdpo.runtime.fit import accumulation, fit_stage, optimizer_steps, trained_state_dict, world_size
 from tisdpo.stages.loaders import length_grouped, preference_loader
-from tisdpo.stages.loss_config import build_loss_spec
+from tisdpo.losses.registry import bind_loss
 from tisdpo.stages.start_models import frozen_dtype, initial_model, initial_model_identity, stage_device
 from tisdpo.stages.reference_logps import cache_applies, reference_logps_key, with_reference_logps
 from tisdpo.runtime.sharded import reference_placement
@@ -48,9 +49,13 @@ def train_stage(
 ) -> tuple[PreferenceModule, dict[str, float]]:
     """Fit the preference module; returns it and the final validation metrics (val/...)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    loss = build_loss_spec(cfg.loss, tokenizer, int(cfg.train.logits_chunk_size))
+    loss = bind_loss(cfg.loss, tokenizer, int(cfg.train.logits_chunk_size))
     module_reference = reference
-    if cfg.train.get("reference_cache"):
+    if loss.reference_free:
+        # SimPO, TPO: no reference log-prob pass and no reference in the module (evaluation keeps it)
+        module_reference = None
+        log.info("loss=%s is reference-free: no reference log-probs are computed for training", loss.name)
+    elif cfg.train.get("reference_cache"):
         train_examples, val_examples = cached_reference_logps(
             cfg, loss, reference, tokenizer, cache, sft_dir, train=train_examples, val=val_examples)
         if not loss.needs_reference_model:
@@ -120,7 +125,7 @@ def models_for_eval(cfg: DictConfig, module: PreferenceModule, reference, sft_di
     return policy, reference
 
 
-def cached_reference_logps(cfg: DictConfig, loss: LossSpec, reference, tokenizer, cache: ArtifactCache | None,
+def cached_reference_logps(cfg: DictConfig, loss: BoundLoss, reference, tokenizer, cache: ArtifactCache | None,
                            sft_dir: Path | None, **splits: list[dict]) -> tuple[list[dict], ...]:
     """The splits with reference log-probs attached from the artifact cache (built on first use).
 

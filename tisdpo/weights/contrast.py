@@ -1,4 +1,4 @@
-"""TIS-DPO token-weight estimators: contrastive per-token scores from a pair of models (or prompts).
+"""Contrastive per-token scores, the arithmetic behind TIS-DPO's estimators (``estimators/``).
 
     prompt   (TIS-DPO(P)): r_t = log pi(y_t | p+, x, y<t) - log pi(y_t | p-, x, y<t), one model
     sft_pair (TIS-DPO(S)): r_t = log pi+(y_t | x, y<t) - log pi-(y_t | x, y<t),
@@ -9,7 +9,7 @@
                            what token weighting can do there; the same transform as the others)
 
 Scores are ragged: one 1-D tensor per response with one value per response token (EOS included),
-in the order of the tokenised training examples. Training pi+/pi- is a pipeline stage
+in the order of the tokenised training examples. Training pi+/pi- is a stage
 (``tisdpo.stages.estimator_models``); this module holds the scoring arithmetic.
 """
 from __future__ import annotations
@@ -17,10 +17,6 @@ from __future__ import annotations
 import torch
 
 from tisdpo.constants import IGNORE_INDEX, SIDES
-
-PAIR_ESTIMATORS = ("sft_pair", "dpo_pair")
-OFFLINE_ESTIMATORS = ("prompt", "sft_pair", "dpo_pair", "random", "uniform", "oracle")
-MODEL_ESTIMATORS = ("prompt", *PAIR_ESTIMATORS)
 
 
 def response_lengths(examples: list[dict], side: str) -> list[int]:

@@ -16,7 +16,7 @@ the EOS embedding itself).
 Only the input embeddings receive gradient in this pass (``torch.autograd.grad``), so nothing
 leaks into the parameters' ``.grad``; the weights are constants in the loss.
 
-The triplet term is a loss term: ``tisdpo.modules.triplet``.
+The triplet term is a loss term: ``tisdpo.losses.tidpo_triplet``.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 
 from tisdpo.constants import IGNORE_INDEX
 from tisdpo.data.collate import concat_pair
+from tisdpo.losses.record import StepContext
 from tisdpo.weights.prior import mix_importance
 
 
@@ -67,7 +68,7 @@ def final_eos_mask(input_ids: torch.Tensor, response_mask: torch.Tensor, eos_tok
 
 
 class GradientWeights:
-    """Callable hook: (module, batch) -> (chosen_weights, rejected_weights) aligned with input_ids."""
+    """Callable hook: (step context) -> (chosen_weights, rejected_weights) aligned with input_ids."""
 
     def __init__(self, lam: float = 0.7, normalize: str = "response", kind: str = "gradient",
                  weight_eos: bool = True, eos_token_id: int | None = None):
@@ -77,11 +78,12 @@ class GradientWeights:
         self.weight_eos, self.eos_token_id = weight_eos, eos_token_id
         self.last_importance: torch.Tensor | None = None  # kept for weight-quality logging
 
-    def __call__(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = ctx.batch
         input_ids, attention = concat_pair(batch, "input_ids"), concat_pair(batch, "attention_mask")
         response_mask = concat_pair(batch, "labels") != IGNORE_INDEX
         with torch.enable_grad():
-            importance = embedding_attribution(module.policy, input_ids, attention)
+            importance = embedding_attribution(ctx.policy, input_ids, attention)
         self.last_importance = importance.detach()
         span_attention, span_response = attention.bool(), response_mask
         eos = None
