@@ -11,7 +11,7 @@ from tisdpo.losses.record import LossRecord
 
 def tpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
              reference_rejected_logps, chosen_mask, rejected_mask, *, chosen_weights=None,
-             rejected_weights=None, chosen_kl=None, rejected_kl=None, beta: float = 0.1,
+             rejected_weights=None, chosen_kl=None, rejected_kl=None, beta: float = 0.01,
              alpha: float = 1.0, length_normalized: bool = False, gamma: float = 0.0,
              gold_logps=None, gold_mask=None):
     """TPO loss per pair.
@@ -20,6 +20,9 @@ def tpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
         L_pref = −logσ(β s(y_w) − β s(y_l) − γ)          (γ = 0 for TPO; TPO-L's reward margin)
         L_BC   = −Σ_t mask_t log π_θ(g_t | x, g_<t) / |g| (negative log-likelihood of the gold response g)
         L      = L_pref + α L_BC
+
+    The release averages the NLL over all gold tokens of the batch; here over each gold response
+    (the batch mean of L then weighs responses equally; the same when lengths are equal).
 
     Our pair datasets carry two responses, so without ``gold_logps``/``gold_mask`` the gold response
     is the chosen one (the best-rated response of the pair; ``experiments/FIDELITY.md``). No

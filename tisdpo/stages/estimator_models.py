@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tisdpo.losses import dpo_loss
 from tisdpo.models.loading import build_model, frozen_copy
@@ -68,10 +68,9 @@ def train_sft_model(cfg: DictConfig, init, rows: list[dict], tokenizer, *, seed:
     """An SFT model trained from ``init`` on {prompt, response} rows with the estimator's settings;
     returns (model, trainer)."""
     est = cfg.estimator
-    sft_cfg = OmegaConf.merge(cfg, {"sft": {"optim": OmegaConf.to_container(est.optim, resolve=True),
-                                            "batch_size": int(est.batch_size)}})
     examples = tokenize_sft(rows, tokenizer, cfg.dataset, int(cfg.sft.max_length))
-    trainer = train_sft(init, examples, tokenizer, sft_cfg, max_steps=int(est.max_steps), seed=seed,
+    trainer = train_sft(init, examples, tokenizer, cfg, optim=est.optim, batch_size=int(est.batch_size),
+                        max_steps=int(est.max_steps), seed=seed,
                         checkpoint_dir=checkpoint_dir, job_type="estimator", run_name=run_name, record=record)
     return init, trainer
 

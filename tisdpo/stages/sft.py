@@ -19,18 +19,20 @@ from tisdpo.stages.start_models import base_model, base_model_identity, stage_de
 log = logging.getLogger(__name__)
 
 
-def train_sft(model, examples, tokenizer, cfg: DictConfig, *, max_steps: int, seed: int,
-              checkpoint_dir: Path | None = None, job_type: str = "sft", run_name: str | None = None,
+def train_sft(model, examples, tokenizer, cfg: DictConfig, *, optim: DictConfig, batch_size: int, max_steps: int,
+              seed: int, checkpoint_dir: Path | None = None, job_type: str = "sft", run_name: str | None = None,
               record: Path | None = None):
-    """Plain next-token SFT with the ``sft.optim`` settings; returns the trained model (in place).
+    """Plain next-token SFT with the given recipe (``optim``, ``batch_size``, ``max_steps``: the SFT
+    stage's ``sft.*``, or an estimator's own); ``cfg`` gives only the run's trainer, checkpoint and
+    logger settings.
 
     With ``checkpoint_dir`` (inside an artifact's build dir) it checkpoints there and resumes from
     what a killed earlier attempt left. Its curves go to their own W&B run (``job_type``, ``run_name``;
     ``record``: the artifact's wandb_run.json naming that run), see ``loggers.stage_logger``.
     Returns the trainer (``fit.save_trained`` writes the model, gathered from its shards under FSDP)."""
     L.seed_everything(seed, workers=True, verbose=False)
-    module = SFTModule(model, cfg.sft.optim, total_steps=max_steps)
-    loader = sft_loader(examples, tokenizer, int(cfg.sft.batch_size), shuffle=True, seed=seed)
+    module = SFTModule(model, optim, total_steps=max_steps)
+    loader = sft_loader(examples, tokenizer, int(batch_size), shuffle=True, seed=seed)
     return fit_stage(cfg.trainer, module, loader, max_steps=max_steps, checkpoint_dir=checkpoint_dir,
                      checkpoint_every=stage_every_n_steps(cfg), model=model,
                      gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")),
@@ -55,7 +57,8 @@ def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path
     def build(out: Path) -> None:
         model = base_model(cfg, data.tokenizer)
         examples = tokenize_sft(data.sft_rows, data.tokenizer, cfg.dataset, int(cfg.sft.max_length))
-        trainer = train_sft(model, examples, data.tokenizer, cfg, max_steps=int(cfg.sft.max_steps), seed=cfg.seed,
+        trainer = train_sft(model, examples, data.tokenizer, cfg, optim=cfg.sft.optim, batch_size=int(cfg.sft.batch_size),
+                            max_steps=int(cfg.sft.max_steps), seed=cfg.seed,
                             checkpoint_dir=out / RESUME_SUBDIR / "sft", run_name=f"sft-{stable_hash(key_fields)}",
                             record=out / RUN_RECORD)
         if save_trained(trainer, model, out):
