@@ -272,10 +272,8 @@ def _check_sft(cfg: DictConfig) -> None:
 
 
 def _check_loss(cfg: DictConfig) -> None:
-    """The loss's own checks (its record), and the bounds every loss with these keys shares."""
-    # beta scales the log-ratio margin: 0 ignores the data, < 0 prefers the rejected response
-    _check(cfg, "loss.beta", low=0, low_open=True, note="the strength of the KL constraint")
-    _check(cfg, "loss.alpha", low=0, note="the weight of the KL term")
+    """The loss's own checks: its record's (each loss bounds its own hyperparameters: β > 0 for a
+    preference margin, β ≥ 0 for GRPO's KL penalty)."""
     record = loss_record(cfg.loss)
     if record.check is not None:
         record.check(cfg)

@@ -18,7 +18,9 @@ from tisdpo.models.lora import policy_and_reference
 from tisdpo.runtime import run_cache
 from tisdpo.runtime.cache import ArtifactCache
 from tisdpo.stages.data import prepare_data
-from tisdpo.stages.evaluation import eval_stage, training_evaluators
+from tisdpo.registry import loss_record
+from tisdpo.stages.evaluation import eval_max_new_tokens, eval_stage, training_evaluators
+from tisdpo.stages.grpo import grpo_stage
 from tisdpo.stages.export import export_policy
 from tisdpo.stages.loaders import tokenize_pairs
 from tisdpo.runtime.loggers import build_logger, finish_logging
@@ -92,11 +94,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Callbacks that measure during training (TI-DPO's weight quality, the eval curve) leave their
     # last values in `latest` for results.json.
     monitors = [*weighting.monitors, *training_evaluators(cfg, data, reference)]
-    module, val_metrics = train_stage(
-        cfg, policy=policy, reference=reference, train_examples=weighting.train_examples, val_examples=val_examples,
-        tokenizer=data.tokenizer, logger=logger, output_dir=output_dir, online_weights=weighting.online_weights,
-        callbacks=monitors, cache=cache, sft_dir=sft_dir,
-    )
+    if loss_record(cfg.loss).pairwise:
+        module, val_metrics = train_stage(
+            cfg, policy=policy, reference=reference, train_examples=weighting.train_examples, val_examples=val_examples,
+            tokenizer=data.tokenizer, logger=logger, output_dir=output_dir, online_weights=weighting.online_weights,
+            callbacks=monitors, cache=cache, sft_dir=sft_dir,
+        )
+    else:  # online (GRPO): samples from the policy on the training prompts; no pairs, no validation pairs
+        module, val_metrics = grpo_stage(
+            cfg, policy=policy, reference=reference, prompts=[row["prompt"] for row in data.train_rows],
+            tokenizer=data.tokenizer, task=data.task, logger=logger, output_dir=output_dir, callbacks=monitors,
+            max_new_tokens=eval_max_new_tokens(cfg, data),
+        )
     results.update(val_metrics)
     for monitor in monitors:
         results.update(getattr(monitor, "latest", {}))
