@@ -32,10 +32,12 @@ def run_pipeline(cfg: DictConfig) -> dict:
 
 def reject_pipeline_trainer_keys(args: list[str]) -> None:
     """Before Hydra composes: `trainer.max_steps=5` would fail its struct check with no hint (and
-    `+trainer.max_steps=5` be silently overwritten by train.max_steps). One line, exit status 2."""
+    `+trainer.max_steps=5` be silently overwritten by train.max_steps); a run dir that cannot be
+    written would be a traceback from Hydra. One line, exit status 2."""
+    from tisdpo.runtime.config_guard import command_line_problem
     from tisdpo.runtime.validate import override_problem
 
-    problem = override_problem(args)
+    problem = override_problem(args) or command_line_problem(args)
     if problem:
         print(f"config error: {problem}", file=sys.stderr)
         raise SystemExit(2)

@@ -203,8 +203,8 @@ def test_cli_config_error_is_one_line_and_exit_status_2(tmp_path):
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines == ["config error: loss=tisdpo needs token weights: add estimator=<one of prompt, sft_pair, dpo_pair, "
-                     "random, uniform, oracle>"], done.stderr[-2000:]
+    assert lines == ["config error: loss=tisdpo needs token weights: add estimator=<one of dpo_pair, oracle, prompt, "
+                     "random, sft_pair, uniform>"], done.stderr[-2000:]
     [marker] = (tmp_path / "outputs" / "runs").glob("*/*/failed.json")
     assert json.loads(marker.read_text())["type"] == "ConfigError"
 
@@ -254,6 +254,7 @@ def test_non_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     out = Path(cfg.paths.output_dir)
     failure = json.loads((out / "failed.json").read_text())
     assert failure["type"] == "FloatingPointError" and "at step 4" in failure["message"]
+    assert "the newest checkpoint, written before this step, is" in failure["message"]  # the step-3 one
     assert failure["last_checkpoint"].endswith("last.ckpt") and not (out / "results.json").exists()
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 3
@@ -330,3 +331,21 @@ def test_two_processes_needing_the_same_artifact_build_it_once(tmp_path):
     assert len((tmp_path / "builds.log").read_text().split()) == 1  # one build, not two
     assert outputs[0]["path"] == outputs[1]["path"]
     assert sorted(o["reused"] for o in outputs) == [False, True]
+
+
+def test_non_finite_without_any_checkpoint_says_so(tmp_path, monkeypatch, shared_cache):
+    """checkpoint.every_n_steps=0: the message must not promise a checkpoint that does not exist."""
+    from tisdpo.modules.preference import PreferenceModule
+    from tisdpo.runtime.failures import run_recorded
+    from tisdpo.stages.runner import run
+
+    original = PreferenceModule.compute
+
+    def compute(self, batch):
+        loss, metrics = original(self, batch)
+        return (loss * float("nan") if self.training and self.global_step == 2 else loss), metrics
+
+    monkeypatch.setattr(PreferenceModule, "compute", compute)
+    cfg = compose_config(["eval=none", "train.max_steps=4", "checkpoint.every_n_steps=0", f"cache.dir={shared_cache}"], tmp_path)
+    with pytest.raises(FloatingPointError, match="no checkpoint was written before this step"):
+        run_recorded(cfg, run)

@@ -1,5 +1,6 @@
 """A resume refuses state that is not the run's: other data, a finished run's results under another
-config, an earlier attempt's checkpoints; other code is a warning, or refused with resume_strict_code=true.
+config, an earlier attempt's checkpoints; other code (another commit, or an edited working tree) is
+refused unless resume_allow_code_change=true, which records it.
 
 The data check is the function the runner calls right after ``prepare_data`` (``check_resume_data``),
 fed rows directly: the rows are what it hashes, whichever file or hub split they came from.
@@ -68,14 +69,16 @@ def test_a_finished_run_returns_its_results_only_for_the_config_it_finished_with
     assert "loss.name: 'dpo' -> 'ipo'" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_other_code_warns_or_is_refused_with_resume_strict_code(tmp_path, monkeypatch, caplog):
+def test_other_code_is_refused_unless_resume_allow_code_change(tmp_path, monkeypatch, caplog):
     import tisdpo.runtime.run_dir as run_dir
 
-    monkeypatch.setattr(run_dir, "code_identity", lambda: {"git_commit": "aaaa", "version": "0.1"})
-    start(tmp_path, "loss=ipo")
-    monkeypatch.setattr(run_dir, "code_identity", lambda: {"git_commit": "bbbb", "version": "0.1"})
+    monkeypatch.setattr(run_dir, "code_identity", lambda: {"git_commit": "aaaa", "version": "0.1", "source_hash": "s1"})
+    _, out, _ = start(tmp_path, "loss=ipo")
+    monkeypatch.setattr(run_dir, "code_identity", lambda: {"git_commit": "aaaa", "version": "0.1", "source_hash": "s2"})
+    with pytest.raises(ConfigError, match="source_hash: 's1' -> 's2'.*resume_allow_code_change=true"):
+        start(tmp_path, "loss=ipo", "resume=true")  # same commit, edited working tree
     with caplog.at_level(logging.WARNING):
-        start(tmp_path, "loss=ipo", "resume=true")
-    assert "the code differs from the code" in caplog.text and "git_commit: 'aaaa' -> 'bbbb'" in caplog.text
-    with pytest.raises(ConfigError, match="git_commit: 'aaaa' -> 'bbbb'.*resume_strict_code=true refuses it"):
-        start(tmp_path, "loss=ipo", "resume=true", "resume_strict_code=true")
+        start(tmp_path, "loss=ipo", "resume=true", "resume_allow_code_change=true")
+    assert "the code differs from the code" in caplog.text and "source_hash: 's1' -> 's2'" in caplog.text
+    [change] = json.loads((out / "run_config.json").read_text())["_identity"]["code_changes"]
+    assert change["from"]["source_hash"] == "s1" and change["to"]["source_hash"] == "s2"

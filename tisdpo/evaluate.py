@@ -24,6 +24,7 @@ stderr and exit status 2.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from datetime import datetime, timezone
@@ -49,7 +50,7 @@ from tisdpo.stages.evaluation import check_eval_options, eval_stage
 from tisdpo.stages.export import POLICY_DIR
 from tisdpo.runtime.loggers import finish_logging, open_run_logger
 from tisdpo.stages.start_models import frozen_dtype, initial_model, master_dtype, stage_device
-from tisdpo.runtime.run_dir import RUN_CONFIG
+from tisdpo.runtime.run_dir import RUN_CONFIG, config_differences
 from tisdpo.stages.sft import sft_stage
 from tisdpo.runtime.validate import validate_config
 
@@ -192,11 +193,27 @@ def log_to_wandb(run_dir: Path, metrics: dict[str, Any], results: dict[str, Any]
     finish_logging(logger, run_dir, results)
 
 
+def check_results_config(run_dir: Path, results: dict[str, Any], run_config: dict[str, Any]) -> None:
+    """A results.json whose ``config`` disagrees with run_config.json (beta, the model, the data:
+    anything that changes the trained policy; eval options may differ) is not the results of the
+    policy evaluated here: merging new metrics into it would mix two runs. Refused in one line."""
+    recorded = results.get("config")
+    if not isinstance(recorded, dict):
+        return
+    differences = config_differences(run_config, json.loads(json.dumps(recorded, default=str)))
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; ... ({len(differences)} in all)" if len(differences) > 4 else "")
+        raise EvaluateError(f"{run_dir / RESULTS}: its config differs from {RUN_CONFIG} ({shown}): it is not the "
+                            f"results of the policy in {run_dir}; restore it or re-run the job")
+
+
 def evaluate_run(run_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """Evaluate one finished run with ``overrides``; returns the new metrics (also merged into its results.json)."""
     check_policy(run_dir)
     results = read_json(run_dir / RESULTS)
-    cfg = compose_eval_config(read_json(run_dir / RUN_CONFIG), overrides)
+    run_config = read_json(run_dir / RUN_CONFIG)
+    check_results_config(run_dir, results, run_config)
+    cfg = compose_eval_config(run_config, overrides)
     validate_config(cfg)
     if not cfg.eval.get("enabled", False):
         raise EvaluateError(f"eval={cfg.eval.get('name')}: evaluation is off; give an eval preset, e.g. eval=synthetic")

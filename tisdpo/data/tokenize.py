@@ -15,6 +15,14 @@ if prompt + longer response exceeds ``max_length``, the prompt is cut to
 ``max_prompt_length`` (``keep_end`` keeps its end, ``keep_start`` its start; a BOS stays
 first either way); if still too long, each response keeps its first
 ``max_length - len(prompt)`` tokens (so a truncated response loses its EOS).
+
+Truncation happens while tokenising, never after a whole text is tokenised: a text is tokenised in
+growing pieces (from its start, or its end for a ``keep_end`` prompt) until there are more tokens
+than can be kept, plus a margin that keeps the tokens near the cut out of the result
+(:func:`_bounded_ids`). One row therefore costs about ``max_length`` tokens of work however long it
+is (a 60 MB response is cut, and counted as truncated, not tokenised whole); a piece grows to at most
+:data:`MAX_CHARS_PER_TOKEN` characters per kept token. The only exception: a row that brings its own
+token weights counted before truncation is tokenised whole, since their count must be checked.
 """
 
 from __future__ import annotations
@@ -63,6 +71,34 @@ def _ids(tokenizer: Any, text: str, *, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+# Tokens tokenised beyond what is kept, next to the cut: a word split by the cut changes only these.
+CUT_MARGIN = 16
+# The first piece of a long text: this many characters per token wanted; each next piece doubles.
+FIRST_CHARS_PER_TOKEN = 8
+# A piece never grows past this many characters per token wanted: one row's cost stays bounded
+# (a text with fewer tokens than that is cut at those characters, and counted as truncated).
+MAX_CHARS_PER_TOKEN = 256
+
+
+def _bounded_ids(tokenizer: Any, text: str, limit: int, *, from_end: bool = False) -> tuple[list[int], bool]:
+    """The tokens of ``text`` (no special tokens) when there are at most ``limit`` of them, else
+    ``limit + 1`` of its first (``from_end``: last) tokens; and whether the list is the whole text.
+    A list of ``limit + 1`` says "longer than limit" (its true length is not computed)."""
+    wanted = limit + 1 + CUT_MARGIN
+    size = wanted * FIRST_CHARS_PER_TOKEN
+    while True:
+        if size >= len(text):
+            return _ids(tokenizer, text), True
+        piece = text[-size:] if from_end else text[:size]
+        ids = _ids(tokenizer, piece)
+        if len(ids) >= wanted:
+            return (ids[-(limit + 1):] if from_end else ids[:limit + 1]), False
+        if size >= wanted * MAX_CHARS_PER_TOKEN:  # pathological text: cut here, counted as truncated
+            kept = ids[CUT_MARGIN:] if from_end else ids[:max(0, len(ids) - CUT_MARGIN)]
+            return kept[-(limit + 1):] if from_end else kept[:limit + 1], False
+        size = min(size * 2, wanted * MAX_CHARS_PER_TOKEN)
+
+
 # tokenizer -> (bos_token_id, adds_bos): the probe costs a tokenizer call, per example
 _BOS_CACHE: "weakref.WeakKeyDictionary[Any, tuple[int, bool]]" = weakref.WeakKeyDictionary()
 
@@ -86,19 +122,31 @@ def _bos_prefix(tokenizer: Any) -> list[int]:
     return [bos] if cached[1] else []
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool, bos: list[int]) -> list[int]:
+def _prompt_text(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
+    """The prompt as it is tokenised: as given, or inside the tokenizer's chat template."""
     if not use_chat_template:
-        return bos + _ids(tokenizer, prompt)
+        return prompt
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "dataset.chat_template=true, but the tokenizer has no chat template: "
             "set dataset.chat_template=false or use a tokenizer that defines one"
         )
-    text = tokenizer.apply_chat_template(
+    # the template writes any BOS it wants as text; adding special tokens would double it
+    return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
     )
-    # the template writes any BOS it wants as text; adding special tokens would double it
-    return _ids(tokenizer, text)
+
+
+def _bounded_prompt_ids(tokenizer: Any, text: str, bos: list[int], *, max_length: int, max_prompt_length: int,
+                        truncation_mode: str) -> tuple[list[int], int]:
+    """The prompt's ids, enough of them for any truncation below, and its length (a lower bound,
+    ``> max_length``, when it is longer than can ever be kept whole)."""
+    ids, whole = _bounded_ids(tokenizer, text, max_length)
+    if whole:
+        return bos + ids, len(bos) + len(ids)
+    if truncation_mode == "keep_end":  # the end is kept: tokenise from the end
+        ids, _ = _bounded_ids(tokenizer, text, max_prompt_length, from_end=True)
+    return bos + ids, len(bos) + max_length + 1
 
 
 def _eos(tokenizer: Any, add_eos: bool) -> list[int]:
@@ -123,8 +171,8 @@ def _truncate_prompt(ids: list[int], limit: int, mode: str, n_bos: int) -> list[
 class _Encoded:
     prompt: list[int]
     responses: list[list[int]]  # after truncation
-    full_lengths: list[int]  # response lengths (EOS included) before truncation
-    full_prompt_length: int = -1  # prompt length before truncation
+    full_lengths: list[int]  # response lengths (EOS included) before truncation; max_length + 1 for "longer"
+    full_prompt_length: int = -1  # prompt length before truncation (a lower bound for a cut one, as above)
 
 
 def _encode(
@@ -137,17 +185,24 @@ def _encode(
     truncation_mode: str,
     add_eos: bool,
     use_chat_template: bool,
+    whole_responses: bool = False,
 ) -> _Encoded:
     bos = [] if use_chat_template else _bos_prefix(tokenizer)
-    prompt_ids = _prompt_ids(tokenizer, prompt, use_chat_template, bos)
-    full_prompt_length = len(prompt_ids)
+    text = _prompt_text(tokenizer, prompt, use_chat_template)
+    prompt_ids, full_prompt_length = _bounded_prompt_ids(tokenizer, text, bos, max_length=max_length,
+                                                         max_prompt_length=max_prompt_length,
+                                                         truncation_mode=truncation_mode)
     eos = _eos(tokenizer, add_eos)
-    full = [_ids(tokenizer, text) + eos for text in responses]
-    longest = max(len(r) for r in full)
-    if len(prompt_ids) + longest > max_length:
+    full, lengths = [], []
+    for response in responses:
+        ids, whole = (_ids(tokenizer, response), True) if whole_responses else _bounded_ids(tokenizer, response, max_length)
+        full.append(ids + eos if whole else ids)  # a cut response has no EOS
+        lengths.append(len(ids) + len(eos) if whole else max_length + 1)  # cut: a lower bound
+    longest = max(lengths)
+    if full_prompt_length + longest > max_length:
         prompt_ids = _truncate_prompt(prompt_ids, max_prompt_length, truncation_mode, len(bos))
     budget = max(0, max_length - len(prompt_ids))
-    return _Encoded(prompt_ids, [r[:budget] for r in full], [len(r) for r in full], full_prompt_length)
+    return _Encoded(prompt_ids, [r[:budget] for r in full], lengths, full_prompt_length)
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,6 +301,7 @@ def tokenize_example(
         tokenizer, texts["prompt"], [texts["chosen"], texts["rejected"]],
         max_length=max_length, max_prompt_length=max_prompt_length,
         truncation_mode=truncation_mode, add_eos=add_eos, use_chat_template=use_chat_template,
+        whole_responses=weights is not None,  # weights counted before truncation: their count is checked
     )
     sides = {"chosen": 0, "rejected": 1}  # key -> position in enc.responses
     if weights is not None:  # structural: checked before any content drop

@@ -54,3 +54,13 @@ class ShardedNormClipping:
             root.clip_grad_norm_(float(gradient_clip_val))
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def last_checkpoint_note(trainer) -> str:
+    """What a non-finite loss or gradient leaves to resume from, as it is: the newest checkpoint the
+    run's checkpoint callback wrote before this step, or that none was written."""
+    callback = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+    path = (getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")) if callback else ""
+    if path:
+        return f"the newest checkpoint, written before this step, is {path} (resume=true continues from it)"
+    return "no checkpoint was written before this step (checkpoint.every_n_steps), so nothing can be resumed"

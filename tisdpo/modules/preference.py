@@ -19,7 +19,7 @@ from tisdpo.data.collate import concat_pair
 from tisdpo.kernels.logprobs import per_position_kl, token_logps
 from tisdpo.losses.record import BoundLoss, StepContext
 from tisdpo.models.sharding import finish_backward, is_sharded
-from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer
+from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer, last_checkpoint_note
 from tisdpo.kernels.shared_prefix import PackedPairs, pack_pairs, packed_logps, packing_matches, packing_supported
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         if self.check_finite and not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {self.global_step} on examples {batch['index'].tolist()}; "
-                "the last good checkpoint is kept in the run's checkpoints/ directory"
+                + last_checkpoint_note(self._trainer)
             )
         # Lightning writes step metrics every trainer.log_every_n_steps steps; each self.log costs
         # ~1 ms of Python, so the metrics are handed over only on those steps.
@@ -209,7 +209,7 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
             raise FloatingPointError(
                 f"non-finite gradient at step {self.global_step} on examples {self._last_indices.tolist()}; "
-                "the last good checkpoint is kept in the run's checkpoints/ directory"
+                + last_checkpoint_note(self._trainer)
             )
 
     def validation_step(self, batch, batch_idx):

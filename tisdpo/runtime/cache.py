@@ -8,6 +8,13 @@ next request resumes a killed build from the checkpoints it left in ``<build dir
 A ``MANIFEST.json`` records the sha256 of every file; a read whose hashes do not match is treated as corrupt: warned about, deleted, rebuilt.
 A file lock per key means two sweep jobs that need the same artifact build it once.
 
+The key also names the code that builds the artifact: ``<hash of key_fields>-<code hash>``, where the
+code hash covers the module that defines ``build`` and every ``tisdpo`` module it imports,
+transitively (``hashing.code_hash``; comments do not count). Edited code therefore never reuses an
+artifact the old code made. ``cache.reuse_across_code=true`` (set per job by ``run_dir.begin_run``)
+reuses an artifact of the same inputs built by other code when there is no current one: logged as a
+warning and recorded in the stage's event (``results.json["stages"]``: ``reused_across_code``).
+
 Several processes of one run (DDP/FSDP: Lightning re-launches the script for the other ranks at
 the first multi-device fit; torchrun and SLURM start them all): rank 0 builds and seals every
 artifact, the other ranks wait until it is sealed and read it. A ``collective`` build (one that
@@ -21,6 +28,7 @@ created beside the artifact is taken in the temporary dir instead (keyed by the 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,7 +43,9 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
-from tisdpo.hashing import file_sha256
+from tisdpo.hashing import code_hash, file_sha256, stable_hash
+
+__all__ = ["ArtifactCache", "Artifact", "stable_hash", "artifact_key", "set_code_policy", "launch_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +67,38 @@ def launch_rank() -> int:
     return local or node
 
 
-def stable_hash(obj: Any, length: int = 16) -> str:
-    """sha256 of a canonical JSON dump (sorted keys); the cache key of a config slice."""
-    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
+# Per job (run_dir.begin_run sets it from cache.reuse_across_code): may an artifact built by other code be reused?
+_CODE_POLICY = {"reuse_across_code": False}
+
+
+def set_code_policy(reuse_across_code: bool) -> None:
+    """The job's ``cache.reuse_across_code``: the default of every ArtifactCache made after this call."""
+    _CODE_POLICY["reuse_across_code"] = bool(reuse_across_code)
+
+
+def builder_module(build: Callable) -> str | None:
+    """The module that defines ``build`` (a function, lambda or functools.partial)."""
+    while isinstance(build, functools.partial):
+        build = build.func
+    return getattr(build, "__module__", None)
+
+
+def builder_code(build: Callable) -> str | None:
+    """The hash of the code that builds an artifact: ``build``'s module and what it imports in
+    tisdpo; None for a builder outside tisdpo (a test's, a notebook's): no code of ours to track."""
+    module = builder_module(build)
+    return code_hash(module) if module and module.split(".")[0] == "tisdpo" else None
+
+
+def artifact_key(key_fields: dict[str, Any], build: Callable) -> str:
+    """``<hash of the inputs>-<hash of the builder's code>``: the artifact's directory name."""
+    code = builder_code(build)
+    return f"{stable_hash(key_fields)}-{code}" if code else stable_hash(key_fields)
+
+
+def key_code(key: str) -> str | None:
+    """The code hash in an artifact key, or None (a builder outside tisdpo)."""
+    return key.partition("-")[2] or None
 
 
 def _hash_tree(directory: Path) -> dict[str, str]:
@@ -80,9 +118,12 @@ class Artifact:
 
 
 class ArtifactCache:
-    def __init__(self, root: str | os.PathLike, enabled: bool = True, rank_wait_s: float = 24 * 3600):
+    def __init__(self, root: str | os.PathLike, enabled: bool = True, rank_wait_s: float = 24 * 3600,
+                 reuse_across_code: bool | None = None):
         self.root = Path(root).expanduser()
         self.enabled = enabled
+        # None: the job's cache.reuse_across_code (set_code_policy)
+        self.reuse_across_code = _CODE_POLICY["reuse_across_code"] if reuse_across_code is None else reuse_across_code
         self.rank_wait_s = rank_wait_s  # how long a rank other than 0 waits for rank 0's artifact
         self.events: list[dict[str, Any]] = []  # what each stage did, for logs and results.json
 
@@ -118,7 +159,7 @@ class ArtifactCache:
         final path (the directory is renamed once ``build`` returns). ``collective``: every rank
         of a multi-process run takes part in the build (see the module docstring).
         """
-        key = stable_hash(key_fields)
+        key = artifact_key(key_fields, build)
         final = self._dir(stage, key)
         rank = launch_rank()
         if rank != 0:
@@ -129,6 +170,10 @@ class ArtifactCache:
         # (a read-only cache serves it).
         if self.enabled and final.exists() and self.is_valid(final):
             return self._reused(stage, key, final)
+        if self.enabled and self.reuse_across_code and key_code(key):
+            other = self._built_by_other_code(stage, key)
+            if other is not None:
+                return self._reused(stage, other.name, other, across_code_from=key)
         final.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         with _lock(final):
@@ -147,7 +192,8 @@ class ArtifactCache:
             try:
                 build(tmp)
                 shutil.rmtree(tmp / RESUME_SUBDIR, ignore_errors=True)
-                (tmp / "key.json").write_text(json.dumps(key_fields, indent=2, sort_keys=True, default=str))
+                code = {"module": builder_module(build), "hash": builder_code(build)}
+                (tmp / "key.json").write_text(json.dumps({**key_fields, "_code": code}, indent=2, sort_keys=True, default=str))
                 (tmp / MANIFEST).write_text(json.dumps({"stage": stage, "key": key, "files": _hash_tree(tmp)}, indent=2))
                 os.replace(tmp, final)  # atomic on POSIX: readers see all or nothing
             except Exception:  # a failed build starts over next time; an interrupted one (killed) resumes
@@ -155,7 +201,7 @@ class ArtifactCache:
                 raise
         seconds = time.perf_counter() - started
         log.info("stage %-10s built   %s (%.1fs)", stage, final, seconds)
-        event = {"stage": stage, "key": key, "reused": False, "seconds": round(seconds, 2)}
+        event = {"stage": stage, "key": key, "reused": False, "seconds": round(seconds, 2), "code": key_code(key)}
         if device is not None:  # where the build ran (results.json "stages")
             event["device"] = str(device)
         if resumed:
@@ -191,10 +237,28 @@ class ArtifactCache:
         self.events.append({"stage": stage, "key": key, "reused": False, "seconds": round(seconds, 2), "rank": rank})
         return Artifact(stage, key, final, reused=False)
 
-    def _reused(self, stage: str, key: str, final: Path) -> Artifact:
-        log.info("stage %-10s reused  %s", stage, final)
+    def _built_by_other_code(self, stage: str, key: str) -> Path | None:
+        """The newest valid artifact with the same inputs as ``key`` but built by other code, or None."""
+        inputs, _, code = key.partition("-")
+        if not code:
+            return None
+        found = [p for p in (self.root / stage).glob(f"{inputs}-*") if p.is_dir() and p.name != key]
+        for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+            if self.is_valid(path):
+                return path
+        return None
+
+    def _reused(self, stage: str, key: str, final: Path, across_code_from: str | None = None) -> Artifact:
         # no device: nothing ran (the artifact's key.json names what built it)
-        self.events.append({"stage": stage, "key": key, "reused": True, "seconds": 0.0, "device": None})
+        event = {"stage": stage, "key": key, "reused": True, "seconds": 0.0, "device": None, "code": key_code(key)}
+        if across_code_from is not None:
+            current = key_code(across_code_from)
+            log.warning("stage %-10s reused  %s, built by other code (%s; the code now is %s): "
+                        "cache.reuse_across_code=true", stage, final, event["code"], current)
+            event.update(reused_across_code=True, code_now=current)
+        else:
+            log.info("stage %-10s reused  %s", stage, final)
+        self.events.append(event)
         return Artifact(stage, key, final, reused=True)
 
 

@@ -12,6 +12,12 @@ checkpoint only if its content matches the sidecar; the newest is the one with t
 checkpoint without a sidecar (runs from before sidecars) is accepted if its zip is readable.
 Sharded checkpoints (FSDP, ``state_dict_type=sharded``) are directories with the same names: their
 sidecar hashes every file in them, and one without a sidecar is accepted once complete (``.metadata``).
+
+A checkpoint of a run dir (``<run dir>/checkpoints/``) also carries the identity of the run that
+wrote it, under ``run`` in its sidecar: the loss, a hash of the config (minus the keys that cannot
+change the weights, :data:`IDENTITY_IGNORED`) and the training data's fingerprint, all read from the
+run's ``run_config.json``. A resume compares it with the run it continues (:func:`identity_problem`):
+another run's checkpoint copied in is refused instead of silently continued.
 """
 from __future__ import annotations
 
@@ -22,13 +28,20 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
-from tisdpo.hashing import file_sha256
+from tisdpo.hashing import file_sha256, stable_hash
 from tisdpo.jsonio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+RUN_CONFIG = "run_config.json"
+IDENTITY = "_identity"  # run_config.json: data and code identity, checked apart from the config
+# Config keys that may differ between a run and its resumption: they cannot change the weights.
+IDENTITY_IGNORED = (IDENTITY, "resume", "resume_strict_code", "resume_allow_code_change", "paths", "hydra", "logger",
+                    "eval", "cache", "label", "project", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+                    "checkpoint", "train.num_workers", "export")
 LAST = "last.ckpt"
 SIDECAR = ".sha256"
 _STEP = re.compile(r"(?:^|-)step=(\d+)")
@@ -54,12 +67,67 @@ def _content_size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(q.stat().st_size for q in path.rglob("*") if q.is_file())
 
 
-def write_sidecar(path: Path, step: int) -> Path:
-    """Hash the complete checkpoint ``path`` (a file, or a sharded checkpoint's directory) into
-    ``<path>.sha256`` (atomic: never half a sidecar)."""
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b.c": value}``."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): tree}
+
+
+def identity_ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IDENTITY_IGNORED)
+
+
+def run_identity(run_dir: Path) -> dict[str, Any] | None:
+    """What makes a run's checkpoints its own: ``{"loss", "config", "data"}`` from its run_config.json
+    (None when it has none, e.g. a stage's build dir)."""
+    try:
+        config = json.loads((Path(run_dir) / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    weights_keys = {k: v for k, v in flatten(config).items() if not identity_ignored(k)}
+    data = ((config.get(IDENTITY) or {}).get("data") or {}).get("train")
+    return {"loss": (config.get("loss") or {}).get("name"), "config": stable_hash(weights_keys), "data": data}
+
+
+def _owning_run(path: Path) -> Path | None:
+    """The run dir of a checkpoint in ``<run dir>/checkpoints/``, else None."""
     path = Path(path)
-    record = {"sha256": _content_sha256(path), "size": _content_size(path), "step": int(step), "file": path.name}
+    return path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
+
+
+def write_sidecar(path: Path, step: int, identity: dict[str, Any] | None = None) -> Path:
+    """Hash the complete checkpoint ``path`` (a file, or a sharded checkpoint's directory) into
+    ``<path>.sha256`` (atomic: never half a sidecar), with the identity of the run that wrote it
+    (``identity``, else read from the run dir the checkpoint is in)."""
+    path = Path(path)
+    record: dict[str, Any] = {"sha256": _content_sha256(path), "size": _content_size(path), "step": int(step),
+                              "file": path.name}
+    owner = _owning_run(path)
+    identity = identity if identity is not None else (run_identity(owner) if owner is not None else None)
+    if identity is not None:
+        record["run"] = identity
     return write_json_atomic(sidecar_path(path), record)
+
+
+def identity_problem(path: Path, run_dir: Path) -> str | None:
+    """Why checkpoint ``path`` is not the run ``run_dir``'s own (another loss, config or data), as
+    a phrase; None when it is, or when either side predates identities (nothing to compare)."""
+    recorded = (read_sidecar(path) or {}).get("run")
+    expected = run_identity(run_dir)
+    if not isinstance(recorded, dict) or expected is None:
+        return None
+    names = {"loss": "loss", "config": "config hash", "data": "training data"}
+    differences = [f"{names[k]} {recorded[k]} (this run: {expected[k]})" for k in names
+                   if recorded.get(k) is not None and expected.get(k) is not None and recorded[k] != expected[k]]
+    if not differences:
+        return None
+    return "was written by another run: " + ", ".join(differences)
 
 
 def read_sidecar(path: Path) -> dict | None:

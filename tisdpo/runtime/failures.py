@@ -19,6 +19,16 @@ A full disk must not hide why a job failed: a small reserve file is held in the 
 job runs and freed before ``failed.json`` is written; if that still fails, the record goes to
 ``$TMPDIR/tisdpo-failed-<pid>.json`` and its path is printed on stderr.
 
+One owner per run dir: the job claims its run dir first (``run_dir.claim_run_dir``: an OS file lock
+plus an owner record); a second process on a live run's dir is refused in one line (exit status 2)
+and writes nothing there. A crash in native code (an abort in a tokenizer, a segfault) cannot run
+Python: ``faulthandler`` writes its traceback to ``<run dir>/.fatal.log``, and the next process to
+claim the dir records that attempt's ``failed.json``. A Python ``MemoryError`` is recorded like any error.
+
+Secrets never reach what a failure writes: ``failed.json``, the one-line stderr message, the
+re-raised exception's message and every log record (run.log, stderr) are redacted
+(``tisdpo.redaction``).
+
 Light imports only: ``run.py`` imports this module once Hydra has composed the config, before the
 config is checked, so a typo still answers in a second (the runner comes in as ``run_fn``).
 """
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import faulthandler
 import json
 import logging
 import os
@@ -41,7 +52,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from tisdpo.errors import UserError
+from tisdpo.redaction import install_log_redaction, redact, redact_exception
 from tisdpo.runtime.checkpoints import CHECKPOINT_DIR, find_checkpoint
+from tisdpo.runtime.config_guard import check_config, check_run_dir, run_dir_of
+from tisdpo.runtime.run_dir import FATAL_LOG, claim_run_dir, parse_resume
 from tisdpo.runtime.validate import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -134,8 +148,8 @@ def interruption(error: BaseException) -> str | None:
 def failure_record(error: BaseException, output_dir: Path | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "type": type(error).__name__,
-        "message": str(error),
-        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__)),
+        "message": redact(str(error)),
+        "traceback": redact("".join(traceback.format_exception(type(error), error, error.__traceback__))),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "pid": os.getpid(),
     }
@@ -178,7 +192,7 @@ def write_failure(output_dir: Path, error: BaseException) -> Path | None:
     try:
         text = json.dumps(failure_record(error, output_dir), indent=2, default=str)
     except Exception as secondary:  # noqa: BLE001
-        text = json.dumps({"type": type(error).__name__, "message": str(error), "record_error": str(secondary)})
+        text = json.dumps({"type": type(error).__name__, "message": redact(str(error)), "record_error": str(secondary)})
     problem: BaseException | None = None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -231,17 +245,64 @@ def _multirun() -> bool:
 
 
 def run_recorded(cfg, run_fn: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-    """``run_fn(cfg)`` (the runner), with a failure recorded in the run dir before it propagates."""
+    """``run_fn(cfg)`` (the runner), with a failure recorded in the run dir before it propagates.
+    The run dir is claimed first: a dir that cannot be used, or that a live process owns, is refused
+    in one line without writing anything there."""
+    install_log_redaction()
+    try:
+        check_run_dir(cfg)
+        owner = claim_run_dir(run_dir_of(cfg), create=parse_resume(cfg.get("resume")).run_dir is None)
+    except UserError as error:
+        return _refused(error)
     start_dir = Path(str(cfg.paths.output_dir))
-    hold_reserve(start_dir)
-    with handled_signals():
-        try:
-            validate_config(cfg)  # before the heavy imports: a typo answers in a second
-            return run_fn(cfg)
-        except BaseException as error:
-            return _recorded_failure(cfg, error)
-        finally:
-            release_reserve(start_dir)
+    with owner, _fatal_log(owner.run_dir if owner.owns else None):
+        hold_reserve(start_dir)
+        with handled_signals():
+            try:
+                validate_config(cfg)  # before the heavy imports: a typo answers in a second
+                check_config(cfg)     # +keys nothing reads, certain overflows
+                return run_fn(cfg)
+            except BaseException as error:
+                return _recorded_failure(cfg, error)
+            finally:
+                release_reserve(start_dir)
+
+
+def _refused(error: UserError):
+    """A run dir that cannot be used: one line, exit status 2, no failed.json (the dir is not ours)."""
+    message = redact(str(error))
+    log.error("job refused: %s", message)
+    if _multirun():
+        raise error
+    print(f"config error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def _fatal_log(run_dir: Path | None) -> Iterator[None]:
+    """faulthandler's traceback of a native crash (abort, segfault) into ``<run dir>/.fatal.log``;
+    the file is removed when the job ends in Python (it is then empty). None: not this rank's dir."""
+    if run_dir is None:
+        yield
+        return
+    path = Path(run_dir) / FATAL_LOG
+    try:
+        handle = open(path, "w", encoding="utf-8")
+    except OSError:
+        yield
+        return
+    previous = faulthandler.is_enabled()
+    faulthandler.enable(file=handle, all_threads=True)
+    try:
+        yield
+    finally:
+        faulthandler.disable()
+        if previous:
+            faulthandler.enable()
+        handle.close()
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                path.unlink()
 
 
 def _close_wandb_run(exit_code: int) -> None:
@@ -272,8 +333,9 @@ def _recorded_failure(cfg, error: BaseException):
         if _multirun():
             raise JobInterrupted(f"interrupted by {signal_name}") from error
         raise SystemExit(code) from None
+    redact_exception(error)  # its message as Hydra prints it, and as W&B or a sweep summary records it
     log.error("job failed: %s: %s%s", type(error).__name__, error, where)
     if isinstance(error, UserError) and not _multirun():
-        print(f"{'config' if isinstance(error, ConfigError) else 'data'} error: {error}", file=sys.stderr)
+        print(f"{'config' if isinstance(error, ConfigError) else 'data'} error: {redact(str(error))}", file=sys.stderr)
         raise SystemExit(2) from None
     raise error

@@ -9,8 +9,11 @@ token weights as tables (:func:`finish_logging`). ``<run dir>/wandb_run.json`` n
 of a run dir, so ``resume`` and the eval-only command (:func:`open_run_logger`) continue it; the
 same file in a cached artifact names the run that built it.
 
-Offline unless an API key is set; ``WANDB_MODE=disabled`` makes every W&B logger ``False`` (no
-files). Nothing here waits on the network.
+Offline unless the user asks for online (``logger.offline=false`` or ``WANDB_MODE=online``): an API
+key in the environment is not a request to go online (a cluster node with a key and no outbound
+access would wait on the network and fail). ``WANDB_MODE=offline`` wins over everything, the config
+included; ``WANDB_MODE=disabled`` makes every W&B logger ``False`` (no files). Secrets (API keys,
+tokens, Authorization headers) are redacted from the config W&B records (``redaction.redact_config``).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.jsonio import write_json_atomic
+from tisdpo.redaction import redact_config
 from tisdpo.runtime.run_dir import RUN_CONFIG, parse_resume
 from tisdpo.provenance import code_identity
 
@@ -59,13 +63,15 @@ def wandb_disabled() -> bool:
 
 
 def wandb_offline_by_default(requested: bool | None) -> bool:
-    """Offline unless an API key is present or the user asked for online explicitly."""
+    """Offline unless the user asked for online: ``WANDB_MODE=offline`` (or ``dryrun``) always wins;
+    else ``logger.offline`` (``requested``) when set; else online only for ``WANDB_MODE=online``.
+    A ``WANDB_API_KEY`` alone never turns a run online."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "dryrun"):
+        return True
     if requested is not None:
         return bool(requested)
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode in ("online", "run"):
-        return False
-    return not os.environ.get("WANDB_API_KEY")
+    return mode not in ("online", "run")
 
 
 def _is_wandb(node: DictConfig) -> bool:
@@ -157,7 +163,7 @@ def run_tags(cfg: DictConfig) -> list[str]:
 def wandb_config(config_dict: dict[str, Any]) -> dict[str, Any]:
     """The W&B config: the composed config plus the Hydra overrides (the report's W&B reader groups
     methods by them) and the code version."""
-    return {**config_dict, "overrides": hydra_overrides(), "code_version": code_version()}
+    return redact_config({**config_dict, "overrides": hydra_overrides(), "code_version": code_version()})
 
 
 def stage_run_name(stage: str, build_dir: Path, side: str | None = None) -> str:
@@ -232,11 +238,11 @@ def build_logger(cfg: DictConfig, config_dict: dict[str, Any]):
     group = run_group(cfg)
     recorded = _recorded_run(output_dir) if parse_resume(cfg.get("resume")).requested else None
     run_id = str(node.get("id") or (recorded or {}).get("id") or _new_run_id())
+    if isinstance(config_dict.get("logger"), dict):  # before wandb_config copies it (redacted)
+        config_dict["logger"]["group"] = group
     kwargs = _wandb_kwargs(node, save_dir=str(output_dir), id=run_id, resume="allow", group=group,
                            job_type=node.get("job_type") or "train", tags=run_tags(cfg),
                            config=wandb_config(config_dict))
-    if isinstance(config_dict.get("logger"), dict):
-        config_dict["logger"]["group"] = group
     if rank_zero_only.rank == 0:  # under DDP only rank 0 has a W&B run
         write_json_atomic(output_dir / RUN_RECORD, {
             "id": run_id, "project": kwargs.get("project"), "entity": kwargs.get("entity"), "group": group,
@@ -297,8 +303,8 @@ def stage_logger(cfg: DictConfig, job_type: str, name: str, record: Path | None 
         return False
     output_dir = Path(str(cfg.paths.output_dir))  # the job's run dir: its wandb/ holds every run of the job
     group = run_group(cfg)
-    config = {"stage": job_type, "built_in": str(output_dir), "config": OmegaConf.to_container(cfg, resolve=True),
-              "overrides": hydra_overrides(), "code_version": code_version()}
+    config = redact_config({"stage": job_type, "built_in": str(output_dir), "config": OmegaConf.to_container(cfg, resolve=True),
+                            "overrides": hydra_overrides(), "code_version": code_version()})
     kwargs = _wandb_kwargs(node, save_dir=str(output_dir), id=_new_run_id(), name=name, group=group,
                            job_type=job_type, tags=[*run_tags(cfg), f"stage:{job_type}"], config=config)
     if record is not None:
@@ -321,7 +327,7 @@ def open_run_logger(run_dir: str | os.PathLike, job_type: str = "eval", **kwargs
         config = json.loads((run_dir / RUN_CONFIG).read_text())
     except (OSError, ValueError):
         config = {}
-    offline = recorded.get("mode") != "online" and wandb_offline_by_default(None)
+    offline = wandb_offline_by_default(False if recorded.get("mode") == "online" else None)  # WANDB_MODE=offline wins
     settings = {"id": recorded["id"], "resume": "allow", "save_dir": str(run_dir), "project": recorded.get("project"),
                 "entity": recorded.get("entity"), "name": recorded.get("name"), "group": recorded.get("group"),
                 "job_type": job_type, "mode": "offline" if offline else "online", **kwargs}

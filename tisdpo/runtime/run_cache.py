@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # Top-level keys (and dotted sub-keys) that do not change what a run computes.
-NOT_IN_KEY = ("paths", "hydra", "logger", "label", "project", "paper_table", "resume", "resume_strict_code",
+NOT_IN_KEY = ("paths", "hydra", "logger", "label", "project", "paper_table", "resume", "resume_strict_code", "resume_allow_code_change",
               "cache", "export", "checkpoint", "trainer.enable_progress_bar", "trainer.log_every_n_steps",
               "train.num_workers", "torch_threads")
 # Files a finished run leaves that the reports and notebooks read.

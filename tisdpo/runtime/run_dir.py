@@ -8,35 +8,44 @@ started with (``run_config.json``), apart from keys that cannot change the train
 
 ``run_config.json`` also records, under ``_identity``, what the config does not say: the data
 content (hashes of the train, test and SFT rows, recorded once the data is loaded) and the code
-(git commit, package version). A resume on different data is refused in one line; a different code
-identity is a warning (a bug fix between the kill and the resume is normal), or refused with
-``resume_strict_code=true``. A finished run returns its stored results only for the config it
-finished with (``results.json`` holds it). A fresh start (no resume) in a dir that holds an earlier
-attempt moves its ``results.json`` and ``checkpoints/`` aside, so a later resume cannot pick them up.
+(git commit, package version, and a hash of the working tree's sources: an uncommitted edit counts).
+A resume on different data is refused in one line; so is a resume under different code, unless
+``resume_allow_code_change=true``, which continues and appends the change to
+``_identity.code_changes`` (a bug fix between the kill and the resume can be deliberate; it is then
+on record). The checkpoint a resume continues must be this run's own: one whose sidecar names another
+loss, config or data (``checkpoints.identity_problem``) is refused before anything is written. A
+finished run returns its stored results only for the config it finished with (``results.json`` holds
+it). A fresh start (no resume) in a dir that holds an earlier attempt moves its ``results.json`` and
+``checkpoints/`` aside, so a later resume cannot pick them up.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import BaseFileLock, FileLock, SoftFileLock, Timeout
+
+from tisdpo.hashing import stable_hash
 from tisdpo.jsonio import write_json_atomic
-from tisdpo.runtime.cache import stable_hash
-from tisdpo.runtime.checkpoints import CHECKPOINT_DIR, checkpoint_problem, find_checkpoint
-from tisdpo.runtime.validate import ConfigError
 from tisdpo.provenance import code_identity
+from tisdpo.runtime.cache import launch_rank, set_code_policy
+from tisdpo.runtime.checkpoints import (CHECKPOINT_DIR, IDENTITY, IDENTITY_IGNORED, RUN_CONFIG, checkpoint_problem,
+                                        find_checkpoint, flatten, identity_ignored, identity_problem)
+from tisdpo.runtime.validate import ConfigError
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "run_config.json"
-IDENTITY = "_identity"  # run_config.json: data and code identity, checked apart from the config
 # Config keys that may differ between a run and its resumption: they cannot change the weights.
-RESUME_IGNORED = (IDENTITY, "resume", "resume_strict_code", "paths", "hydra", "logger", "eval", "cache", "label", "project",
-                  "trainer.enable_progress_bar", "trainer.log_every_n_steps", "checkpoint", "train.num_workers",
-                  "export")
+RESUME_IGNORED = IDENTITY_IGNORED
+# The code identity a resume compares (not the dirty flag: source_hash says what the tree holds).
+CODE_KEYS = ("git_commit", "version", "source_hash")
 _OFF = ("false", "none", "null", "")
 
 
@@ -79,22 +88,9 @@ def prepare_run_dir(cfg) -> Path:
     return output_dir
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out or {prefix.rstrip("."): {}}
-    return {prefix.rstrip("."): tree}
-
-
-def _ignored(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUME_IGNORED)
-
-
 def config_differences(before: dict, now: dict) -> list[str]:
-    a, b = _flatten(before), _flatten(now)
-    keys = sorted(k for k in set(a) | set(b) if not _ignored(k) and a.get(k, "<absent>") != b.get(k, "<absent>"))
+    a, b = flatten(before), flatten(now)
+    keys = sorted(k for k in set(a) | set(b) if not identity_ignored(k) and a.get(k, "<absent>") != b.get(k, "<absent>"))
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys]
 
 
@@ -110,24 +106,50 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def check_code_identity(cfg, output_dir: Path, recorded: dict | None) -> None:
-    """A resume under other code: a warning, or refused with resume_strict_code=true."""
-    # the commit and the package version (not the dirty flag: editing the tree is not another commit)
-    now = {k: v for k, v in code_identity().items() if k in ("git_commit", "version")}
+def current_code() -> dict[str, Any]:
+    identity = code_identity()
+    return {k: identity.get(k) for k in CODE_KEYS}
+
+
+def code_differences(recorded: dict | None) -> list[str]:
+    """How the code now differs from ``recorded`` (run_config.json's ``_identity.code``); keys the
+    record lacks (a run from before source hashes) are not compared."""
     if not recorded:
-        return
-    differences = [f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(recorded) | set(now))
-                   if recorded.get(k) != now.get(k)]
+        return []
+    now = current_code()
+    return [f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in CODE_KEYS
+            if k in recorded and recorded.get(k) != now.get(k)]
+
+
+def check_code_identity(cfg, output_dir: Path, recorded: dict | None) -> None:
+    """A resume under other code (another commit, version, or an edited working tree) is refused;
+    ``resume_allow_code_change=true`` continues and records the change in run_config.json."""
+    differences = code_differences(recorded)
     if not differences:
         return
     message = f"resume: the code differs from the code {output_dir} started with ({_one_line(differences)})"
-    if cfg.get("resume_strict_code"):
-        raise ConfigError(f"{message}; resume_strict_code=true refuses it (check out that commit, or set it to false)")
-    log.warning("%s; continuing (resume_strict_code=true would refuse)", message)
+    if not cfg.get("resume_allow_code_change"):
+        raise ConfigError(f"{message}; restore that code, or pass resume_allow_code_change=true to continue under "
+                          "this code (it is recorded in run_config.json)")
+    log.warning("%s; continuing: resume_allow_code_change=true (recorded in %s)", message, RUN_CONFIG)
+    record_code_change(output_dir, recorded)
+
+
+def record_code_change(output_dir: Path, recorded: dict | None) -> None:
+    """Append this resume's code to ``_identity.code_changes`` in run_config.json."""
+    if _other_rank():
+        return
+    path = Path(output_dir) / RUN_CONFIG
+    stored = _read_json(path) or {}
+    identity = dict(stored.get(IDENTITY) or {})
+    identity["code_changes"] = [*identity.get("code_changes", []),
+                                {"from": recorded, "to": current_code(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}]
+    write_json_atomic(path, {**stored, IDENTITY: identity})
 
 
 def check_run_config(output_dir: Path, config_dict: dict, resuming: bool, cfg=None) -> None:
-    """Record the run's config and code identity (first start), or check a resumption against them."""
+    """Record the run's config and code identity (first start), or check a resumption's config
+    against them (the code is checked by :func:`begin_run`, once it knows the run is unfinished)."""
     path = output_dir / RUN_CONFIG
     if path.is_file() and resuming:
         before = json.loads(path.read_text())
@@ -137,10 +159,12 @@ def check_run_config(output_dir: Path, config_dict: dict, resuming: bool, cfg=No
                 f"resume: the config differs from the one {output_dir} started with ({_one_line(differences)}); pass "
                 f"the same overrides (see {output_dir / '.hydra' / 'overrides.yaml'}) or start a new run"
             )
-        check_code_identity(cfg if cfg is not None else {}, output_dir, (before.get(IDENTITY) or {}).get("code"))
         return
-    identity = code_identity()
-    write_json_atomic(path, {**config_dict, IDENTITY: {"code": {k: identity[k] for k in ("git_commit", "version")}}})
+    write_json_atomic(path, {**config_dict, IDENTITY: {"code": current_code()}})
+
+
+def recorded_code(output_dir: Path) -> dict | None:
+    return ((_read_json(Path(output_dir) / RUN_CONFIG) or {}).get(IDENTITY) or {}).get("code")
 
 
 def data_identity(data) -> dict[str, Any]:
@@ -209,31 +233,69 @@ def archive_previous_attempt(output_dir: Path) -> None:
 
 def begin_run(cfg, output_dir: Path, config_dict: dict) -> dict | None:
     """Record (or, when resuming, check) the run's config; the stored results when a resumed run
-    had already finished with this config (a re-launched sweep skips its finished jobs), else None."""
+    had already finished with this config (a re-launched sweep skips its finished jobs), else None.
+    A resume that would continue under other code, or from another run's checkpoint, is refused
+    here, before anything of this attempt is written."""
+    set_code_policy(bool((cfg.get("cache") or {}).get("reuse_across_code")))
     resuming = parse_resume(cfg.get("resume")).requested
     if not resuming:
         archive_previous_attempt(output_dir)
     check_run_config(output_dir, config_dict, resuming, cfg)
     if not resuming:
         return None
+    finished = finished_results(output_dir, config_dict)
+    if finished is not None:
+        differences = code_differences(recorded_code(output_dir))
+        if differences:  # nothing is continued: the stored results stand, computed by the recorded code
+            log.warning("resume: %s finished under other code (%s); its results are returned as they are",
+                        output_dir, _one_line(differences))
+        return finished
+    check_code_identity(cfg, output_dir, recorded_code(output_dir))
+    resume_checkpoint(cfg, output_dir)  # another run's checkpoint: refused now
     archive_previous_failure(output_dir)
-    results_file = output_dir / "results.json"
-    if results_file.is_file():
-        results = _read_json(results_file)
-        if results is None:
-            log.warning("resume: %s is unreadable; running the job again", results_file)
-            return None
-        finished_with = results.get("config")
-        if isinstance(finished_with, dict):
-            differences = config_differences(finished_with, json.loads(json.dumps(config_dict, default=str)))
-            if differences:
-                raise ConfigError(
-                    f"resume: {output_dir} finished with a different config ({_one_line(differences)}); its "
-                    f"results.json is not this run's: start a new run (another hydra.run.dir)"
-                )
-        log.info("resume: %s already finished (%s); nothing to do", output_dir, results_file)
-        return results
     return None
+
+
+def finished_results(output_dir: Path, config_dict: dict) -> dict | None:
+    """The results of a run dir that finished with this config; None when it has not finished."""
+    results_file = output_dir / "results.json"
+    if not results_file.is_file():
+        return None
+    results = _read_json(results_file)
+    if results is None:
+        log.warning("resume: %s is unreadable; running the job again", results_file)
+        return None
+    finished_with = results.get("config")
+    if isinstance(finished_with, dict):
+        differences = config_differences(finished_with, json.loads(json.dumps(config_dict, default=str)))
+        if differences:
+            raise ConfigError(
+                f"resume: {output_dir} finished with a different config ({_one_line(differences)}); its "
+                f"results.json is not this run's: start a new run (another hydra.run.dir)"
+            )
+    log.info("resume: %s already finished (%s); nothing to do", output_dir, results_file)
+    return results
+
+
+def check_checkpoint_identity(checkpoint: Path, output_dir: Path) -> None:
+    """Refuse (one line) a checkpoint another run wrote (another loss, config or data)."""
+    problem = identity_problem(checkpoint, output_dir)
+    if problem is not None:
+        raise ConfigError(f"resume: the checkpoint {checkpoint} {problem}; remove it from {output_dir / CHECKPOINT_DIR} "
+                          "or start a new run")
+
+
+def resume_checkpoint(cfg, output_dir: Path) -> Path | None:
+    """The checkpoint a resume will continue (as :func:`train_checkpoint` picks it), checked to be
+    this run's own; None when there is none."""
+    resume = parse_resume(cfg.get("resume"))
+    if resume.checkpoint is not None and resume.checkpoint.exists():
+        found: Path | None = resume.checkpoint
+    else:
+        found = find_checkpoint(output_dir / CHECKPOINT_DIR, content=False)
+    if found is not None:
+        check_checkpoint_identity(found, output_dir)
+    return found
 
 
 def train_checkpoint(cfg, output_dir: Path) -> str | None:
@@ -246,6 +308,7 @@ def train_checkpoint(cfg, output_dir: Path) -> str | None:
         if problem is not None:  # the user named this file: no silent fallback to another one
             raise ConfigError(f"resume={resume.checkpoint}: the checkpoint {problem}; pass resume=<its run dir> to "
                               "continue from the newest intact checkpoint")
+        check_checkpoint_identity(resume.checkpoint, output_dir)
         log.info("resuming training from %s", resume.checkpoint)
         return str(resume.checkpoint)
     found = find_checkpoint(output_dir / CHECKPOINT_DIR)
@@ -257,5 +320,131 @@ def train_checkpoint(cfg, output_dir: Path) -> str | None:
         else:
             log.warning("resume=%s: the run has no intact checkpoint: training starts from scratch", output_dir)
         return None
+    check_checkpoint_identity(found, output_dir)
     log.info("resuming training from %s", found)
     return str(found)
+
+
+# ---------------------------------------------------------------------------------------
+# one owner per run dir
+# ---------------------------------------------------------------------------------------
+LOCK = ".tisdpo.lock"
+OWNER = ".tisdpo-owner.json"
+
+
+class RunDirBusy(ConfigError):
+    """Another live process owns the run dir: one line, exit status 2, nothing written there."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunDirLock:
+    """An exclusive lock on a run dir for the life of the job: ``<dir>/.tisdpo.lock`` (an OS file lock,
+    released by the kernel when its process dies, however it dies) and ``<dir>/.tisdpo-owner.json``
+    naming the owner (pid, host, start time) for the message a second process gets. Where the file
+    system has no ``flock`` (some NFS mounts) a soft lock file is used instead; one whose owner is a
+    dead pid on this host is stale and taken over.
+
+    An owner record left behind (the previous owner died without releasing: SIGKILL, the OOM killer, a
+    crash in native code) is reported, and recorded as that attempt's ``failed.json`` when it left none.
+    """
+
+    owns = True  # this process writes the dir's owner record and fatal log
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._lock: BaseFileLock | None = None
+
+    def acquire(self) -> "RunDirLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock = FileLock(str(self.run_dir / LOCK), timeout=0)
+            self._lock.acquire()
+        except NotImplementedError:  # no flock on this file system
+            self._lock = self._soft_lock()
+        except Timeout:
+            raise RunDirBusy(self._busy_message()) from None
+        self._note_previous_owner()
+        write_json_atomic(self.run_dir / OWNER, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv})
+        return self
+
+    def _soft_lock(self) -> BaseFileLock:
+        lock = SoftFileLock(str(self.run_dir / LOCK) + ".soft", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            owner = _read_json(self.run_dir / OWNER) or {}
+            if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
+                    and not _pid_alive(owner["pid"]):
+                log.warning("run dir %s: the lock of pid %s (dead) is stale: taken over", self.run_dir, owner["pid"])
+                Path(lock.lock_file).unlink(missing_ok=True)
+                lock.acquire()
+            else:
+                raise RunDirBusy(self._busy_message()) from None
+        return lock
+
+    def _busy_message(self) -> str:
+        owner = _read_json(self.run_dir / OWNER) or {}
+        who = f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('started')}" if owner else "another process"
+        return (f"run dir {self.run_dir} is in use by another process ({who}): wait for it to end, or choose "
+                "another hydra.run.dir")
+
+    def _note_previous_owner(self) -> None:
+        """An owner record still here: its process ended without releasing the dir (killed, or crashed)."""
+        owner = _read_json(self.run_dir / OWNER)
+        if owner is None or _other_rank():
+            return
+        log.warning("run dir %s: the previous process (pid %s on %s, started %s) ended without recording how "
+                    "(SIGKILL, out of memory, or a crash in native code)", self.run_dir, owner.get("pid"),
+                    owner.get("host"), owner.get("started"))
+        if not (self.run_dir / "failed.json").exists() and not (self.run_dir / "results.json").exists():
+            fatal = self.run_dir / FATAL_LOG
+            write_json_atomic(self.run_dir / "failed.json", {
+                "type": "Died", "message": "the process ended without recording why: killed (SIGKILL, out of "
+                "memory) or a crash in native code" + (f"; see {FATAL_LOG}" if fatal.is_file() and fatal.stat().st_size
+                                                       else ""),
+                "pid": owner.get("pid"), "host": owner.get("host"), "started": owner.get("started"),
+                "recorded_by": os.getpid(), "last_checkpoint": None})
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        (self.run_dir / OWNER).unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
+
+    def __enter__(self) -> "RunDirLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+FATAL_LOG = ".fatal.log"  # faulthandler's traceback of a crash in native code (failures.py)
+
+
+class _NoLock(RunDirLock):
+    """A rank other than 0 of a multi-process run: rank 0 owns the dir."""
+
+    owns = False
+
+    def acquire(self) -> "RunDirLock":
+        return self
+
+
+def claim_run_dir(run_dir: Path, create: bool = True) -> RunDirLock:
+    """Own ``run_dir`` for this job, or raise :class:`RunDirBusy` (one line) if a live process does.
+    Ranks other than 0 (Lightning re-runs the script for them) share rank 0's claim. ``create=False``
+    (a ``resume=<dir>`` target): a dir that does not exist is not created; validation refuses it."""
+    if launch_rank() != 0 or _other_rank() or (not create and not Path(run_dir).is_dir()):
+        return _NoLock(run_dir).acquire()
+    return RunDirLock(run_dir).acquire()

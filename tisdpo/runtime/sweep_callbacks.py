@@ -7,9 +7,15 @@ with ``resume=true``); ``counts`` counts each. It is written per job and not onl
 the end because Hydra skips ``on_multirun_end`` when a job failed (the basic sweeper re-raises the
 first failure once every job of the batch has run). Jobs running in parallel (joblib launcher)
 update it under a file lock. Light imports only: Hydra instantiates callbacks for every run.
+
+``finished`` is set when the sweep's process ends, whichever way (an ``atexit`` hook registered at the
+sweep's start: Hydra re-raises a failed job's error after the last job, and skips
+``on_multirun_end``), with ``complete`` saying whether every job ended ok. Only a process killed
+outright (SIGKILL) leaves ``finished: null``: the sweep did not finish.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import time
 from pathlib import Path
@@ -57,13 +63,30 @@ def _interrupted(job_dir: Path) -> bool:
         return False
 
 
+def _finish(summary: dict) -> None:
+    if summary.get("finished") is None:
+        summary["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    counts = summary.get("counts") or {}
+    summary["complete"] = bool(counts.get("jobs")) and counts.get("ok") == counts.get("jobs")
+
+
+def mark_finished(sweep_dir: Path) -> None:
+    """Set ``finished`` (and ``complete``) unless already set; never raises (called at exit)."""
+    try:
+        _update(Path(sweep_dir), _finish)
+    except Exception:  # noqa: BLE001 - the process is ending; the summary is best effort
+        pass
+
+
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         def start(summary: dict) -> None:
             summary["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
             summary["finished"] = None
 
-        _update(Path(config.hydra.sweep.dir), start)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        _update(sweep_dir, start)
+        atexit.register(mark_finished, sweep_dir)  # also after a failed job (no on_multirun_end then)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if not _is_multirun(config):
@@ -90,7 +113,4 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         # Reached only when every job succeeded (see the module docstring).
-        def finish(summary: dict) -> None:
-            summary["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-
-        _update(Path(config.hydra.sweep.dir), finish)
+        _update(Path(config.hydra.sweep.dir), _finish)

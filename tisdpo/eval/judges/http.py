@@ -1,4 +1,7 @@
-"""An LLM judge behind an OpenAI-compatible chat-completions endpoint (stdlib only)."""
+"""An LLM judge behind an OpenAI-compatible chat-completions endpoint (stdlib only).
+
+Every error it raises is redacted (``tisdpo.redaction``): a server that echoes the request's
+Authorization header, or a key in its URL, must not put the key into failed.json or run.log."""
 from __future__ import annotations
 
 import json
@@ -9,11 +12,17 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from tisdpo.redaction import redact
+
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 class JudgeHTTPError(RuntimeError):
-    """The judge endpoint could not give an answer (after retries where retrying makes sense)."""
+    """The judge endpoint could not give an answer (after retries where retrying makes sense).
+    Its message is redacted: the server's answer may echo the request's credentials."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 def chat_completions_url(base_url: str) -> str:
