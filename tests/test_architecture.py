@@ -141,12 +141,12 @@ def test_the_checker_sees_a_cycle_and_a_hidden_import(tmp_path, monkeypatch):
     """The walk itself works: a planted cycle and a planted function-local import are found."""
     package = tmp_path / "tisdpo"
     (package / "weights").mkdir(parents=True)
-    (package / "pipeline").mkdir()
-    for d in (package, package / "weights", package / "pipeline"):
+    (package / "stages").mkdir()
+    for d in (package, package / "weights", package / "stages"):
         (d / "__init__.py").write_text("")
     (package / "weights" / "a.py").write_text("from tisdpo.weights.b import x\n")
     (package / "weights" / "b.py").write_text("from tisdpo.weights.a import y\nx = 1\n")
-    (package / "pipeline" / "c.py").write_text("def f():\n    import torch\n")
+    (package / "stages" / "c.py").write_text("def f():\n    import torch\n")
     monkeypatch.setitem(globals(), "PACKAGE", package)
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
     try:
@@ -161,3 +161,51 @@ def test_the_checker_sees_a_cycle_and_a_hidden_import(tmp_path, monkeypatch):
         assert "c.py:2 imports torch" in str(error)
     else:
         raise AssertionError("the planted function-local import was not found")
+
+
+# ---------------------------------------------------------------------------------------------
+# what lives where: LightningModules in modules/, records beside their code, names only in conf/
+# ---------------------------------------------------------------------------------------------
+def _base_names(node: ast.ClassDef) -> set[str]:
+    return {b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases}
+
+
+def test_modules_hold_lightning_modules_only():
+    """tisdpo/modules/ is LightningModules (plus the optimiser mixin they share); loss-side pieces
+    (the triplet term, KTO's reference point, the bound loss) live in tisdpo/losses/."""
+    for path in sorted((PACKAGE / "modules").glob("*.py")):
+        if path.name in ("__init__.py", "optim.py"):
+            continue
+        classes = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)]
+        assert any("LightningModule" in _base_names(c) for c in classes), f"{path.name} defines no LightningModule"
+
+
+def _conf_names(group: str) -> set[str]:
+    return {p.stem for p in (ROOT / "conf" / group).glob("*.yaml") if not p.stem.startswith("_")}
+
+
+def test_loss_and_estimator_names_are_listed_only_in_conf():
+    """No tuple, list or set literal in tisdpo/ names three or more losses or estimators: the conf
+    groups are the registries, and a hand-copied list is what a new method forgets to update."""
+    names = _conf_names("loss") | _conf_names("estimator")
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                listed = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                if len(listed & names) >= 3:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} lists {sorted(listed & names)}")
+    assert not found, "\n".join(found)
+
+
+def test_every_loss_and_estimator_file_has_its_record():
+    from omegaconf import OmegaConf
+
+    from tisdpo.registry import estimator_record, loss_record
+
+    for name in _conf_names("loss"):
+        node = OmegaConf.load(ROOT / "conf" / "loss" / f"{name}.yaml")
+        record = loss_record(node.get("loss", node))
+        assert callable(record.fn), name
+    for name in _conf_names("estimator"):
+        assert estimator_record(name).kind in (None, "offline", "online"), name

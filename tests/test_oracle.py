@@ -11,7 +11,9 @@ from tisdpo.eval.weight_quality import true_token_rewards
 from tisdpo.stages.data import prepare_data
 from tisdpo.stages.loaders import tokenize_pairs
 from tisdpo.stages.runner import run
-from tisdpo.stages.weights import oracle_weight_scores, weights_stage
+from tisdpo.stages.context import RunContext
+from tisdpo.stages.weights import estimator_inputs, weights_stage
+from tisdpo.weights.estimators.oracle import true_reward_scores
 
 
 def test_oracle_run_weights_the_truly_good_tokens_up(tmp_path):
@@ -33,8 +35,7 @@ def test_oracle_scores_follow_label_flips(tmp_path):
     cfg = compose_config(["loss=tisdpo", "estimator=oracle", "dataset.label_noise=0.5"], tmp_path)
     data = prepare_data(cfg)
     examples, _ = tokenize_pairs(data.train_rows, data.tokenizer, cfg.dataset, "train")
-    lengths = {s: [sum(l != -100 for l in e[f"{s}_labels"]) for e in examples] for s in ("chosen", "rejected")}
-    scores = oracle_weight_scores(data, examples, lengths)
+    scores = true_reward_scores(estimator_inputs(RunContext(cfg=cfg, output_dir=tmp_path, cache=None, data=data), examples))
     truth = true_token_rewards(data.train_rows, examples, "chosen")
     for s, t, e in zip(scores["chosen"], truth, examples):
         words = data.train_rows[e["index"]]["chosen"].split()
@@ -49,6 +50,6 @@ def test_oracle_refuses_real_data_in_one_line(tmp_path):
     real = type(data)(tokenizer=data.tokenizer, train_rows=[{k: v for k, v in r.items() if k != "meta"} for r in data.train_rows[:8]],
                       test_rows=[], sft_rows=[], task=None)
     with pytest.raises(ValueError) as error:
-        weights_stage(cfg, real, None, None, Path(tmp_path), examples)
+        weights_stage(RunContext(cfg=cfg, output_dir=Path(tmp_path), cache=None, data=real), examples)
     message = str(error.value)
     assert "\n" not in message and "estimator=oracle" in message and "built-in task" in message

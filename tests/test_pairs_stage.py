@@ -16,6 +16,7 @@ import tisdpo.stages.pairs as pairs_stage
 import tisdpo.stages.runner as runner
 from tests.conftest import CONF, SHARED_DATA, compose_config
 from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.stages.context import RunContext
 from tisdpo.stages.data import prepare_data
 from tisdpo.stages.pairs import GENERATION_DEFAULTS, generated_pairs_stage, wants_generated_pairs
 from tisdpo.stages.runner import run
@@ -75,8 +76,7 @@ def _stub_generator(task):
 def test_builtin_chosen_is_the_positive_prompts_answer_stored_with_the_plain_prompt(tmp_path, monkeypatch):
     data, cfg = _builtin_data(tmp_path)
     monkeypatch.setattr(pairs_stage, "sample_responses", Spy(_stub_generator(data.task)))
-    results: dict = {}
-    out = generated_pairs_stage(cfg, data, None, ArtifactCache(tmp_path / "cache"), results)
+    out, results = generated_pairs_stage(RunContext(cfg=cfg, output_dir=tmp_path, cache=ArtifactCache(tmp_path / "cache"), data=data))
     spy = pairs_stage.sample_responses
     positive, negative = set(spy.calls[0][0]), set(spy.calls[1][0])  # the training prompts, each side
     assert all(p.startswith("<harmless> ") for p in positive) and all(p.startswith("<harmful> ") for p in negative)
@@ -97,11 +97,11 @@ def test_builtin_chosen_is_the_positive_prompts_answer_stored_with_the_plain_pro
 def test_builtin_pairs_from_a_tiny_sft_model_are_cached_and_carry_true_rewards(tmp_path, monkeypatch):
     data, cfg = _builtin_data(tmp_path)
     cache = ArtifactCache(tmp_path / "cache")
-    sft_dir = sft_stage(cfg, data, cache)
+    ctx = RunContext(cfg=cfg, output_dir=tmp_path, cache=cache, data=data)
+    ctx.sft_dir = sft_stage(ctx)
     spy = Spy(pairs_stage.sample_responses)
     monkeypatch.setattr(pairs_stage, "sample_responses", spy)
-    results: dict = {}
-    first = generated_pairs_stage(cfg, data, sft_dir, cache, results)
+    first, results = generated_pairs_stage(ctx)
     answers = spy.answers()
     assert first.train_rows and results["data/generated/train/kept"] == len(first.train_rows)
     for row in first.train_rows:
@@ -111,12 +111,12 @@ def test_builtin_pairs_from_a_tiny_sft_model_are_cached_and_carry_true_rewards(t
         assert row["meta"]["chosen_token_rewards"] == data.task.token_rewards(topic, row["chosen"].split())
     assert 0.0 <= results["data/generated/train/label_agreement"] <= 1.0
 
-    second = generated_pairs_stage(cfg, data, sft_dir, cache, {})
+    second, _ = generated_pairs_stage(ctx)
     assert len(spy.calls) == 4  # train and test, two system prompts each: nothing sampled the second time
     assert [e["reused"] for e in cache.events if e["stage"] == "pairs"] == [False, True]
     assert second.train_rows == first.train_rows and second.test_rows == first.test_rows
     hotter = compose_config(["dataset.pairs=generated", *GENERATION, "++dataset.generation.temperature=0.5"], tmp_path)
-    generated_pairs_stage(hotter, data, sft_dir, cache, {})
+    generated_pairs_stage(RunContext(cfg=hotter, output_dir=tmp_path, cache=cache, data=data, sft_dir=ctx.sft_dir))
     assert cache.events[-1]["stage"] == "pairs" and cache.events[-1]["reused"] is False  # an option is in the key
 
 
@@ -125,7 +125,8 @@ def test_human_and_builtin_contrastive_pairs_pass_through(tmp_path):
         cfg = _builtin(tmp_path, pairs)
         data = prepare_data(cfg)
         assert not wants_generated_pairs(cfg)
-        assert generated_pairs_stage(cfg, data, None, ArtifactCache(tmp_path / "cache"), {}) is data
+        ctx = RunContext(cfg=cfg, output_dir=tmp_path, cache=ArtifactCache(tmp_path / "cache"), data=data)
+        assert generated_pairs_stage(ctx) == (data, {})
 
 
 def test_builtin_pipeline_with_generated_pairs(tmp_path):

@@ -2,6 +2,8 @@
 full reference distribution, keyed and reused as an artifact, wired into the pipeline."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -18,7 +20,8 @@ from tisdpo.stages.reference_logps import (
     attach_reference_logps, cache_applies, compute_reference_logps, reference_logps_key,
     with_reference_logps,
 )
-from tisdpo.stages.train import cached_reference_logps
+from tisdpo.stages.context import RunContext
+from tisdpo.stages.reference_logps import reference_logps_stage
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -155,8 +158,8 @@ def test_stage_skips_kl_losses(data, tmp_path):
                                (["loss=tisdpo", "estimator=uniform"], False)):
         cfg = compose_config(overrides + [f"cache.dir={tmp_path / 'c'}"], tiny=False)
         cache = ArtifactCache(tmp_path / "c")
-        train, val = cached_reference_logps(cfg, bind_loss(cfg.loss), reference, tokenizer, cache, None,
-                                            train=examples[:8], val=examples[8:12])
+        ctx = RunContext(cfg=cfg, output_dir=tmp_path, cache=cache, data=SimpleNamespace(tokenizer=tokenizer))
+        train, val = reference_logps_stage(ctx, bind_loss(cfg.loss), reference, train=examples[:8], val=examples[8:12])
         assert ("chosen_reference_logps" in train[0]) is applies and ("chosen_reference_logps" in val[0]) is applies
         assert bool(cache.events) is applies
 

@@ -27,6 +27,8 @@ from tisdpo.eval.generation import cut_at_eos, sample_responses
 from tisdpo.eval.run_judges import evaluate_with_judges
 from tisdpo.eval.vllm_backend import VLLMEngine, open_sampler, prompt_seeds, sampling_params
 from tisdpo.runtime.cache import ArtifactCache
+from tisdpo.stages import context as run_context
+from tisdpo.stages.context import RunContext
 from tisdpo.stages.data import prepare_data
 from tisdpo.stages.pairs import generated_pairs_stage
 from tisdpo.runtime.validate import ConfigError, validate_config
@@ -284,9 +286,9 @@ def test_the_pairs_stage_generates_through_vllm_on_the_sft_artifact(fake_vllm, m
     data = prepare_data(cfg)
     sft_dir = tmp_path / "sft"
     sft_dir.mkdir()
-    monkeypatch.setattr(pairs_stage, "initial_model", lambda *a: pytest.fail("vllm must not load the HF model"))
+    monkeypatch.setattr(run_context, "initial_model", lambda *a: pytest.fail("vllm must not load the HF model"))
     cache = ArtifactCache(tmp_path / "cache")
-    out = generated_pairs_stage(cfg, data, sft_dir, cache, {})
+    out, _ = generated_pairs_stage(RunContext(cfg=cfg, output_dir=tmp_path, cache=cache, data=data, sft_dir=sft_dir))
     [llm] = FakeLLM.instances  # one engine for both splits and both system prompts
     assert llm.model == str(sft_dir) and llm.kwargs["gpu_memory_utilization"] == 0.7
     assert llm.kwargs["dtype"] == (str(cfg.model.dtype) if cfg.model.get("dtype") else "auto")
@@ -302,11 +304,12 @@ def test_the_pairs_stage_generates_through_vllm_on_the_sft_artifact(fake_vllm, m
     for row in out.train_rows:  # chosen: the answer under <harmless>, rejected: under <harmful>
         assert (row["chosen"], row["rejected"]) == (answers[f"<harmless> {row['prompt']}"], answers[f"<harmful> {row['prompt']}"])
     # hf (the default) is another artifact; vllm again reuses its own
-    monkeypatch.setattr(pairs_stage, "initial_model", lambda *a: StubHF())
+    monkeypatch.setattr(run_context, "initial_model", lambda *a: StubHF())
     monkeypatch.setattr(pairs_stage, "sample_responses", lambda model, tok, prompts, **k: (
         [[10 + i % 5, 11 if text.startswith("<harmless>") else 12] for i, text in enumerate(prompts)], [True] * len(prompts)))
-    generated_pairs_stage(compose_config(overrides, tmp_path), data, sft_dir, cache, {})
-    generated_pairs_stage(cfg, data, sft_dir, cache, {})
+    generated_pairs_stage(RunContext(cfg=compose_config(overrides, tmp_path), output_dir=tmp_path, cache=cache, data=data,
+                                     sft_dir=sft_dir))
+    generated_pairs_stage(RunContext(cfg=cfg, output_dir=tmp_path, cache=cache, data=data, sft_dir=sft_dir))
     assert [e["reused"] for e in cache.events if e["stage"] == "pairs"] == [False, False, True]
 
 
@@ -314,7 +317,8 @@ def test_the_vllm_pairs_need_a_model_directory(fake_vllm, tmp_path):
     cfg = compose_config(["dataset.pairs=generated", "++dataset.generation.backend=vllm", "++dataset.generation.n_train=2",
                           "++dataset.generation.n_test=2"], tmp_path)
     with pytest.raises(ConfigError, match="dataset.generation.backend=vllm loads the model from a directory"):
-        generated_pairs_stage(cfg, prepare_data(cfg), None, ArtifactCache(tmp_path / "cache"), {})
+        generated_pairs_stage(RunContext(cfg=cfg, output_dir=tmp_path, cache=ArtifactCache(tmp_path / "cache"),
+                                         data=prepare_data(cfg)))
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -14,6 +14,7 @@ from tisdpo.eval.weight_quality import quality_metrics
 from tisdpo.stages.data import prepare_data
 from tisdpo.stages.loaders import tokenize_pairs
 from tisdpo.stages.runner import run
+from tisdpo.stages.context import RunContext
 from tisdpo.stages.weights import weights_stage
 
 
@@ -23,7 +24,7 @@ def _stage(tmp_path, *overrides):
     examples, _ = tokenize_pairs(data.train_rows, data.tokenizer, cfg.dataset, "train")
     out = Path(tmp_path) / "views"
     out.mkdir()
-    return cfg, data, examples, weights_stage(cfg, data, None, None, out, examples)
+    return cfg, data, examples, weights_stage(RunContext(cfg=cfg, output_dir=out, cache=None, data=data), examples)
 
 
 def test_quality_is_measured_on_the_final_weights_and_raw_scores_apart(tmp_path):

@@ -51,6 +51,7 @@ from tisdpo.stages.export import POLICY_DIR
 from tisdpo.runtime.loggers import finish_logging, open_run_logger
 from tisdpo.stages.start_models import frozen_dtype, initial_model, master_dtype, stage_device
 from tisdpo.runtime.run_dir import RUN_CONFIG, config_differences
+from tisdpo.stages.context import RunContext
 from tisdpo.stages.sft import sft_stage
 from tisdpo.runtime.validate import validate_config
 
@@ -145,7 +146,7 @@ def compose_eval_config(run_config: dict[str, Any], overrides: Sequence[str]) ->
 
 
 # ---------------------------------------------------------------- the models
-def sft_dir_of(results: dict[str, Any], cfg: DictConfig, data) -> Path | None:
+def sft_dir_of(results: dict[str, Any], cfg: DictConfig, data, run_dir: Path) -> Path | None:
     """The run's SFT artifact (None when the run skipped SFT): the recorded key under
     ``<cache.dir>/sft/``, rebuilt under the same key when the cache no longer has it."""
     event = next((e for e in results.get("stages") or [] if e.get("stage") == "sft"), None)
@@ -156,7 +157,8 @@ def sft_dir_of(results: dict[str, Any], cfg: DictConfig, data) -> Path | None:
         if path.is_dir():
             return path
         log.warning("the run's SFT artifact %s is gone: building it again (same key, same data)", path)
-    return sft_stage(cfg, data, ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled)))
+    cache = ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+    return sft_stage(RunContext(cfg=cfg, output_dir=run_dir, cache=cache, data=data))
 
 
 def load_models(run_dir: Path, cfg: DictConfig, data, results: dict[str, Any]):
@@ -165,7 +167,7 @@ def load_models(run_dir: Path, cfg: DictConfig, data, results: dict[str, Any]):
     policy = build_model(name_or_path=str(run_dir / POLICY_DIR), dtype=master_dtype(cfg)).to(device)
     if cfg.eval.name != "synthetic":
         return policy, None
-    reference = initial_model(cfg, sft_dir_of(results, cfg, data), data.tokenizer)
+    reference = initial_model(cfg, sft_dir_of(results, cfg, data, run_dir), data.tokenizer)
     dtype = frozen_dtype(cfg)
     reference = reference.to(device=device, dtype=dtype) if dtype is not None else reference.to(device)
     reference.requires_grad_(False)

@@ -12,7 +12,6 @@ the preference stages see them (prompt template, chat template, truncation to ``
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -21,13 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.checks import ConfigError
 from tisdpo.eval.judges.reward_model import RewardModelJudge
-from tisdpo.losses.registry import bind_loss
+from tisdpo.losses.record import BoundLoss
 from tisdpo.modules.grpo import GRPOModule, PromptCollator
 from tisdpo.runtime.callbacks import RNGStateCallback, SignalCheckpoint, VerifiedCheckpoint
 from tisdpo.runtime.checkpoints import CHECKPOINT_DIR
 from tisdpo.runtime.fit import accumulation, fit_stage, optimizer_steps, world_size
 from tisdpo.runtime.run_dir import train_checkpoint
 from tisdpo.runtime.sharded import reference_placement
+from tisdpo.stages.context import RunContext
 from tisdpo.stages.loaders import ResumableDataLoader, format_prompt
 
 log = logging.getLogger(__name__)
@@ -88,26 +88,24 @@ def tokenize_prompts(prompts: Sequence[str], tokenizer, dataset_cfg: DictConfig)
 
 
 def grpo_stage(
-    cfg: DictConfig,
+    ctx: RunContext,
+    loss: BoundLoss,
     *,
     policy,
     reference,
-    prompts: Sequence[str],
-    tokenizer,
-    task=None,
     logger=None,
-    output_dir: Path,
     callbacks: list | None = None,
     max_new_tokens: int | None = None,
 ) -> tuple[GRPOModule, dict[str, float]]:
-    """Fit the GRPO module on ``prompts`` (the training prompts, as given); returns it and its last
-    training metrics (``train/reward/mean``, ``train/kl``, ...). ``max_new_tokens``: the sampling cap
-    when ``loss.max_new_tokens`` is null (the runner passes the eval stage's: the longest training
+    """Fit the GRPO module on the run's training prompts; returns it and its last training metrics
+    (``train/reward/mean``, ``train/kl``, ...). ``max_new_tokens``: the sampling cap when
+    ``loss.max_new_tokens`` is null (the runner passes the eval stage's: the longest training
     response, EOS included)."""
+    cfg, tokenizer, output_dir = ctx.cfg, ctx.tokenizer, ctx.output_dir
+    prompts: Sequence[str] = [row["prompt"] for row in ctx.data.train_rows]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     lc = cfg.loss
-    loss = bind_loss(lc, tokenizer, int(cfg.train.logits_chunk_size))
-    reward_fn, skip_special = build_reward(lc, task)
+    reward_fn, skip_special = build_reward(lc, ctx.data.task)
     cap = lc.get("max_new_tokens") or max_new_tokens
     if not cap:
         raise ConfigError("loss.max_new_tokens=null and no default cap was given: set loss.max_new_tokens")

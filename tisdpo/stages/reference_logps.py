@@ -27,6 +27,8 @@ import torch
 
 from tisdpo.constants import SIDES
 from tisdpo.kernels.scoring import score_pairs
+from tisdpo.losses.record import BoundLoss
+from tisdpo.stages.context import RunContext
 
 log = logging.getLogger(__name__)
 KEYS = tuple(f"{side}_reference_logps" for side in SIDES)
@@ -150,3 +152,27 @@ def with_reference_logps(
         for name, split in splits.items()
     }
     return attached if isinstance(examples, dict) else attached["train"]
+
+
+def reference_logps_stage(ctx: RunContext, loss: BoundLoss, reference, **splits: list[dict]) -> tuple[list[dict], ...]:
+    """The splits with the reference's per-token log-probs attached (a cached artifact, built on first
+    use), or as they are when the run needs none: ``train.reference_cache=false``, a reference-free
+    loss (SimPO, TPO), or a loss that needs the reference's full next-token distribution (TDPO,
+    TIS-DPO's η: the reference runs every step)."""
+    cfg = ctx.cfg
+    if not cfg.train.get("reference_cache") or loss.reference_free:
+        return tuple(splits.values())
+    if not cache_applies(loss):
+        log.info("reference cache: off for loss=%s (it needs the reference's full next-token distribution)", loss.name)
+        return tuple(splits.values())
+    precision = cfg.trainer.get("precision")
+    identity = {**ctx.start_identity(), "dtype": cfg.model.get("dtype")}
+    key_fields = reference_logps_key(examples=splits, reference_id=identity, precision=precision)
+    out = with_reference_logps(
+        splits, reference=reference, cache=ctx.cache, key_fields=key_fields, pad_token_id=ctx.tokenizer.pad_token_id,
+        batch_size=int(cfg.train.eval_batch_size), chunk_size=int(cfg.train.logits_chunk_size),
+        precision=precision, device=ctx.device,
+    )
+    log.info("reference cache: %s pairs carry their reference log-probs",
+             ", ".join(f"{len(v)} {k}" for k, v in out.items()))
+    return tuple(out.values())

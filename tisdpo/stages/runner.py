@@ -14,22 +14,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.jsonio import write_json_atomic
+from tisdpo.losses.registry import bind_loss
 from tisdpo.models.lora import policy_and_reference
 from tisdpo.runtime import run_cache
 from tisdpo.runtime.cache import ArtifactCache
-from tisdpo.stages.data import prepare_data
-from tisdpo.registry import loss_record
-from tisdpo.stages.evaluation import eval_max_new_tokens, eval_stage, training_evaluators
-from tisdpo.stages.grpo import grpo_stage
-from tisdpo.stages.export import export_policy
-from tisdpo.stages.loaders import tokenize_pairs
 from tisdpo.runtime.loggers import build_logger, finish_logging
-from tisdpo.stages.start_models import frozen_dtype, initial_model, stage_device
-from tisdpo.stages.pairs import generated_pairs_stage
 from tisdpo.runtime.run_dir import begin_run, check_resume_data, prepare_run_dir
-from tisdpo.stages.sft import sft_stage
-from tisdpo.stages.train import models_for_eval, train_stage
 from tisdpo.runtime.validate import validate_config
+from tisdpo.stages.context import RunContext
+from tisdpo.stages.data import prepare_data
+from tisdpo.stages.evaluation import eval_max_new_tokens, eval_stage, training_evaluators
+from tisdpo.stages.export import export_policy
+from tisdpo.stages.grpo import grpo_stage
+from tisdpo.stages.loaders import tokenize_pairs
+from tisdpo.stages.pairs import generated_pairs_stage
+from tisdpo.stages.reference_logps import reference_logps_stage
+from tisdpo.stages.sft import sft_stage
+from tisdpo.stages.start_models import frozen_dtype, stage_device
+from tisdpo.stages.train import models_for_eval, train_stage
 from tisdpo.stages.weights import weights_stage
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     cache = ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {}  # the runner's alone: every stage returns what it reports
     timings: dict[str, float] = {}
 
     def timed(stage: str, t0: float) -> None:
@@ -61,6 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = prepare_data(cfg)
     check_resume_data(cfg, output_dir, data)  # a resume on different data is refused; a first start records it
+    ctx = RunContext(cfg=cfg, output_dir=output_dir, cache=cache, data=data)
     timed("data", t0)
 
     # Every stage trains with the run's strategy (SFT and the estimator models sharded like the policy
@@ -68,10 +71,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # they re-run this script: the cache has them join the builds that train and wait for the others
     # (rank 0 builds and seals every artifact; see cache.py).
     t0 = time.perf_counter()
-    sft_dir = sft_stage(cfg, data, cache)
+    ctx.sft_dir = sft_stage(ctx)
     timed("sft", t0)
     # dataset.pairs=generated: the SFT model writes the pairs (RLCD); a cached artifact, like SFT
-    data = generated_pairs_stage(cfg, data, sft_dir, cache, results)
+    ctx.data, generated = generated_pairs_stage(ctx)
+    data = ctx.data
+    results.update(generated)
 
     train_examples, train_drops = tokenize_pairs(data.train_rows, data.tokenizer, cfg.dataset, "train")
     val_examples, val_drops = tokenize_pairs(data.test_rows, data.tokenizer, cfg.dataset, "test")
@@ -81,11 +86,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["data/label_flipped"] = data.n_flipped
 
     t0 = time.perf_counter()
-    weighting = weights_stage(cfg, data, sft_dir, cache, output_dir, train_examples)
+    weighting = weights_stage(ctx, train_examples)
     results.update(weighting.metrics)
     timed("weights", t0)
 
-    policy = initial_model(cfg, sft_dir, data.tokenizer)
+    policy = ctx.start_model()
     # Full fine-tuning: a frozen deep copy. LoRA (model.lora): the policy with its adapters disabled.
     policy, reference = policy_and_reference(policy, cfg.model.get("lora"), reference_dtype=frozen_dtype(cfg))
     logger = build_logger(cfg, config_dict)
@@ -94,18 +99,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Callbacks that measure during training (TI-DPO's weight quality, the eval curve) leave their
     # last values in `latest` for results.json.
     monitors = [*weighting.monitors, *training_evaluators(cfg, data, reference)]
-    if loss_record(cfg.loss).pairwise:
+    loss = bind_loss(cfg.loss, data.tokenizer, int(cfg.train.logits_chunk_size))
+    if loss.record.pairwise:
+        # the reference's per-token log-probs, once per (data, reference): a cached artifact of its own
+        t1 = time.perf_counter()
+        train_examples, val_examples = reference_logps_stage(ctx, loss, reference, train=weighting.train_examples,
+                                                             val=val_examples)
+        timed("reference_logps", t1)
         module, val_metrics = train_stage(
-            cfg, policy=policy, reference=reference, train_examples=weighting.train_examples, val_examples=val_examples,
-            tokenizer=data.tokenizer, logger=logger, output_dir=output_dir, online_weights=weighting.online_weights,
-            callbacks=monitors, cache=cache, sft_dir=sft_dir,
+            ctx, loss, policy=policy, reference=reference, train_examples=train_examples, val_examples=val_examples,
+            logger=logger, online_weights=weighting.online_weights, callbacks=monitors,
         )
     else:  # online (GRPO): samples from the policy on the training prompts; no pairs, no validation pairs
-        module, val_metrics = grpo_stage(
-            cfg, policy=policy, reference=reference, prompts=[row["prompt"] for row in data.train_rows],
-            tokenizer=data.tokenizer, task=data.task, logger=logger, output_dir=output_dir, callbacks=monitors,
-            max_new_tokens=eval_max_new_tokens(cfg, data),
-        )
+        module, val_metrics = grpo_stage(ctx, loss, policy=policy, reference=reference, logger=logger, callbacks=monitors,
+                                         max_new_tokens=eval_max_new_tokens(cfg, data))
     results.update(val_metrics)
     for monitor in monitors:
         results.update(getattr(monitor, "latest", {}))
@@ -113,7 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results["train/steps"] = int(module.global_step)
     cache.record("train", device=str(module.trainer.strategy.root_device), seconds=timings["time/train_s"])
     # Under FSDP every rank helps gather the policy's shards; rank 0 evaluates whole models.
-    policy, reference = models_for_eval(cfg, module, reference, sft_dir, data.tokenizer)
+    policy, reference = models_for_eval(ctx, module, reference)
     if policy is None:
         # Under DDP/FSDP every rank runs this script (Lightning re-launches it) and ends training with
         # the same weights; evaluating again and writing the same results.json would only race rank 0.

@@ -8,9 +8,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from tisdpo.modules.sft import SFTModule
-from tisdpo.runtime.cache import RESUME_SUBDIR, ArtifactCache, stable_hash
+from tisdpo.runtime.cache import RESUME_SUBDIR, stable_hash
 from tisdpo.runtime.callbacks import stage_every_n_steps
-from tisdpo.stages.data import PreparedData, rows_fingerprint
+from tisdpo.stages.context import RunContext
+from tisdpo.stages.data import rows_fingerprint
 from tisdpo.runtime.fit import fit_stage, save_trained
 from tisdpo.stages.loaders import sft_loader, tokenize_sft
 from tisdpo.runtime.loggers import RUN_RECORD, stage_logger
@@ -39,8 +40,9 @@ def train_sft(model, examples, tokenizer, cfg: DictConfig, *, optim: DictConfig,
                      logger=stage_logger(cfg, job_type, run_name or job_type, record=record))
 
 
-def sft_stage(cfg: DictConfig, data: PreparedData, cache: ArtifactCache) -> Path | None:
+def sft_stage(ctx: RunContext) -> Path | None:
     """Path of the SFT checkpoint dir, or None when the given model is already SFT'd."""
+    cfg, data, cache = ctx.cfg, ctx.data, ctx.cache
     if cfg.model.get("is_sft", False):
         log.info("stage sft        skipped (model.is_sft=true)")
         cache.events.append({"stage": "sft", "reused": None, "skipped": True})

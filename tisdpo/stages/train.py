@@ -7,22 +7,19 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 
 from tisdpo.models.lora import policy_and_reference
 from tisdpo.models.sharding import is_sharded
 from tisdpo.losses.record import BoundLoss
 from tisdpo.modules.preference import PreferenceModule
-from tisdpo.runtime.cache import ArtifactCache
 from tisdpo.runtime.callbacks import RNGStateCallback, SignalCheckpoint
 from tisdpo.runtime.callbacks import VerifiedCheckpoint
 from tisdpo.runtime.checkpoints import CHECKPOINT_DIR
 from tisdpo.runtime.run_dir import train_checkpoint
 from tisdpo.runtime.fit import accumulation, fit_stage, optimizer_steps, trained_state_dict, world_size
 from tisdpo.stages.loaders import length_grouped, preference_loader
-from tisdpo.losses.registry import bind_loss
-from tisdpo.stages.start_models import frozen_dtype, initial_model, initial_model_identity, stage_device
-from tisdpo.stages.reference_logps import cache_applies, reference_logps_key, with_reference_logps
+from tisdpo.stages.context import RunContext
+from tisdpo.stages.start_models import frozen_dtype
 from tisdpo.runtime.sharded import reference_placement
 
 log = logging.getLogger(__name__)
@@ -33,35 +30,31 @@ def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def train_stage(
-    cfg: DictConfig,
+    ctx: RunContext,
+    loss: BoundLoss,
     *,
     policy,
     reference,
     train_examples: list[dict],
     val_examples: list[dict],
-    tokenizer,
     logger,
-    output_dir: Path,
     online_weights=None,
     callbacks: list | None = None,
-    cache: ArtifactCache | None = None,
-    sft_dir: Path | None = None,
 ) -> tuple[PreferenceModule, dict[str, float]]:
-    """Fit the preference module; returns it and the final validation metrics (val/...)."""
+    """Fit the preference module; returns it and the final validation metrics (val/...).
+
+    The examples carry their reference log-probs when the reference stage cached them
+    (``stages/reference_logps.reference_logps_stage``); the module then goes without the reference
+    unless the loss runs it every step (a KL term, KTO's mismatched pairs, the triplet anchors).
+    A reference-free loss (SimPO, TPO) never gets one."""
+    cfg, tokenizer, output_dir = ctx.cfg, ctx.tokenizer, ctx.output_dir
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    loss = bind_loss(cfg.loss, tokenizer, int(cfg.train.logits_chunk_size))
+    carries_reference = bool(train_examples) and "chosen_reference_logps" in train_examples[0]
     module_reference = reference
-    if loss.reference_free:
-        # SimPO, TPO: no reference log-prob pass and no reference in the module (evaluation keeps it)
+    if loss.reference_free or (carries_reference and not loss.needs_reference_model):
+        # every batch carries what the loss needs of the reference: the module goes without it
+        # (never moved to the accelerator; the caller keeps it for evaluation)
         module_reference = None
-        log.info("loss=%s is reference-free: no reference log-probs are computed for training", loss.name)
-    elif cfg.train.get("reference_cache"):
-        train_examples, val_examples = cached_reference_logps(
-            cfg, loss, reference, tokenizer, cache, sft_dir, train=train_examples, val=val_examples)
-        if not loss.needs_reference_model:
-            # every batch carries its reference log-probs and nothing else runs the reference:
-            # the module goes without it (never moved to the accelerator; the caller keeps it for eval)
-            module_reference = None
     placement = reference_placement(cfg, module_reference)
     world = world_size(cfg.trainer)
     batch_size = int(cfg.train.batch_size)
@@ -105,7 +98,7 @@ def train_stage(
     return module, metrics_to_floats(final[0] if final else {})
 
 
-def models_for_eval(cfg: DictConfig, module: PreferenceModule, reference, sft_dir: Path | None, tokenizer):
+def models_for_eval(ctx: RunContext, module, reference):
     """The trained policy and the reference as whole models on this process, for evaluation and export;
     (None, None) on ranks other than 0.
 
@@ -118,34 +111,8 @@ def models_for_eval(cfg: DictConfig, module: PreferenceModule, reference, sft_di
     state = trained_state_dict(module.trainer, module.policy)  # collective
     if state is None:
         return None, None
-    policy, reference = policy_and_reference(initial_model(cfg, sft_dir, tokenizer), cfg.model.get("lora"),
-                                             reference_dtype=frozen_dtype(cfg))
+    policy, reference = policy_and_reference(ctx.start_model(), ctx.cfg.model.get("lora"),
+                                             reference_dtype=frozen_dtype(ctx.cfg))
     policy.load_state_dict(state)
     log.info("policy consolidated from %d FSDP ranks for evaluation and export", module.trainer.world_size)
     return policy, reference
-
-
-def cached_reference_logps(cfg: DictConfig, loss: BoundLoss, reference, tokenizer, cache: ArtifactCache | None,
-                           sft_dir: Path | None, **splits: list[dict]) -> tuple[list[dict], ...]:
-    """The splits with reference log-probs attached from the artifact cache (built on first use).
-
-    Skipped (examples returned as they are) for losses that need the reference's full
-    distribution: TDPO and TIS-DPO's eta still run the reference forward every step.
-    """
-    if not cache_applies(loss):
-        log.info("reference cache: off for loss=%s (it needs the reference's full next-token distribution)", loss.name)
-        return tuple(splits.values())
-    if cache is None:
-        cache = ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
-    precision = cfg.trainer.get("precision")
-    device = stage_device(cfg)
-    identity = {**initial_model_identity(cfg, sft_dir), "dtype": cfg.model.get("dtype")}
-    key_fields = reference_logps_key(examples=splits, reference_id=identity, precision=precision)
-    out = with_reference_logps(
-        splits, reference=reference, cache=cache, key_fields=key_fields, pad_token_id=tokenizer.pad_token_id,
-        batch_size=int(cfg.train.eval_batch_size), chunk_size=int(cfg.train.logits_chunk_size),
-        precision=precision, device=device,
-    )
-    log.info("reference cache: %s pairs carry their reference log-probs",
-             ", ".join(f"{len(v)} {k}" for k, v in out.items()))
-    return tuple(out.values())

@@ -30,11 +30,9 @@ from tisdpo.eval.weight_quality import quality_metrics, true_token_rewards
 from tisdpo.kernels.scoring import response_logps
 from tisdpo.models.loading import build_model
 from tisdpo.registry import estimator_record
-from tisdpo.runtime.cache import ArtifactCache
-from tisdpo.stages.data import PreparedData
+from tisdpo.stages.context import RunContext
 from tisdpo.stages.estimator_models import train_pair
 from tisdpo.stages.loaders import tokenize_pairs
-from tisdpo.stages.start_models import initial_model_identity, stage_device
 from tisdpo.weights.attach import apply_transform, attach_weights, bound_fraction, scores_identity, signed_weights, weight_summary
 from tisdpo.weights.contrast import response_lengths, weighted_token_masks
 from tisdpo.weights.estimators.record import ONLINE, EstimatorInputs, EstimatorRecord
@@ -60,10 +58,10 @@ def tokenization_key(cfg: DictConfig) -> dict[str, Any]:
     return {k: cfg.dataset.get(k) for k in keys}
 
 
-def estimator_inputs(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, train_examples: list[dict],
-                     models_dir: Path | None = None) -> EstimatorInputs:
+def estimator_inputs(ctx: RunContext, train_examples: list[dict]) -> EstimatorInputs:
     """The estimator's inputs, with the stage's services: load a model, tokenise rows, score examples."""
-    est, device = cfg.estimator, stage_device(cfg)  # scoring is a batched no-grad forward: on the accelerator
+    cfg, data, sft_dir = ctx.cfg, ctx.data, ctx.sft_dir
+    est, device = cfg.estimator, ctx.device  # scoring is a batched no-grad forward: on the accelerator
     pad, batch = data.tokenizer.pad_token_id, int(est.get("score_batch_size") or 64)
 
     def load_model(path: Path | None):
@@ -81,25 +79,24 @@ def estimator_inputs(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, 
         load_model=load_model,
         tokenize=lambda rows, split: tokenize_pairs(rows, data.tokenizer, cfg.dataset, split)[0],
         response_logps=lambda model, examples: response_logps(model, examples, pad, batch),
-        models_dir=models_dir,
     )
 
 
-def weights_stage(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cache: ArtifactCache,
-                  output_dir: Path, train_examples: list[dict]) -> TokenWeighting:
+def weights_stage(ctx: RunContext, train_examples: list[dict]) -> TokenWeighting:
+    cfg, data = ctx.cfg, ctx.data
     est = cfg.estimator
     record: EstimatorRecord = estimator_record(est.name)
     if record.kind is None:
         return TokenWeighting(train_examples)
     if record.kind == ONLINE:
-        return online_weighting(cfg, record, data, sft_dir, train_examples)
+        return online_weighting(ctx, record, train_examples)
 
-    inputs = estimator_inputs(cfg, data, sft_dir, train_examples)
+    inputs = estimator_inputs(ctx, train_examples)
     scores = None
     if record.weights is not None:
         weights = record.weights(inputs)
     else:
-        scores = estimator_scores(cfg, record, data, sft_dir, cache, train_examples, inputs)
+        scores = estimator_scores(ctx, record, train_examples, inputs)
         weights = {side: apply_transform(scores[side], side, est.transform, inputs.masks[side]) for side in SIDES}
 
     masks = inputs.masks
@@ -113,43 +110,44 @@ def weights_stage(cfg: DictConfig, data: PreparedData, sft_dir: Path | None, cac
     for key, value in metrics.items():
         log.info("%s = %.4f", key, value)
 
-    write_weight_views(output_dir, data.tokenizer, train_examples, weights, scores,
+    write_weight_views(ctx.output_dir, data.tokenizer, train_examples, weights, scores,
                        true_rewards={s: true_token_rewards(data.train_rows, train_examples, s) for s in SIDES})
     return TokenWeighting(attach_weights(train_examples, weights), metrics)
 
 
-def online_weighting(cfg: DictConfig, record: EstimatorRecord, data: PreparedData, sft_dir: Path | None,
-                     train_examples: list[dict]) -> TokenWeighting:
+def online_weighting(ctx: RunContext, record: EstimatorRecord, train_examples: list[dict]) -> TokenWeighting:
     """Weights computed online from the current policy (TI-DPO), monitored against the true token
     rewards on the built-in task every ``estimator.quality_every_n_steps``."""
-    hook = record.online(estimator_inputs(cfg, data, sft_dir, train_examples))
+    data = ctx.data
+    hook = record.online(estimator_inputs(ctx, train_examples))
     monitors = []
-    every = int(cfg.estimator.get("quality_every_n_steps") or 0)
+    every = int(ctx.cfg.estimator.get("quality_every_n_steps") or 0)
     if data.task is not None and every > 0:
         monitors.append(GradientWeightQuality(hook, data.train_rows, train_examples, data.tokenizer.pad_token_id,
                                               every_n_steps=every))
     return TokenWeighting(train_examples, online_weights=hook, monitors=monitors)
 
 
-def estimator_scores(cfg: DictConfig, record: EstimatorRecord, data: PreparedData, sft_dir: Path | None,
-                     cache: ArtifactCache, train_examples: list[dict], inputs: EstimatorInputs) -> dict[str, list[torch.Tensor]]:
+def estimator_scores(ctx: RunContext, record: EstimatorRecord, train_examples: list[dict],
+                     inputs: EstimatorInputs) -> dict[str, list[torch.Tensor]]:
     """Train (or reuse) the estimator's model pair, then score (or reuse) every training response.
 
     The scores' key is the estimator's whole config node (less the keys applied after scoring), so
     no option of a new estimator can be left out of it."""
+    cfg, data, cache = ctx.cfg, ctx.data, ctx.cache
     est = cfg.estimator
-    upstream = initial_model_identity(cfg, sft_dir)
+    upstream = ctx.start_identity()
     if record.pair_models is not None:
         models_key = {
-            "estimator": {k: v for k, v in scores_identity(est).items() if k != "score_batch_size"},
+            "estimator": scores_identity(est),
             "upstream": upstream, "data": data.fingerprint, "tokenization": tokenization_key(cfg),
             "trainer": {"precision": cfg.trainer.get("precision")}, "seed": cfg.seed,
         }
         inputs.models_dir = cache.get_or_build(
             "estimator", models_key,
-            lambda out: train_pair(cfg, record.pair_models, out=out, sft_dir=sft_dir, train_rows=data.train_rows,
+            lambda out: train_pair(cfg, record.pair_models, out=out, sft_dir=ctx.sft_dir, train_rows=data.train_rows,
                                    train_examples=train_examples, tokenizer=data.tokenizer),
-            device=stage_device(cfg), collective=True,  # pi+/pi- train with the run's strategy, on every rank
+            device=ctx.device, collective=True,  # pi+/pi- train with the run's strategy, on every rank
         ).path
     if not record.cache_scores:
         return record.scores(inputs)
@@ -162,5 +160,5 @@ def estimator_scores(cfg: DictConfig, record: EstimatorRecord, data: PreparedDat
     def build(out: Path) -> None:
         torch.save(record.scores(inputs), out / "scores.pt")
 
-    artifact = cache.get_or_build("scores", scores_key, build, device=stage_device(cfg))
+    artifact = cache.get_or_build("scores", scores_key, build, device=ctx.device)
     return torch.load(artifact.path / "scores.pt")
