@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from import_graph import find_circle
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tisdpo"
 
@@ -106,25 +108,9 @@ def test_no_module_imports_a_higher_layer():
 
 
 def test_module_level_imports_have_no_cycle():
-    graph = internal_graph()
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for start in sorted(graph):
-        if start not in state and (cycle := visit(start)):
-            raise AssertionError("import cycle: " + " -> ".join(cycle))
+    cycle = find_circle(internal_graph())
+    if cycle:
+        raise AssertionError("import cycle: " + " -> ".join(cycle))
 
 
 def test_function_local_imports_are_only_optional_extras():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from import_graph import find_circle
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "experiments"
 
@@ -47,29 +49,6 @@ def imported(module: str, path: Path, known: dict[str, Path]) -> set[str]:
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     known = modules(root)
     return {module: imported(module, path, known) for module, path in known.items()}
-
-
-def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import circle as [a, b, ..., a], or None (depth-first search, in name order)."""
-    state: dict[str, int] = {}   # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
-            if nxt not in state and (circle := visit(nxt)):
-                return circle
-        path.pop()
-        state[node] = 2
-        return None
-
-    for start in sorted(graph):
-        if start not in state and (circle := visit(start)):
-            return circle
-    return None
 
 
 def test_experiments_modules_import_each_other_without_a_circle():
