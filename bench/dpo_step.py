@@ -176,7 +176,7 @@ def run_ours(args, init_model, examples, tokenizer, *, cached: bool, logps=None,
 
     from tisdpo.losses import dpo_loss
     from tisdpo.losses.record import BoundLoss
-from tisdpo.modules.preference import PreferenceModule
+    from tisdpo.modules.preference import PreferenceModule
     from tisdpo.runtime.fit import build_trainer
     from tisdpo.stages.loaders import preference_loader
     from tisdpo.stages.reference_logps import attach_reference_logps
