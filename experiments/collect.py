@@ -40,6 +40,7 @@ DEFAULT_IGNORE = ("seed", "hydra.*", "paths.*", "cache.*", "logger", "logger.*",
 FAILURE_MARKERS = ("failed.json", "error", "error.txt")
 SWEEP_SUMMARY = "sweep_summary.json"
 CURVE_KEY = "eval/curve"
+OPTIMAL_FRONTIER_KEY = "eval/optimal_frontier"   # the built-in task's exact best reward at each KL
 _MISSING = object()
 _TEMPERATURE_SUFFIX = re.compile(r"@T([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
 
@@ -81,6 +82,7 @@ class Run:
     path: Path | None = None
     method_label: str | None = None  # results.json's own label, if any
     curve: list[dict[str, float]] = field(default_factory=list)   # eval/curve: one dict per evaluation
+    optimal_frontier: list[dict[str, float]] = field(default_factory=list)   # eval/optimal_frontier: [{kl, true_reward}]
     signal: str | None = None        # interrupted: the signal that stopped it
     last_checkpoint: str | None = None
 
@@ -257,6 +259,7 @@ def read_job_dir(job: Path, root: Path) -> Run:
             run.method_label = results["method_label"]
         run.metrics = numeric_metrics(results)
         run.curve = parse_curve(results.get(CURVE_KEY))
+        run.optimal_frontier = parse_curve(results.get(OPTIMAL_FRONTIER_KEY))
     for marker in FAILURE_MARKERS:
         if (job / marker).is_file():
             run.status, run.error = "failed", _marker_text(job / marker)

@@ -23,6 +23,15 @@ Statistics (all here, pure functions of the points):
   (interpolated the same way); its uncertainty comes from resampling seeds (below).
 - **KL budgets.** By default 4 budgets evenly inside [largest per-method minimum KL, smallest
   per-method maximum KL] (endpoints excluded), so every method has data at every budget.
+- **Interpolation error.** Linear interpolation between curve points misses the curvature between them;
+  per seed it is estimated as |linear − quadratic through the three points nearest the budget| and its
+  mean over seeds widens the CI on both sides (``interp_error`` in the table). The dense default curve
+  (tisdpo/eval/curve.py) keeps it small; experiments/credit_check.py measures it against a curve
+  evaluated every 2 steps.
+- **Optimal frontier.** On the built-in task each run carries ``eval/optimal_frontier``, the exact best
+  expected reward at each KL (tisdpo/eval/optimal_frontier.py). :func:`gain_shares` gives each method's
+  share of the reachable gain at a budget: (R(k) − R(0)) / (F(k) − F(0)) per seed, R the run's curve
+  (R(0) its reference at step 0), F the optimal frontier.
 - **CI.** Percentile bootstrap over seeds (10,000 resamples, seeded RNG): the statistic is the
   mean over seeds of the per-seed interpolated value (pooled mode: the interpolation of the
   pooled points of the resampled seeds). With 3 seeds a percentile bootstrap under-covers; read
@@ -42,8 +51,16 @@ import numpy as np
 import pandas as pd
 
 KL = "kl_ref"
-METRICS = ("true_reward", "safe_rate")              # the y axes: reward, safety
-METRIC_LABELS = {"true_reward": "true reward", "safe_rate": "safe rate"}
+# Verdicts are given on total reward, reward per token and safe rate (a gain that is only longer answers
+# shows in total reward, not per token); length and finished rate stand beside them at every budget.
+VERDICT_METRICS = ("true_reward", "true_reward_per_token", "safe_rate")
+DIAGNOSTICS = ("length", "finished_rate")
+METRICS = VERDICT_METRICS + DIAGNOSTICS
+METRIC_LABELS = {"true_reward": "true reward", "true_reward_per_token": "true reward per token",
+                 "safe_rate": "safe rate", "length": "length (tokens)", "finished_rate": "finished rate"}
+#: a budget where a method's samples finish less often than this is flagged (its readings describe the
+#: finished answers only; high-KL readings with many unfinished samples are not trustworthy)
+MIN_FINISHED = 0.9
 N_BUDGETS = 4
 N_RESAMPLES = 10_000
 LEVEL = 0.95
@@ -156,6 +173,19 @@ def interpolate(xs: np.ndarray, ys: np.ndarray, at: Sequence[float] | float) -> 
     return out
 
 
+def interpolation_error(xs: np.ndarray, ys: np.ndarray, at: float) -> float:
+    """|linear − quadratic| at ``at`` through the three curve points nearest it (0 with fewer than
+    three points, NaN outside the curve): what straight lines between points may miss there."""
+    if len(xs) < 3 or not (xs[0] - 1e-12 <= at <= xs[-1] + 1e-12):
+        return 0.0 if len(xs) and xs[0] - 1e-12 <= at <= xs[-1] + 1e-12 else math.nan
+    near = np.sort(np.argsort(np.abs(xs - at))[:3])
+    x3, y3 = xs[near], ys[near]
+    if len(np.unique(x3)) < 3:
+        return 0.0
+    quadratic = float(np.polyval(np.polyfit(x3, y3, 2), at))
+    return abs(float(np.interp(at, xs, ys)) - quadratic)
+
+
 def method_basis(points: pd.DataFrame) -> str:
     """Per-seed curves when some seed has points at two or more KLs, else pooled final points."""
     distinct = points.groupby("seed", dropna=False)["kl"].nunique()
@@ -223,6 +253,7 @@ class Estimator:
     seeds: list[Any]
     statistic: Callable[[tuple[int, ...]], float]
     per_seed: dict[Any, float] = field(default_factory=dict)   # PER_SEED basis only
+    interp_error: float = 0.0   # mean over seeds of the interpolation error at the budget (widens the CI)
 
     @property
     def n(self) -> int:
@@ -241,14 +272,17 @@ def estimator(points: pd.DataFrame, metric: str, budget: float, basis: str, mode
     """Per-seed basis: the mean over seeds of each seed's interpolated value (seeds whose KL range
     misses the budget are left out). Pooled basis: the interpolation of the pooled points."""
     if basis == PER_SEED:
-        per_seed = {}
+        per_seed, errors = {}, []
         for seed, group in points.groupby("seed", sort=True, dropna=False):
-            value = interpolate(*seed_curve(group["kl"], group[metric], mode), budget)[0]
+            curve = seed_curve(group["kl"], group[metric], mode)
+            value = interpolate(*curve, budget)[0]
             if math.isfinite(value):
                 per_seed[seed] = float(value)
+                errors.append(interpolation_error(*curve, budget))
         seeds = list(per_seed)
         values = np.array([per_seed[s] for s in seeds], float)
-        return Estimator(seeds, lambda idx: float(values[list(idx)].mean()) if idx else math.nan, per_seed)
+        error = float(np.nanmean(errors)) if errors and np.isfinite(errors).any() else 0.0
+        return Estimator(seeds, lambda idx: float(values[list(idx)].mean()) if idx else math.nan, per_seed, error)
     by_seed = {seed: group for seed, group in points.groupby("seed", sort=True, dropna=False)}
     seeds = list(by_seed)
 
@@ -265,7 +299,8 @@ def mean_ci(est: Estimator, rng: np.random.Generator, n_resamples: int = N_RESAM
     value = est.estimate()
     if est.n < 2:
         return value, math.nan, math.nan
-    return (value, *percentile_ci(est.resample(rng, n_resamples), level))
+    low, high = percentile_ci(est.resample(rng, n_resamples), level)
+    return value, low - est.interp_error, high + est.interp_error
 
 
 def difference_ci(a: Estimator, b: Estimator, rng: np.random.Generator, n_resamples: int = N_RESAMPLES,
@@ -278,6 +313,7 @@ def difference_ci(a: Estimator, b: Estimator, rng: np.random.Generator, n_resamp
     """
     shared = [s for s in a.seeds if s in set(b.seeds)]
     out: dict[str, Any] = {"paired": False, "n_pairs": len(shared)}
+    slack = a.interp_error + b.interp_error   # what interpolation may miss on either side
     if len(shared) >= 2 and a.per_seed and b.per_seed:
         diffs = np.array([a.per_seed[s] - b.per_seed[s] for s in shared], float)
         out.update(paired=True, diff=float(diffs.mean()))
@@ -294,7 +330,8 @@ def difference_ci(a: Estimator, b: Estimator, rng: np.random.Generator, n_resamp
             out.update(low=math.nan, high=math.nan)
             return out
         draws = a.resample(rng, n_resamples) - b.resample(rng, n_resamples)
-    out["low"], out["high"] = percentile_ci(draws, level)
+    low, high = percentile_ci(draws, level)
+    out["low"], out["high"] = low - slack, high + slack
     return out
 
 
@@ -321,6 +358,7 @@ def matched_kl_table(points: pd.DataFrame, budgets: Sequence[float] | None = Non
     """
     rng = np.random.default_rng(seed)
     budgets = kl_budgets(points) if budgets is None else np.asarray(list(budgets), float)
+    metrics = [m for m in metrics if m in points.columns]   # older points frames carry fewer metrics
     methods = list(dict.fromkeys(points["method"]))
     basis = {m: method_basis(points[points["method"] == m]) for m in methods}
     records = []
@@ -334,9 +372,11 @@ def matched_kl_table(points: pd.DataFrame, budgets: Sequence[float] | None = Non
                 value, low, high = mean_ci(est, rng, n_resamples, level)
                 record = {"method": method, "kl_budget": float(budget), "metric": metric, "value": value,
                           "ci_low": low, "ci_high": high, "n_seeds": est.n, "basis": basis[method],
+                          "interp_error": est.interp_error,
                           "diff": math.nan, "diff_low": math.nan, "diff_high": math.nan, "paired": None,
                           "verdict": ""}
-                if baseline is not None and method != baseline and baseline in ests:
+                if (baseline is not None and method != baseline and baseline in ests
+                        and metric not in DIAGNOSTICS):
                     base = ests[baseline]
                     if est.n and base.n:
                         d = difference_ci(est, base, rng, n_resamples, level)
@@ -346,8 +386,63 @@ def matched_kl_table(points: pd.DataFrame, budgets: Sequence[float] | None = Non
                         record["verdict"] = "no data"
                 records.append(record)
     return pd.DataFrame.from_records(records, columns=[
-        "method", "kl_budget", "metric", "value", "ci_low", "ci_high", "n_seeds", "basis", "diff", "diff_low",
-        "diff_high", "paired", "verdict"])
+        "method", "kl_budget", "metric", "value", "ci_low", "ci_high", "n_seeds", "basis", "interp_error", "diff",
+        "diff_low", "diff_high", "paired", "verdict"])
+
+
+def low_finish_budgets(table: pd.DataFrame, threshold: float = MIN_FINISHED) -> list[float]:
+    """The budgets where some method's mean finished rate is below ``threshold`` (flagged in reports)."""
+    rows = table[(table["metric"] == "finished_rate") & (table["value"] < threshold)]
+    return sorted({float(b) for b in rows["kl_budget"]})
+
+
+# ---------------------------------------------------------------- the optimal frontier
+
+def optimal_curve(frontiers: Sequence[Sequence[Mapping[str, float]]]) -> pd.DataFrame | None:
+    """The optimal frontier the runs carry (``eval/optimal_frontier``; runs of one task share it): the
+    mean over runs at each KL of the first run's grid (they differ only if their prompt sets do), as
+    columns kl, true_reward; None when no run has one."""
+    curves = [pd.DataFrame(list(f))[["kl", "true_reward"]].sort_values("kl") for f in frontiers if f]
+    if not curves:
+        return None
+    grid = curves[0]["kl"].to_numpy(float)
+    values = np.mean([np.interp(grid, c["kl"].to_numpy(float), c["true_reward"].to_numpy(float)) for c in curves], 0)
+    return pd.DataFrame({"kl": grid, "true_reward": values})
+
+
+def optimal_at(optimal: pd.DataFrame, kl: Sequence[float] | float) -> np.ndarray:
+    """The optimal frontier at ``kl`` (linear between its points; NaN beyond its last KL)."""
+    at = np.atleast_1d(np.asarray(kl, float))
+    xs, ys = optimal["kl"].to_numpy(float), optimal["true_reward"].to_numpy(float)
+    out = np.interp(np.clip(at, 0, None), xs, ys)
+    out[at > xs[-1]] = np.nan
+    return out
+
+
+def gain_shares(points: pd.DataFrame, optimal: pd.DataFrame | None, budgets: Sequence[float],
+                metric: str = "true_reward") -> pd.DataFrame:
+    """Each method's share of the reachable gain at each budget, per seed (R(k) − R(0)) / (F(k) − F(0))
+    with R(0) the seed's first curve point (its reference) and F the optimal frontier: mean, min and max
+    over seeds, n. 1 = on the optimal frontier, 0 = no better than the reference."""
+    records = []
+    if optimal is None or not len(points):
+        return pd.DataFrame(columns=["method", "kl_budget", "share", "min", "max", "n"])
+    f0 = float(optimal_at(optimal, 0.0)[0])
+    curves = points[(points["source"] == "curve") & np.isfinite(points[metric].astype(float))]
+    for method, group in curves.groupby("method", sort=False):
+        for budget in budgets:
+            reachable = float(optimal_at(optimal, budget)[0]) - f0
+            shares = []
+            for _, seed_points in group.groupby("seed", dropna=False):
+                start = seed_points.sort_values("step")[metric].iloc[0]
+                value = interpolate(*seed_curve(seed_points["kl"], seed_points[metric]), budget)[0]
+                if math.isfinite(value) and reachable > 0:
+                    shares.append((value - start) / reachable)
+            records.append({"method": method, "kl_budget": float(budget),
+                            "share": float(np.mean(shares)) if shares else math.nan,
+                            "min": float(np.min(shares)) if shares else math.nan,
+                            "max": float(np.max(shares)) if shares else math.nan, "n": len(shares)})
+    return pd.DataFrame.from_records(records, columns=["method", "kl_budget", "share", "min", "max", "n"])
 
 
 def beats_baseline(table: pd.DataFrame, method: str, metric: str = "true_reward") -> bool:

@@ -201,9 +201,11 @@ def plot_weight_histograms(runs: Sequence[Run], labels: dict[int, str], out_dir:
 GRID_POINTS = 60
 
 
-def plot_frontier(points, metric: str, path: Path, budgets: Sequence[float] = (), title: str | None = None) -> Path:
+def plot_frontier(points, metric: str, path: Path, budgets: Sequence[float] = (), title: str | None = None,
+                  optimal=None) -> Path:
     """One method per colour: mean over seeds (line) and min–max over seeds (band) of ``metric``
-    against KL on a common grid, each run's final point (x), the KL budgets (dotted)."""
+    against KL on a common grid, each run's final point (x), the KL budgets (dotted), and ``optimal``
+    (columns kl, true_reward: the task's exact optimal frontier) as a black dashed line."""
     from .frontier import METRIC_LABELS, grid_band
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -217,6 +219,11 @@ def plot_frontier(points, metric: str, path: Path, budgets: Sequence[float] = ()
             ax.fill_between(band["kl"], band["min"], band["max"], color=colour, alpha=0.15, linewidth=0)
             final = group[group["final"]]
             ax.scatter(final["kl"], final[metric], color=colour, marker="x", s=25)
+    if optimal is not None and len(optimal) and len(usable):
+        upto = float(usable["kl"].max()) * 1.05
+        shown = optimal[optimal["kl"] <= upto]
+        ax.plot(shown["kl"], shown["true_reward"], color="black", linestyle="--", linewidth=1.0,
+                label="optimal frontier (exact)")
     for budget in budgets:
         ax.axvline(float(budget), color="grey", linestyle=":", linewidth=0.8)
     label = METRIC_LABELS.get(metric, metric)

@@ -80,7 +80,11 @@ def discover_metrics(methods: Sequence[Method]) -> list[MetricSpec]:
 
 def build_report(source: str, runs: list[Run], table: PaperTable | None,
                  ignore: Sequence[str] = DEFAULT_IGNORE, baseline: str | None = "DPO",
-                 budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES) -> Report:
+                 budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES,
+                 controls: Sequence[Run] = ()) -> Report:
+    """``controls``: finished runs of another sweep on the same task (the oracle, random and uniform
+    weights) that join the matched-KL sections as extra methods, labelled "<label> (control)"; never
+    the paper rows."""
     ignore = list(ignore)
     if table is not None:
         # a column's `where` setting (e.g. the label-noise level) is not part of a method's identity
@@ -123,7 +127,7 @@ def build_report(source: str, runs: list[Run], table: PaperTable | None,
     if table is not None:
         by_name = {m.name: m for m in metrics}
         report.orderings = [evaluate_ordering(o, table, rows, by_name[o.metric]) for o in table.orderings]
-    report.frontiers = build_frontiers(report, ignore, baseline, budgets, n_resamples)
+    report.frontiers = build_frontiers(report, ignore, baseline, budgets, n_resamples, controls)
     return report
 
 
@@ -177,14 +181,20 @@ def table_conditions(report: Report) -> list[dict[str, Any]]:
 
 
 def build_frontiers(report: Report, ignore: Sequence[str], baseline: str | None = "DPO",
-                    budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES) -> list[FrontierSection]:
+                    budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES,
+                    controls: Sequence[Run] = ()) -> list[FrontierSection]:
     """One matched-KL section per table condition. Pooling runs of different conditions (label-noise
     levels) into one method's curve would compare methods across conditions, so each condition's runs
-    get their own frontier, budgets and verdicts; a claim on a column is judged in its column's."""
+    get their own frontier, budgets and verdicts; a claim on a column is judged in its column's.
+    ``controls`` (another sweep's control runs) join the unconditioned section."""
     labels = frontier_labels(report, ignore)
+    mine = {r.label for r in report.runs}
+    extra = [r for r in controls if r.ok and r.label and r.label not in mine]
+    labels.update({id(r): f"{r.label} (control)" for r in extra})
     sections = []
     for condition in table_conditions(report):
         runs = [r for r in report.runs if r.ok and all(r.has_setting(k, v) for k, v in condition.items())]
+        runs += [r for r in extra if all(r.has_setting(k, v) for k, v in condition.items())] if not condition else []
         section = build_frontier(runs, labels, baseline, budgets, n_resamples)
         section.condition = condition
         sections.append(section)
@@ -206,9 +216,11 @@ def build_frontier(runs: Sequence[Run], labels: dict[int, str], baseline: str | 
     baseline = _find_label(methods, baseline)
     chosen = fr.kl_budgets(points) if budgets is None else np.asarray(list(budgets), float)
     table = fr.matched_kl_table(points, chosen, baseline, n_resamples=n_resamples)
+    optimal = fr.optimal_curve([r.optimal_frontier for r in runs if labels.get(id(r)) is not None])
     return FrontierSection(points, [float(b) for b in chosen], table, baseline, fr.has_curves(points),
                            [m for m in methods if fr.method_basis(points[points["method"] == m]) == fr.POOLED],
-                           oracles=[m for m in methods if "oracle" in m.lower()], n_resamples=n_resamples)
+                           oracles=[m for m in methods if "oracle" in m.lower()], n_resamples=n_resamples,
+                           optimal=optimal, shares=fr.gain_shares(points, optimal, chosen))
 
 
 def matched_ordering(ordering: Ordering, report: Report, section: FrontierSection) -> MatchedOrdering | None:
@@ -501,6 +513,10 @@ def matched_kl_csv(sections: Sequence[FrontierSection]) -> pd.DataFrame:
     return pd.concat([s.table.assign(condition=s.heading) for s in sections], ignore_index=True)
 
 
+#: the control methods' labels (conf/method/*.yaml): what perfect and uninformative weights do
+CONTROL_LABELS = ("TIS-DPO(oracle)", "random weight", "equal weight")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a Hydra multirun dir (or any dir of job dirs), or "
@@ -515,6 +531,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=_floats, metavar="KL,KL,...",
                         help=f"matched-KL budgets in nats (default: {fr.N_BUDGETS} inside the common KL range)")
     parser.add_argument("--resamples", type=int, default=fr.N_RESAMPLES, help="bootstrap resamples for the CIs")
+    parser.add_argument("--controls", type=Path, metavar="DIR",
+                        help="a sweep on the same task whose runs labelled --control-labels join the matched-KL "
+                             "section (e.g. the oracle and random weights of experiment=variant_credit)")
+    parser.add_argument("--control-labels", default=",".join(CONTROL_LABELS),
+                        help=f"labels taken from --controls (default: {','.join(CONTROL_LABELS)})")
     parser.add_argument("--scale", help="only runs at this scale (config `scale`): W&B filter, and kept locally")
     parser.add_argument("--wandb", action="store_true",
                         help="also build the table's W&B report (offline: <out>/wandb_report.json, never the network)")
@@ -548,8 +569,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: --table: {error}", file=sys.stderr)
         return 2
+    controls: list[Run] = []
+    if args.controls is not None:
+        wanted = {label.strip() for label in args.control_labels.split(",") if label.strip()}
+        try:
+            controls = [r for r in collect_runs(str(args.controls)) if r.label in wanted]
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: --controls: {error}", file=sys.stderr)
+            return 2
     report = build_report(args.source, runs, table, [*DEFAULT_IGNORE, *args.ignore], baseline=args.baseline,
-                          budgets=args.budgets, n_resamples=args.resamples)
+                          budgets=args.budgets, n_resamples=args.resamples, controls=controls)
     out = args.out or default_out_dir(args.source)
     write_report(report, out, args.digits, plots=not args.no_plots)
     dashboard = None

@@ -78,6 +78,8 @@ class FrontierSection:
     oracles: list[str] = field(default_factory=list)
     n_resamples: int = fr.N_RESAMPLES
     condition: dict[str, Any] = field(default_factory=dict)   # the runs' setting (a column's `where`), {} = all
+    optimal: pd.DataFrame | None = None   # the task's exact optimal frontier (kl, true_reward), built-in task only
+    shares: pd.DataFrame | None = None    # each method's share of the reachable gain per budget (frontier.gain_shares)
 
     @property
     def empty(self) -> bool:

@@ -214,6 +214,20 @@ def matched_orderings_frame(section: FrontierSection) -> pd.DataFrame:
                                                        "measured by", "detail"])
 
 
+def share_frame(section: FrontierSection) -> pd.DataFrame | None:
+    """Rows = methods, columns = KL budgets; cell = mean share of the reachable gain [min, max]."""
+    if section.shares is None or not len(section.shares):
+        return None
+    records = []
+    for method, rows in section.shares.groupby("method", sort=False):
+        record = {"Method": method}
+        for row in rows.itertuples(index=False):
+            record[f"KL {row.kl_budget:.3g}"] = ("-" if not math.isfinite(row.share)
+                                                 else f"{row.share:.0%} [{row.min:.0%}, {row.max:.0%}]")
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
 def oracle_lines(section: FrontierSection) -> list[str]:
     """The oracle control's message: without a matched-KL gain over the baseline, this task variant
     cannot show what token weighting buys."""
@@ -258,7 +272,8 @@ def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> 
     if section.empty:
         return lines + ["The methods' KL ranges do not overlap: no common KL budget, no matched-KL verdict.", ""]
     n_methods = section.points["method"].nunique()
-    lines += [f"Each method's true reward and safe rate at {len(section.budgets)} KL budgets "
+    lines += [f"Each method's true reward, reward per token and safe rate (with length and finished rate beside "
+              f"them) at {len(section.budgets)} KL budgets "
               f"({', '.join(f'{b:.3g}' for b in section.budgets)} nats) inside the range every method reached "
               f"({n_methods} methods). Per seed, the points of every evaluation (and every β) are joined by "
               "linear interpolation in KL (no extrapolation); cells are the mean over seeds with a 95% percentile "
@@ -275,10 +290,27 @@ def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> 
                   "one curve and the CI comes from resampling seeds; rerun to get per-seed frontiers."]
     elif section.pooled:
         lines += ["", f"Final points only for {', '.join(section.pooled)} (no `eval/curve`): pooled over seeds."]
+    flagged = fr.low_finish_budgets(section.table)
+    if flagged:
+        lines += ["", f"**Flagged budgets: KL {', '.join(f'{b:.3g}' for b in flagged)}** — some method finishes "
+                  f"fewer than {fr.MIN_FINISHED:.0%} of its samples there (readings describe the finished answers "
+                  "only; do not rest a verdict on them)."]
+    lines += ["", "CIs are widened by each cell's interpolation error (|linear − quadratic| between the nearest "
+              "curve points, mean over seeds). Verdicts are given on total reward, reward per token and safe rate; "
+              "a total-reward gain that is not also a per-token gain is bought with length."]
     for metric in fr.METRICS:
         frame = matched_kl_frame(section, metric)
         if len(frame):
+            if metric == "true_reward" and section.optimal is not None:
+                best = fr.optimal_at(section.optimal, section.budgets)
+                frame = pd.concat([frame, pd.DataFrame([{"Method": "optimal frontier (exact)",
+                                   **{f"KL {b:.3g}": f"{v:.3g}" for b, v in zip(section.budgets, best)}}])],
+                                  ignore_index=True)
             lines += ["", f"**{fr.METRIC_LABELS[metric]}** at matched KL:", "", to_markdown(frame)]
+    shares = share_frame(section)
+    if shares is not None:
+        lines += ["", "**Share of the reachable gain** (R(k) − R(0)) / (F(k) − F(0)), F the exact optimal frontier, "
+                  "R(0) the run's reference: mean [min, max] over seeds (1 = optimal):", "", to_markdown(shares)]
     oracle = oracle_lines(section)
     if oracle:
         lines += ["", *oracle]
@@ -294,6 +326,7 @@ def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> 
                   "matched-KL measure).", "", to_markdown(matched_orderings_frame(section))]
     if figures:
         lines += ["", f"![true reward vs KL](plots/frontier_true_reward{section.suffix}.png) "
+                  f"![reward per token vs KL](plots/frontier_true_reward_per_token{section.suffix}.png) "
                   f"![safe rate vs KL](plots/frontier_safe_rate{section.suffix}.png)"]
     return lines + [""]
 
@@ -311,9 +344,10 @@ def frontier_plots(report: Report, out_dir: Path) -> list[Path]:
         if not len(section.points):
             continue
         where = f" ({section.heading})" if section.condition else ""
-        for metric in fr.METRICS:
+        for metric in fr.VERDICT_METRICS:
             if np.isfinite(section.points[metric].astype(float)).any():
                 written.append(plot_frontier(
                     section.points, metric, out_dir / f"frontier_{metric}{section.suffix}.png", section.budgets,
-                    f"{title}{where}: {fr.METRIC_LABELS[metric]} vs KL (mean, min–max over seeds; x = final points)"))
+                    f"{title}{where}: {fr.METRIC_LABELS[metric]} vs KL (mean, min–max over seeds; x = final points)",
+                    optimal=section.optimal if metric == "true_reward" else None))
     return written

@@ -11,14 +11,14 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import compose_config
-from tisdpo.eval.curve import CURVE_METRICS, EvalCurve
-from tisdpo.stages.evaluation import training_evaluators
+from tisdpo.eval.curve import CURVE_METRICS, EvalCurve, curve_steps
+from tisdpo.stages.evaluation import check_eval_options, training_evaluators
 from tisdpo.stages.runner import run
 from tisdpo.runtime.validate import ConfigError
 from tisdpo.tasks import SyntheticTask, SyntheticTaskConfig
 
 # A tiny SFT (15 steps) rarely ends its answers: keep them so that every metric is a number.
-CURVE = ["eval.every_n_steps=3", "eval.curve_n_prompts=16", "eval.unfinished=keep"]
+CURVE = ["eval.every_n_steps=3", "eval.curve_n_prompts=16", "eval.unfinished=keep", "eval.curve_schedule=uniform"]
 
 
 def _run(tmp_path, name: str, *overrides: str) -> dict:
@@ -28,7 +28,8 @@ def _run(tmp_path, name: str, *overrides: str) -> dict:
 
 def test_curve_points_and_training_unchanged(tmp_path):
     with_curve = _run(tmp_path, "curve", *CURVE)
-    without = _run(tmp_path, "plain", "eval.unfinished=keep")  # same SFT artifact (shared cache), no curve
+    # same SFT artifact (shared cache), no curve (the curve is on by default: turned off here)
+    without = _run(tmp_path, "plain", "eval.unfinished=keep", "eval.every_n_steps=0")
 
     curve = with_curve["eval/curve"]
     assert [p["step"] for p in curve] == [0, 3, 6]  # step 0, every 3, the last (6)
@@ -73,7 +74,7 @@ class _Logger:
 def test_point_restores_rng_and_train_mode_and_logs(task, models):
     policy, reference = models
     callback = EvalCurve(task, task.tokenizer(), reference, every_n_steps=2, n_prompts=4, max_new_tokens=6,
-                         unfinished="keep")
+                         unfinished="keep", schedule="uniform")
     trainer = SimpleNamespace(global_step=0, logger=_Logger())
     module = SimpleNamespace(policy=policy.train(), device=torch.device("cpu"))
     state = torch.random.get_rng_state()
@@ -113,9 +114,36 @@ def test_no_curve_off_the_builtin_task(caplog):
     with caplog.at_level(logging.WARNING):
         assert training_evaluators(cfg, data, reference=None) == []
     assert "no eval curve with eval=judges" in caplog.text
-    assert training_evaluators(compose_config([]), data, reference=None) == []  # off by default: every_n_steps 0
+    # on by default (every 10 steps, dense start), but never without the built-in task's true rewards
+    assert compose_config([]).eval.every_n_steps == 10 and compose_config([]).eval.curve_n_prompts == 256
+    assert training_evaluators(compose_config([]), data, reference=None) == []
 
 
 def test_curve_options_are_checked():
     with pytest.raises(ConfigError, match="eval.every_n_steps"):
         training_evaluators(compose_config(["eval.every_n_steps=-1"]), SimpleNamespace(task=None), None)
+
+
+def test_dense_start_schedule():
+    """Powers of two below N, then every N: dense where KL moves fastest (issue #22)."""
+    steps = [s for s in range(1, 41) if curve_steps(s, 10)]
+    assert steps == [1, 2, 4, 8, 10, 20, 30, 40]
+    assert [s for s in range(1, 41) if curve_steps(s, 10, "uniform")] == [10, 20, 30, 40]
+    assert [s for s in range(1, 9) if curve_steps(s, 2)] == [1, 2, 4, 6, 8]  # every 2: a superset of the default
+    assert {s for s in range(1, 151) if curve_steps(s, 10)} <= {s for s in range(1, 151) if curve_steps(s, 2)}
+    with pytest.raises(ValueError, match="curve_schedule"):
+        curve_steps(3, 10, "sparse")
+    with pytest.raises(ConfigError, match="eval.curve_schedule"):
+        check_eval_options(compose_config(["eval.curve_schedule=sparse"]))
+
+
+def test_dense_schedule_points_in_a_run(tmp_path):
+    """The default schedule in a real run: steps 0, 1, 2, 4 and the last; the reference's distance to
+    the task's generating process and the exact optimal frontier land in results.json."""
+    out = _run(tmp_path, "dense", "eval.every_n_steps=5", "eval.curve_n_prompts=8", "eval.unfinished=keep")
+    assert [p["step"] for p in out["eval/curve"]] == [0, 1, 2, 4, 5, 6]
+    assert all(p["true_reward_se"] >= 0 for p in out["eval/curve"])
+    frontier = out["eval/optimal_frontier"]
+    assert frontier[0]["kl"] == pytest.approx(0.0, abs=1e-9) and len(frontier) > 100
+    assert all(a["kl"] <= b["kl"] and a["true_reward"] <= b["true_reward"] + 1e-9 for a, b in zip(frontier, frontier[1:]))
+    assert "eval/reference_reward_gap" not in out or isinstance(out["eval/reference_reward_gap"], float)

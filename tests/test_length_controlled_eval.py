@@ -108,7 +108,8 @@ def test_cap_is_the_longest_training_response(tiny_data):
     assert eval_max_new_tokens(compose_config(["eval.max_new_tokens=9"]), tiny_data) == 9  # explicit wins
     # the default is the data's own cap (null), never above the task's longest response + EOS
     assert compose_config([], tiny=False).eval.max_new_tokens is None
-    assert longest_response_tokens(tiny_data) <= SyntheticTaskConfig().max_response_length + 1
+    # (the default task is dataset=synthetic_credit since issue #22: its own longest response, not the old default's)
+    assert longest_response_tokens(tiny_data) <= tiny_data.task.config.max_response_length + 1
 
 
 def test_no_training_pairs_no_null_cap():

@@ -7,6 +7,8 @@ import torch
 from tisdpo.weights import (TRANSFORMS, at_bound, clamp_linear, exp_clamp, gaussian_prior,
                             mix_importance, random_weights, rank_linear, uniform_weights)
 
+from tisdpo.weights.transforms import SIGNED_TRANSFORMS
+
 E = math.exp
 
 
@@ -119,7 +121,8 @@ def test_masked_zero_shapes_and_bad_sign(name):
     r = torch.randn(3, 6)
     m = torch.rand(3, 6) > 0.3
     w = TRANSFORMS[name](r, m, sign=1)
-    assert w.shape == r.shape and torch.all(w[~m] == 0) and torch.all(w[m] > 0)
+    assert w.shape == r.shape and torch.all(w[~m] == 0)
+    assert torch.all(w[m] > 0) or name in SIGNED_TRANSFORMS  # signed_linear may go <= 0 by design
     assert TRANSFORMS[name](r[0], sign=-1).shape == (6,)
     with pytest.raises(ValueError, match="sign"):
         TRANSFORMS[name](r, m, sign=0)
@@ -186,3 +189,34 @@ def test_uniform_and_random_weights():
     w2 = random_weights(m, torch.Generator().manual_seed(1))
     assert torch.equal(w1, w2) and torch.all(w1[m == 0] == 0)
     assert torch.all((w1[m == 1] >= 0.7) & (w1[m == 1] <= 1.3))
+
+
+def test_signed_linear_goes_below_zero_by_hand():
+    """Signed weights (issue #22, a deviation): clamp_linear's map onto [low, high] with low < 0."""
+    from tisdpo.weights.transforms import signed_linear
+
+    r = torch.tensor([-3.0, 0.0, 0.75, 3.0])
+    close(signed_linear(r, sign=1), [-0.5, 1.0, 1.75, 2.5])          # defaults [-0.5, 2.5], r = 0 -> 1
+    close(signed_linear(r, sign=-1), [2.5, 1.0, 0.25, -0.5])         # rejected: a good token is pushed up
+    close(signed_linear(r, sign=1, bound=1.0, low=-1.0, high=1.0), [-1.0, 0.0, 0.75, 1.0])
+    mask = torch.tensor([True, True, False, True])
+    assert signed_linear(r, mask, sign=1)[2] == 0  # padding carries no weight
+    assert at_bound(r, name="signed_linear", sign=1).tolist() == [True, False, False, True]
+
+
+def test_only_the_signed_transform_may_go_below_zero():
+    from omegaconf import OmegaConf
+
+    from tisdpo.checks import ConfigError
+    from tisdpo.weights.estimators.common import check_transform
+
+    def node(name, **params):
+        return OmegaConf.create({"estimator": {"transform": {"name": name, name: params}}})
+
+    check_transform(node("signed_linear", bound=1.5, low=-0.5, high=2.5))
+    with pytest.raises(ConfigError, match="non-negative"):
+        check_transform(node("clamp_linear", bound=1.5, low=-0.5, high=2.5))
+    with pytest.raises(ConfigError, match="non-negative"):
+        check_transform(node("rank_linear", low=-0.1, high=1.3))
+    with pytest.raises(ConfigError, match="low=3"):
+        check_transform(node("signed_linear", bound=1.5, low=3, high=2.5))

@@ -201,6 +201,16 @@ def summarize(scored: list[dict], comparison: Sequence[dict | None] | None = Non
     return m
 
 
+def reward_standard_error(scored: list[dict], *, unfinished: str = "exclude",
+                          unfinished_reward: float = UNFINISHED_REWARD) -> float:
+    """Standard error of ``true_reward`` (the mean over the counted samples): sd / sqrt(n); NaN
+    with fewer than 2 counted samples. What one curve point's sampling adds to its reading."""
+    rewards = [c["reward"] for c in (counted(s, unfinished, unfinished_reward) for s in scored) if c is not None]
+    if len(rewards) < 2:
+        return float("nan")
+    return float(np.std(rewards, ddof=1) / np.sqrt(len(rewards)))
+
+
 def save_samples(samples: list[dict], path: str | os.PathLike) -> None:
     """Write samples as JSON (atomic: tmp + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
@@ -369,4 +379,5 @@ __all__ = [
     "win_rate",
     "save_samples",
     "load_samples",
+    "reward_standard_error",
 ]

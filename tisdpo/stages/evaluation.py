@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from tisdpo.eval.benchmarks import run_benchmarks
-from tisdpo.eval.curve import EvalCurve
+from tisdpo.eval.curve import SCHEDULES, EvalCurve
+from tisdpo.eval.optimal_frontier import frontier_at, optimal_frontier
 from tisdpo.eval.run_judges import evaluate_with_judges
 from tisdpo.eval.synthetic_metrics import UNFINISHED_MODES, UNFINISHED_REWARD, evaluate_policy
 from tisdpo.stages.data import PreparedData
@@ -60,12 +61,20 @@ def _whole(cfg: DictConfig, option: str, default: int, low: int) -> int:
     return value
 
 
+def _curve_schedule(cfg: DictConfig) -> str:
+    value = str(cfg.eval.get("curve_schedule") or "dense_start")
+    if value not in SCHEDULES:
+        raise ConfigError(f"eval.curve_schedule={value!r} is not one of {', '.join(SCHEDULES)}")
+    return value
+
+
 def check_eval_options(cfg: DictConfig) -> None:
     """The eval options config validation does not know yet (ConfigError naming the option)."""
     if cfg.get("eval") is None or not cfg.eval.get("enabled", False):
         return
     _whole(cfg, "every_n_steps", 0, 0)
-    _whole(cfg, "curve_n_prompts", 64, 1)
+    _whole(cfg, "curve_n_prompts", 256, 1)
+    _curve_schedule(cfg)
     if cfg.eval.name == "synthetic":
         _unfinished_rules(cfg)
 
@@ -82,9 +91,26 @@ def training_evaluators(cfg: DictConfig, data: PreparedData, reference) -> list[
                     "rewards: eval=synthetic with dataset=synthetic)", every, cfg.eval.name)
         return []
     return [EvalCurve(data.task, data.tokenizer, reference, every_n_steps=every,
-                      n_prompts=_whole(cfg, "curve_n_prompts", 64, 1), seed=int(cfg.seed),
+                      n_prompts=_whole(cfg, "curve_n_prompts", 256, 1), seed=int(cfg.seed),
                       max_new_tokens=eval_max_new_tokens(cfg, data), batch_size=int(cfg.eval.get("batch_size") or 64),
-                      **_unfinished_rules(cfg))]
+                      schedule=_curve_schedule(cfg), **_unfinished_rules(cfg))]
+
+
+def frontier_metrics(cfg: DictConfig, task, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``eval/optimal_frontier`` (the best expected true reward at each KL to the task's generating
+    process, exact: tisdpo/eval/optimal_frontier.py) for the prompts the curve reads (the first
+    ``curve_n_prompts`` test prompts; with no curve the final evaluation's), thinned to the points a
+    plot needs; ``eval/reference_reward_gap``: the reference's reward minus the frontier at KL 0 (how far
+    the SFT reference is from the process the frontier is exact for, in reward)."""
+    every = int(cfg.eval.get("every_n_steps") or 0)
+    n = int(cfg.eval.get("curve_n_prompts") or 256) if every else int(cfg.eval.n_prompts)
+    frontier = optimal_frontier(task, topics=[task.prompt_topic(i, "test") for i in range(n)])
+    out: dict[str, Any] = {"eval/optimal_frontier": [{k: round(p[k], 6) for k in ("kl", "true_reward", "length")}
+                                                     for p in frontier[::4] + frontier[-1:]]}
+    ref = metrics.get("eval/ref_true_reward")
+    if ref is not None and n == int(cfg.eval.n_prompts):
+        out["eval/reference_reward_gap"] = float(ref) - float(frontier_at(frontier, 0.0)[0])
+    return out
 
 
 def _samples_with_vllm(cfg: DictConfig) -> bool:
@@ -115,6 +141,7 @@ def eval_stage(cfg: DictConfig, data: PreparedData, policy, reference, output_di
             max_new_tokens=eval_max_new_tokens(cfg, data), samples_path=output_dir / "samples.json",
             reference_samples=cfg.eval.get("reference_samples"), **_unfinished_rules(cfg),
         )
+        metrics.update(frontier_metrics(cfg, data.task, metrics))
         return metrics
     if cfg.eval.name == "judges":
         rows = data.test_rows

@@ -8,7 +8,8 @@ Masked positions get weight 0: a padding token carries no weight, so summing w o
 
 Default (conf/estimator/_transform.yaml): rank_linear in [0.7, 1.3], the transform of the
 authors' released code (README step 3, ``transform.method=rank_based``); exp_clamp is the
-paper's formula (which publishes no L, U and saturates at k = μ = 1, ±0.5). ``at_bound`` says
+paper's formula (which publishes no L, U and saturates at k = μ = 1, ±0.5); signed_linear (a
+deviation, off by default) lets weights go below 0. ``at_bound`` says
 which tokens sit at a transform's bound (the ``weights/bound_fraction`` diagnostic).
 """
 from __future__ import annotations
@@ -122,7 +123,27 @@ def clamp_linear(scores, mask=None, *, sign: int, bound: float = 1.5, low: float
     return _finish(w, m, was_1d)
 
 
-TRANSFORMS = {"exp_clamp": exp_clamp, "rank_linear": rank_linear, "clamp_linear": clamp_linear}
+def signed_linear(scores, mask=None, *, sign: int, bound: float = 1.5, low: float = -0.5,
+                  high: float = 2.5):
+    """Signed weights (a deviation from both papers, issue #22; never a default): ``clamp_linear``'s
+    affine map onto [low, high] with ``low`` <= 0 allowed,
+
+        x_t = clamp(sign · r_t, −bound, bound)
+        w_t = low + (high − low) · (x_t + bound) / (2 · bound)
+
+    so a chosen token the scores call harmful (sign·r ≤ −bound) gets ``low`` < 0: the weighted margin
+    then pushes its probability *down* although it sits in the chosen response, which no positive
+    weight can do (a positive weight only slows its rise). At the defaults r = 0 gets (low + high)/2 = 1,
+    DPO's weight, and the weights span [−0.5, 2.5]. Config validation accepts low <= 0 for this
+    transform alone (``estimators.common.check_transform``).
+    """
+    return clamp_linear(scores, mask, sign=sign, bound=bound, low=low, high=high)
+
+
+TRANSFORMS = {"exp_clamp": exp_clamp, "rank_linear": rank_linear, "clamp_linear": clamp_linear,
+              "signed_linear": signed_linear}
+#: the transforms whose weights may be <= 0 (config validation lets their ``low`` be negative)
+SIGNED_TRANSFORMS = ("signed_linear",)
 
 
 def at_bound(scores, mask=None, *, name: str, sign: int, **params) -> torch.Tensor:
@@ -130,7 +151,7 @@ def at_bound(scores, mask=None, *, name: str, sign: int, **params) -> torch.Tens
     arguments as the transform): where the transform stops telling tokens apart.
 
         exp_clamp:    r_t ≤ L or r_t ≥ U                (the clamp is active)
-        clamp_linear: |sign · r_t| ≥ bound              (the clamp is active)
+        clamp_linear, signed_linear: |sign · r_t| ≥ bound (the clamp is active)
         rank_linear:  w_t = low or w_t = high           (the lowest / highest rank of its response;
                                                           2 of n tokens, fewer with tied extremes)
 
@@ -141,7 +162,7 @@ def at_bound(scores, mask=None, *, name: str, sign: int, **params) -> torch.Tens
     r, m, was_1d = _prepare(scores, mask, sign)
     if name == "exp_clamp":
         hit = (r <= params.get("lower", -0.5)) | (r >= params.get("upper", 0.5))
-    elif name == "clamp_linear":
+    elif name in ("clamp_linear", "signed_linear"):
         hit = (sign * r).abs() >= params.get("bound", 1.5)
     else:
         w = rank_linear(r, m, sign=sign, **params)

@@ -70,6 +70,13 @@ label already tells DPO which words to move, and contrastive pairs are perfectly
   ±s instead of ±system_shift: a small s makes <harmless> and <harmful> samples overlap, so the
   contrastive pairs are no longer perfectly separable.
 
+The credit-assignment task (``conf/dataset/synthetic_credit.yaml``, the default ``dataset`` since issue
+#22) sets plain fields rather than a variant option. It has 300 pairs, 16-24-word responses with rare
+good/harmful words (about 1.1 per response) and soft, noisy labels (``bt_temperature`` 3,
+``label_noise`` 0.2). Sequence labels then starve DPO's credit assignment, so perfect token weights
+win, while the process stays Markov. Its exact optimal reward-vs-KL frontier is
+``tisdpo/eval/optimal_frontier.py``.
+
 Parts, one job each (this package's modules)::
 
     config.py      SyntheticTaskConfig (the knobs) and the fingerprint that names the task's data

@@ -25,8 +25,9 @@ def check_transform(cfg) -> None:
             raise checks.ConfigError(f"{node}.lower={lower} must be <= {node}.upper={upper}")
         checks.flag(cfg, f"{node}.rescale_mean_one")
     else:
-        checks.low_high(cfg, node)
-        if name == "clamp_linear":
+        # signed_linear alone may give weights <= 0 (a deviation: a harmful chosen token pushed down)
+        checks.low_high(cfg, node, allow_negative=name == "signed_linear")
+        if name in ("clamp_linear", "signed_linear"):
             checks.in_range(cfg, f"{node}.bound", low=0, low_open=True)
 
 
