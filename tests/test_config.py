@@ -75,9 +75,9 @@ def test_tidpo_selects_the_gradient_estimator(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["loss=tisdpo"], "loss=tisdpo needs token weights: add estimator=<one of dpo_pair, oracle, prompt, random, sft_pair, uniform>"),
+    (["loss=tisdpo"], "loss=tisdpo needs token weights: add estimator=<one of critical_tokens, dpo_pair, dpo_reward, oracle, prompt, random, sft_pair, uniform>"),
     (["loss=tisdpo", "estimator=gradient"], "estimator=gradient gives online weights, and loss=tisdpo takes offline weights; "
-                                             "valid: dpo_pair, oracle, prompt, random, sft_pair, uniform"),
+                                             "valid: critical_tokens, dpo_pair, dpo_reward, oracle, prompt, random, sft_pair, uniform"),
     (["loss=dpo", "estimator=prompt"], "estimator=prompt has no effect with loss=dpo"),
     (["dataset.max_prompt_length=100"], "dataset.max_prompt_length=100 must be positive and below dataset.max_length=64"),
     (["dataset=hh", "dataset.path=/nonexistent/file.jsonl", "model.tokenizer=/tmp"], "dataset.path='/nonexistent/file.jsonl': no such file"),

@@ -170,7 +170,7 @@ def test_unknown_group_choice_lists_the_valid_ones(tmp_path, override, valid):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["estimator.name=nope"], "estimator.name='nope' is not one of dpo_pair, gradient, none, oracle, prompt, random, sft_pair, uniform"),
+    (["estimator.name=nope"], "estimator.name='nope' is not one of critical_tokens, dpo_pair, dpo_reward, gradient, none, oracle, otpo, prompt, random, sft_pair, uniform"),
     (["dataset.name=nope"], "dataset.name='nope' is not one of synthetic, hh, pku_saferlhf, tldr, ultrafeedback"),
     (["loss.name=nope"], "loss='nope' is not one of"),
     (["loss=tisdpo", "estimator=gradient"], "estimator=gradient gives online weights, and loss=tisdpo takes offline weights"),
@@ -203,8 +203,8 @@ def test_cli_config_error_is_one_line_and_exit_status_2(tmp_path):
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines == ["config error: loss=tisdpo needs token weights: add estimator=<one of dpo_pair, oracle, prompt, "
-                     "random, sft_pair, uniform>"], done.stderr[-2000:]
+    assert lines == ["config error: loss=tisdpo needs token weights: add estimator=<one of critical_tokens, dpo_pair, "
+                     "dpo_reward, oracle, prompt, random, sft_pair, uniform>"], done.stderr[-2000:]
     [marker] = (tmp_path / "outputs" / "runs").glob("*/*/failed.json")
     assert json.loads(marker.read_text())["type"] == "ConfigError"
 

@@ -138,8 +138,11 @@ def estimator_scores(ctx: RunContext, record: EstimatorRecord, train_examples: l
     est = cfg.estimator
     upstream = ctx.start_identity()
     if record.pair_models is not None:
+        # keyed by what trains them (the pair kind and the training options), not by the estimator's
+        # name: two estimators that score the same pi+/pi- (dpo_pair, dpo_reward) share one artifact
         models_key = {
-            "estimator": scores_identity(est),
+            "pair_models": record.pair_models,
+            "estimator": {k: v for k, v in scores_identity(est).items() if k != "name"},
             "upstream": upstream, "data": data.fingerprint, "tokenization": tokenization_key(cfg),
             "trainer": {"precision": cfg.trainer.get("precision")}, "seed": cfg.seed,
         }
