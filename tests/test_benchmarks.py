@@ -141,8 +141,9 @@ def test_benchmark_errors_name_the_option(exported_model, task_dir, tmp_path):
         run_benchmarks(tmp_path / "nope", bench_cfg(task_dir), tmp_path)
     with pytest.raises(ValueError, match="eval.backend"):
         run_benchmarks(exported_model, bench_cfg(task_dir, backend="tgi"), tmp_path)
-    with pytest.raises(ValueError, match=r"eval.metrics has no headline metric for \['tiny_gen'\]"):
-        run_benchmarks(exported_model, _without_metric(bench_cfg(task_dir), "tiny_gen"), tmp_path)
+    # a task eval.metrics does not name takes the first metric its yaml names (issue 23), not an error
+    from tisdpo.eval.benchmarks import headline_metrics
+    assert headline_metrics(_without_metric(bench_cfg(task_dir), "tiny_gen"))["tiny_gen"] == "exact_match"
     with pytest.raises(ValueError, match="eval.groups.bad"):
         benchmark_metric_keys(bench_cfg(task_dir, groups={"bad": []}))
     # a group whose tasks are not all evaluated is left out, not an error (eval.tasks=[gsm8k] still runs)
@@ -181,3 +182,13 @@ def test_paper_config_declares_the_papers_benchmarks():
     with pytest.raises(ValueError, match="eval.metrics.gsm8k='exact_match'.*flexible-extract"):
         summarise({"bench/gsm8k/exact_match_flexible-extract": 0.1},
                   OmegaConf.create({"tasks": ["gsm8k"], "metrics": {"gsm8k": "exact_match"}}))
+
+
+def test_headline_defaults_to_the_tasks_first_metric(task_dir):
+    """Issue 23: a local task without eval.metrics.<task> takes the first metric its yaml names."""
+    from tisdpo.eval.benchmarks import headline_metrics
+    cfg = bench_cfg(task_dir, metrics={}, groups={}, primary_filter={})
+    assert headline_metrics(cfg) == {"tiny_mc": "acc", "tiny_gen": "exact_match"}
+    assert benchmark_metric_keys(cfg) == {"bench/avg", "bench/tiny_mc/acc", "bench/tiny_mc/acc_stderr",
+                                          "bench/tiny_mc/score", "bench/tiny_gen/exact_match",
+                                          "bench/tiny_gen/exact_match_stderr", "bench/tiny_gen/score"}

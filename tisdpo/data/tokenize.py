@@ -44,6 +44,7 @@ __all__ = [
     "tokenize_dataset",
     "tokenize_example",
     "tokenize_sft_example",
+    "joined_response",
 ]
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -137,6 +138,17 @@ def _prompt_text(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
     )
 
 
+def joined_response(prompt_text: str, response: str) -> str:
+    """The response as it follows the prompt: never glued to it. A prompt that ends in a visible
+    character (no chat template, no template ending in whitespace) is followed by a space before a
+    response that starts with one (``"...in the oven" + " To cook..."``, not ``"...ovenTo cook"``);
+    a chat template's prompt ends with its own newline, and a response that brings its own leading
+    whitespace (hh's ``" I'm sorry"``) is kept as given."""
+    if prompt_text and response and not prompt_text[-1].isspace() and not response[0].isspace():
+        return " " + response
+    return response
+
+
 def _bounded_prompt_ids(tokenizer: Any, text: str, bos: list[int], *, max_length: int, max_prompt_length: int,
                         truncation_mode: str) -> tuple[list[int], int]:
     """The prompt's ids, enough of them for any truncation below, and its length (a lower bound,
@@ -195,6 +207,7 @@ def _encode(
     eos = _eos(tokenizer, add_eos)
     full, lengths = [], []
     for response in responses:
+        response = joined_response(text, response)
         ids, whole = (_ids(tokenizer, response), True) if whole_responses else _bounded_ids(tokenizer, response, max_length)
         full.append(ids + eos if whole else ids)  # a cut response has no EOS
         lengths.append(len(ids) + len(eos) if whole else max_length + 1)  # cut: a lower bound

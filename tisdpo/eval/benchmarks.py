@@ -23,6 +23,7 @@ HumanEval runs generated code: ``eval.allow_code_execution``).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,54 @@ def _tasks(eval_cfg) -> list[str]:
     return tasks
 
 
+# lm-eval's default metrics by output type, for a task yaml without a metric_list
+DEFAULT_METRICS = {"multiple_choice": "acc", "loglikelihood": "acc", "generate_until": "exact_match",
+                   "loglikelihood_rolling": "word_perplexity"}
+
+
+def _task_manager(include_path, include_defaults: bool):
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("eval=benchmarks needs lm-evaluation-harness: pip install 'lm-eval[ifeval]'") from error
+    return TaskManager(include_path=str(Path(str(include_path)).expanduser()) if include_path else None,
+                       include_defaults=include_defaults)
+
+
+def task_first_metric(task: str, eval_cfg) -> str:
+    """The first metric the task's yaml names (``metric_list``), else its output type's default:
+    the headline of a task that ``eval.metrics`` does not name."""
+    include_path = eval_cfg.get("include_path")
+    return _first_metric(task, str(include_path) if include_path else None, bool(eval_cfg.get("include_defaults", True)))
+
+
+@functools.lru_cache(maxsize=64)
+def _first_metric(task: str, include_path: str | None, include_defaults: bool) -> str:
+    manager = _task_manager(include_path, include_defaults)
+    entry = manager.task_index.get(task)
+    if entry is None:
+        raise ValueError(f"eval.tasks: lm-eval knows no task {[task]} (add its yaml under eval.include_path)")
+    config = dict(getattr(entry, "cfg", None) or {})
+    if not config.get("metric_list") and getattr(entry, "yaml_path", None):
+        from lm_eval.utils import load_yaml_config  # the yaml with its includes resolved
+        config = {**load_yaml_config(yaml_path=str(entry.yaml_path)), **config}
+    metric_list = config.get("metric_list") or []
+    if metric_list and isinstance(metric_list[0], Mapping) and metric_list[0].get("metric"):
+        return str(metric_list[0]["metric"])
+    output_type = str(config.get("output_type") or "generate_until")
+    if output_type not in DEFAULT_METRICS:
+        raise ValueError(f"eval.metrics.{task} is not set and task {task!r} names no metric: set eval.metrics.{task}")
+    return DEFAULT_METRICS[output_type]
+
+
 def headline_metrics(eval_cfg) -> dict[str, str]:
-    """task -> its headline metric name (``eval.metrics``); every task must have one."""
+    """task -> its headline metric name: ``eval.metrics.<task>``, else the first metric the task's
+    yaml names (lm-eval's own order; a paper table sets the one it reads)."""
     metrics = dict(_plain(eval_cfg.get("metrics")) or {})
-    missing = [t for t in _tasks(eval_cfg) if t not in metrics]
-    if missing:
-        raise ValueError(f"eval.metrics has no headline metric for {missing} (e.g. eval.metrics.{missing[0]}=acc)")
+    for task in _tasks(eval_cfg):
+        if task not in metrics:
+            metrics[task] = task_first_metric(task, eval_cfg)
+            log.info("eval.metrics.%s not set: the task's first metric, %s", task, metrics[task])
     return {t: str(metrics[t]) for t in _tasks(eval_cfg)}
 
 
@@ -206,7 +250,10 @@ def run_benchmarks(model_dir: str | os.PathLike, eval_cfg, output_dir: str | os.
         raise ValueError(f"eval.tasks: lm-eval knows no task {unknown} (add its yaml under eval.include_path)")
 
     batch_size = eval_cfg.get("batch_size", "auto")
-    extra = {"batch_size": batch_size, "device": eval_cfg.get("device")}
+    # null: the accelerator where there is one, else the CPU (lm-eval's own default is cuda, which
+    # fails on a CPU-only torch)
+    device = eval_cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    extra = {"batch_size": batch_size, "device": device}
     lm = get_model(backend).create_from_arg_obj(_model_args(str(model_dir), eval_cfg),
                                                 {k: v for k, v in extra.items() if v is not None})
     apply_chat_template = _plain(eval_cfg.get("apply_chat_template", False))

@@ -12,7 +12,9 @@ from typing import Sequence
 
 import torch
 
-from tisdpo.kernels.scoring import score_sequences
+from tqdm.auto import tqdm
+
+from tisdpo.kernels.scoring import PROGRESS_INTERVAL_S, score_sequences
 from tisdpo.models.sharding import gathered_root, is_sharded
 
 
@@ -131,7 +133,8 @@ def sample_responses(
         tokenizer.padding_side = "left"
         with _eval_mode(model), torch.random.fork_rng(devices=fork_devices), gathered_root(model):
             torch.manual_seed(seed)
-            for start in range(0, len(prompts), batch_size):
+            for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch",
+                              mininterval=PROGRESS_INTERVAL_S, leave=False):
                 chunk = list(prompts[start : start + batch_size])
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=True)
                 input_ids = enc["input_ids"].to(device)
@@ -180,7 +183,8 @@ def sequence_logps(
             raise ValueError(f"empty prompt at index {j}: nothing to condition on")
     responses = [list(r) + ([eos_id] if eos else []) for r, eos in zip(responses_ids, append_eos)]
     # the batched scorer (kernels/scoring.py), as every other no-grad log-prob pass
-    per_token_logps = score_sequences(model, prompt_ids, responses, _pad_id(tokenizer), batch_size=batch_size)
+    per_token_logps = score_sequences(model, prompt_ids, responses, _pad_id(tokenizer), batch_size=batch_size,
+                                      progress="scoring samples")
     out_tok = [values.tolist() for values in per_token_logps]
     out_sum = [float(values.sum()) for values in per_token_logps]
     return out_tok if per_token else out_sum

@@ -178,3 +178,133 @@ def per_position_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {(n, t - 1)} "
                          f"(or {(n, t)} aligned with the labels)")
     return _PositionKL.apply(p_logits, q_logits, mask.bool(), chunk_size)
+
+
+# ---------------------------------------------------------------------------------------
+# From hidden states through the output head: the [N, T, V] logits never exist
+# ---------------------------------------------------------------------------------------
+# The chunked linear-cross-entropy idea of Liger's fused linear losses and Cut Cross-Entropy
+# (Wijmans et al. 2024): logits are made one block of rows at a time from the last hidden states and
+# the head's weight, reduced to what the loss needs (log-prob of the label, or the KL), and dropped;
+# backward remakes each block and writes the gradients of the hidden states and of the head weight.
+# Neither library runs here: Liger's kernels and CCE's are Triton (CUDA) only, and the project trains
+# on CPUs as well as GPUs, with a KL term neither offers; so the few lines below are ours, checked
+# against the full-logits kernels above (tests/test_memory_head.py).
+
+def _head_block(h, weight, dtype):
+    return (h.to(dtype) @ weight.to(dtype).t())
+
+
+class _HeadTokenLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, index, rows):
+        dtype = _compute_dtype(hidden, weight)
+        out = hidden.new_empty(hidden.shape[0], dtype=dtype)
+        lse = hidden.new_empty(hidden.shape[0], dtype=dtype)
+        for start in range(0, hidden.shape[0], rows):
+            block = slice(start, start + rows)
+            lse[block], picked = _logps_block(_head_block(hidden[block], weight, dtype), index[block], dtype)
+            out[block] = picked - lse[block]
+        ctx.save_for_backward(hidden, weight, index, lse)
+        ctx.rows, ctx.dtype = rows, dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, index, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=ctx.dtype, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], ctx.rows):
+            block = slice(start, start + ctx.rows)
+            h = hidden[block]
+            d = _logps_grad_block(_head_block(h, weight, ctx.dtype), index[block], lse[block],
+                                  grad_out[block, None].to(ctx.dtype))
+            if need_h:
+                grad_h[block] = (d @ weight.to(ctx.dtype)).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(d.t(), h.to(ctx.dtype))
+            del d
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+
+
+def _head_rows(vocab: int, chunk_size: int) -> int:
+    """Rows per head block: about ``chunk_size`` x V float32 logits at a time (at least one row)."""
+    return max(1, chunk_size)
+
+
+def head_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK):
+    """:func:`token_logps` of ``logits = hidden @ weight.T`` without the logits.
+
+    hidden [N, T, H] (the model's last hidden states), weight [V, H] (its output head; no bias),
+    labels [N, T] -> (logps [N, T-1], mask [N, T-1]) exactly as ``token_logps(hidden @ weight.T,
+    labels)``. Only the labelled positions get a logit row, ``chunk_size`` rows at a time, forward and
+    backward; gradients reach ``hidden`` and ``weight``. Peak extra memory: one chunk_size x V block.
+    """
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden [N, T, H] and labels [N, T] expected, got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    mask = labels[:, 1:] != ignore_index
+    selected = hidden[:, :-1][mask]  # position t predicts label t+1
+    picked = _HeadTokenLogps.apply(selected, weight, labels[:, 1:][mask], _head_rows(weight.shape[0], chunk_size))
+    out = picked.new_zeros(mask.shape)
+    return out.masked_scatter(mask, picked), mask
+
+
+class _HeadKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p_hidden, p_weight, q_hidden, q_weight, rows):
+        dtype = _compute_dtype(p_hidden, q_hidden, p_weight, q_weight)
+        kl = p_hidden.new_empty(p_hidden.shape[0], dtype=dtype)
+        for start in range(0, p_hidden.shape[0], rows):
+            block = slice(start, start + rows)
+            kl[block] = _kl_block(_head_block(p_hidden[block], p_weight, dtype),
+                                  _head_block(q_hidden[block], q_weight, dtype), dtype)
+        ctx.save_for_backward(p_hidden, p_weight, q_hidden, q_weight)
+        ctx.rows, ctx.dtype = rows, dtype
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        p_hidden, p_weight, q_hidden, q_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad[:4]
+        dtype = ctx.dtype
+        grads = [torch.zeros_like(p_hidden) if need[0] else None,
+                 torch.zeros(p_weight.shape, dtype=dtype, device=p_weight.device) if need[1] else None,
+                 torch.zeros_like(q_hidden) if need[2] else None,
+                 torch.zeros(q_weight.shape, dtype=dtype, device=q_weight.device) if need[3] else None]
+        for start in range(0, p_hidden.shape[0], ctx.rows):
+            block = slice(start, start + ctx.rows)
+            ph, qh = p_hidden[block], q_hidden[block]
+            gp, gq = _kl_grad_block(_head_block(ph, p_weight, dtype), _head_block(qh, q_weight, dtype),
+                                    grad_out[block, None].to(dtype), dtype, need[0] or need[1], need[2] or need[3])
+            if need[0]:
+                grads[0][block] = (gp @ p_weight.to(dtype)).to(p_hidden.dtype)
+            if need[1]:
+                grads[1].addmm_(gp.t(), ph.to(dtype))
+            if need[2]:
+                grads[2][block] = (gq @ q_weight.to(dtype)).to(q_hidden.dtype)
+            if need[3]:
+                grads[3].addmm_(gq.t(), qh.to(dtype))
+            del gp, gq
+        if need[1]:
+            grads[1] = grads[1].to(p_weight.dtype)
+        if need[3]:
+            grads[3] = grads[3].to(q_weight.dtype)
+        return (*grads, None)
+
+
+def head_position_kl(p_hidden: torch.Tensor, p_weight: torch.Tensor, q_hidden: torch.Tensor, q_weight: torch.Tensor,
+                     mask: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """:func:`per_position_kl` of ``p_hidden @ p_weight.T`` and ``q_hidden @ q_weight.T`` without the
+    logits: hidden [N, T, H], weights [V, H], mask [N, T-1] (or [N, T]) -> [N, T-1], 0 where masked.
+    Only the masked-in positions are computed; gradients reach every input that requires them."""
+    n, t, _ = p_hidden.shape
+    if mask.shape == (n, t):
+        mask = mask[:, 1:]
+    mask = mask.bool()
+    kl = _HeadKL.apply(p_hidden[:, :-1][mask], p_weight, q_hidden[:, :-1][mask], q_weight,
+                       _head_rows(p_weight.shape[0], chunk_size))
+    return kl.new_zeros(mask.shape).masked_scatter(mask, kl)

@@ -20,6 +20,7 @@ import contextlib
 import logging
 
 import torch
+from tqdm.auto import tqdm
 
 from tisdpo.constants import IGNORE_INDEX, SIDES
 from tisdpo.data.collate import PreferenceCollator, concat_pair, prompt_response_batch
@@ -27,6 +28,16 @@ from tisdpo.kernels.logprobs import token_logps
 from tisdpo.kernels.shared_prefix import pack_pairs, packed_logps, packing_matches, packing_supported
 
 log = logging.getLogger(__name__)
+
+# A pass's progress bar, in a log file too (a non-terminal gets a line at most every this many seconds).
+PROGRESS_INTERVAL_S = 10.0
+
+
+def progress_bar(total: int, desc: str | None, unit: str = "pair"):
+    """A tqdm bar with rate and ETA for a long no-grad pass; None: no bar."""
+    if desc is None:
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=PROGRESS_INTERVAL_S, dynamic_ncols=True, leave=False)
 
 # model_type values whose CausalLM forward computes logits = lm_head(base_model(...).last_hidden_state)
 # with nothing after it (no soft-capping, no logit scale): the head may run on chosen rows only.
@@ -39,7 +50,40 @@ _BLOCK_ELEMENTS = 1 << 24
 def _head_only(model) -> bool:
     config = getattr(model, "config", None)
     return (getattr(config, "model_type", None) in _HEAD_ONLY and model.get_output_embeddings() is not None
-            and getattr(model, "base_model", model) is not model)
+            and getattr(model, "base_model", model) is not model
+            and not hasattr(model, "peft_config"))  # a PeftModel's base_model returns logits, not hidden states
+
+
+def output_head(model) -> torch.Tensor | None:
+    """The output head's weight [V, H] when the model's logits are exactly ``head(base_model(...)
+    .last_hidden_state)`` with no bias (the architectures of ``_HEAD_ONLY``, not wrapped by PEFT);
+    else None. Then log-probs and KL can be computed from the hidden states in chunks
+    (``kernels.logprobs.head_token_logps``), never materialising the [N, T, V] logits."""
+    if not _head_only(model):
+        return None
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return None
+    return head.weight
+
+
+# Below this many logit elements (N x T x V) a pass keeps the plain full-logits path: the tiny built-in
+# task (V ~ 100) stays bit-for-bit as before; a real vocabulary (SmolLM2's 49k, Llama's 32k-128k) at any
+# useful batch is above it and never materialises its logits.
+HEAD_CHUNK_MIN_ELEMENTS = 1 << 24
+
+
+def chunked_head(model, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """:func:`output_head` when the [N, T, V] logits of ``input_ids`` would be large enough to matter."""
+    head = output_head(model)
+    if head is None or input_ids.numel() * head.shape[0] < HEAD_CHUNK_MIN_ELEMENTS:
+        return None
+    return head
+
+
+def last_hidden(model, input_ids, attention_mask) -> torch.Tensor:
+    """The last hidden states [N, T, H] of a model :func:`output_head` accepts."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def _picked_logps_from_hidden(model, ids, attention, labels, chunk_size: int) -> torch.Tensor:
@@ -116,7 +160,8 @@ def _scoring(model, device):
 @torch.no_grad()
 def score_pairs(model, examples: list[dict], pad_token_id: int, *, batch_size: int = 64, chunk_size: int = 256,
                 precision: str | None = None, device: torch.device | str | None = None, full_length: bool = False,
-                shared_prefix: bool = False, head_only: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                shared_prefix: bool = False, head_only: bool | None = None,
+                progress: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(chosen, rejected): float32 per-token log-probs of every example under ``model``, in order.
 
     - ``full_length=False``: the response positions only, one value per response token (ragged);
@@ -130,18 +175,24 @@ def score_pairs(model, examples: list[dict], pad_token_id: int, *, batch_size: i
       checked against the standard forward on the first batch and dropped when it does not match.
     - ``precision``: a Lightning precision string, applied as autocast; ``device``: where to run.
     ``model`` is any callable returning ``.logits`` (a frozen copy, or a LoRA policy's
-    disabled-adapter view).
+    disabled-adapter view). ``progress``: a progress bar with ETA under this name.
     """
     head_only = _head_only(model) if head_only is None else head_only
-    if full_length or shared_prefix:
-        head_only = False  # both need the per-position layout of the full forward
+    if shared_prefix and head_only and examples:
+        longest = max(len(ex[f"{side}_input_ids"]) for ex in examples for side in SIDES)
+        if chunked_head(model, torch.empty(2 * min(batch_size, len(examples)), longest)) is not None:
+            shared_prefix = False  # a real vocabulary: the head on the response positions, no [N, T, V] logits
+    if shared_prefix:
+        head_only = False  # the packed rows need the per-position layout of the full forward
     collate = PreferenceCollator(pad_token_id)
     order = _length_order(examples)
     out: dict[str, list[torch.Tensor | None]] = {side: [None] * len(examples) for side in SIDES}
-    with _scoring(model, device) as device:
+    with _scoring(model, device) as device, progress_bar(len(order), progress) as bar:
         for start in range(0, len(order), batch_size):
             indices = order[start: start + batch_size]
             size = len(indices)
+            if bar is not None:
+                bar.update(size)
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices]).items()}
             ids, attention, labels = (concat_pair(batch, key) for key in ("input_ids", "attention_mask", "labels"))
             packed = pack_pairs(batch, pad_token_id) if shared_prefix else None
@@ -151,7 +202,13 @@ def score_pairs(model, examples: list[dict], pad_token_id: int, *, batch_size: i
                     if not shared_prefix:
                         log.warning("scoring: shared-prefix packing is off for this model")
                         packed = None
-                if head_only:
+                if head_only and full_length:  # response positions through the head, zeros elsewhere
+                    flat = _picked_logps_from_hidden(model, ids, attention, labels, chunk_size).float()
+                    mask = labels[:, 1:] != IGNORE_INDEX
+                    logps = flat.new_zeros(mask.shape).masked_scatter(mask, flat).cpu()
+                    rows = [logps[r, : len(examples[indices[r % size]][f"{SIDES[r // size]}_input_ids"]) - 1]
+                            for r in range(2 * size)]
+                elif head_only:
                     flat = _picked_logps_from_hidden(model, ids, attention, labels, chunk_size).float().cpu()
                     rows = flat.split((labels[:, 1:] != IGNORE_INDEX).sum(-1).cpu().tolist())
                 else:
@@ -174,17 +231,20 @@ def response_logps(model, examples: list[dict], pad_token_id: int, batch_size: i
                    chunk_size: int = 256) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(chosen, rejected) lists of per-response-token log-probs, one tensor per example, in order
     (the token-weight estimators' scoring pass: the model where it is, head on the responses only)."""
-    return score_pairs(model, examples, pad_token_id, batch_size=batch_size, chunk_size=chunk_size)
+    return score_pairs(model, examples, pad_token_id, batch_size=batch_size, chunk_size=chunk_size,
+                       progress="scoring (token weights)")
 
 
 @torch.no_grad()
 def score_sequences(model, prompts: list[list[int]], responses: list[list[int]], pad_token_id: int, *,
-                    batch_size: int = 64, chunk_size: int = 256) -> list[torch.Tensor]:
+                    batch_size: int = 64, chunk_size: int = 256, progress: str | None = None) -> list[torch.Tensor]:
     """Per-token log-probs of each response given its prompt (token ids), one tensor per sequence,
     in order: the evaluation's pass (KL to the reference on sampled responses)."""
     out: list[torch.Tensor] = []
-    with _scoring(model, None) as device:
+    with _scoring(model, None) as device, progress_bar(len(prompts), progress, "seq") as bar:
         for start in range(0, len(prompts), batch_size):
+            if bar is not None:
+                bar.update(len(prompts[start: start + batch_size]))
             ids, attention, labels = prompt_response_batch(prompts[start: start + batch_size],
                                                            responses[start: start + batch_size], pad_token_id, device)
             logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits

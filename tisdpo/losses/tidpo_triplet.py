@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from tisdpo.data.collate import prompt_response_batch
-from tisdpo.kernels.logprobs import token_logps
+from tisdpo.kernels.logprobs import head_token_logps, token_logps
+from tisdpo.kernels.scoring import chunked_head, last_hidden
 from tisdpo.losses._common import check_same_shape
 from tisdpo.losses.record import StepContext
 from tisdpo.models.sharding import is_sharded
@@ -121,16 +122,23 @@ class TripletTerm:
         anchors = [self.anchors[idx][0] for idx in batch["index"].tolist()]
         return prompt_response_batch(prompts, anchors, self.tokenizer.pad_token_id, batch["chosen_input_ids"].device)
 
+    def _logps(self, model, ids, attention, labels):
+        """The anchors' per-token log-probs; through the output head in chunks where the model allows
+        it (no [N, T, V] logits, forward or backward), else from the full logits."""
+        head = None if is_sharded(model) else chunked_head(model, ids)
+        if head is not None:
+            return head_token_logps(last_hidden(model, ids, attention), head, labels, chunk_size=self.chunk)
+        return token_logps(model(input_ids=ids, attention_mask=attention, use_cache=False).logits, labels,
+                           chunk_size=self.chunk)
+
     def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
         policy_logps, reference_logps, mask = ctx.policy_logps, ctx.reference_logps, ctx.mask
         if self.gamma == 0:
             return policy_logps.new_zeros(()), {}
         ids, attention, labels = self.anchor_batch(ctx)
-        anchor_policy, anchor_mask = token_logps(ctx.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits,
-                                                 labels, chunk_size=self.chunk)
+        anchor_policy, anchor_mask = self._logps(ctx.policy, ids, attention, labels)
         with torch.no_grad():
-            anchor_reference, _ = token_logps(ctx.reference(input_ids=ids, attention_mask=attention, use_cache=False).logits,
-                                              labels, chunk_size=self.chunk)
+            anchor_reference, _ = self._logps(ctx.reference, ids, attention, labels)
         half = ctx.batch_size
         loss = triplet_loss(
             anchor_policy, anchor_reference, anchor_mask.to(anchor_policy.dtype),

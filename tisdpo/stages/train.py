@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from tisdpo.models.lora import policy_and_reference
 from tisdpo.models.sharding import is_sharded
 from tisdpo.losses.record import BoundLoss
 from tisdpo.modules.preference import PreferenceModule
+from tisdpo.runtime.cache import launch_rank
 from tisdpo.runtime.callbacks import RNGStateCallback, SignalCheckpoint
 from tisdpo.runtime.callbacks import VerifiedCheckpoint
 from tisdpo.runtime.checkpoints import CHECKPOINT_DIR
@@ -27,6 +31,87 @@ log = logging.getLogger(__name__)
 
 def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+
+
+class ValidateAtStart(Callback):
+    """Validation on the initial weights, before the first step (not on a resumed run): the "before"
+    of every val/ metric, kept in ``metrics`` (results.json ``val_step0/...``) and logged at step 0.
+    Run under a forked RNG, so training draws exactly what it would without it."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step != 0 or trainer.sanity_checking:
+            return
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        with torch.random.fork_rng(devices=[]):
+            trainer.validating = True
+            loop.run()
+            trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+        self.metrics = {f"val_step0/{k.removeprefix('val/')}": v
+                        for k, v in metrics_to_floats(trainer.callback_metrics).items() if k.startswith("val/")}
+        pl_module.policy.train()
+
+
+class ValidationProgress(Callback):
+    """A log line with progress and ETA every ``every_s`` seconds of a validation pass (Lightning's own
+    bar draws only on a terminal; a long pass on a real model must not run in silence in run.log)."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._start = self._last = 0.0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._start = self._last = time.perf_counter()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        now = time.perf_counter()
+        if trainer.sanity_checking or now - self._last < self.every_s:
+            return
+        self._last = now
+        total = trainer.num_val_batches[dataloader_idx] if trainer.num_val_batches else 0
+        done = batch_idx + 1
+        eta = (now - self._start) / done * max(0, total - done) if total else float("nan")
+        log.info("validation (step %d): %d/%s batches, %.0fs elapsed, ETA %.0fs", trainer.global_step, done,
+                 total or "?", now - self._start, eta)
+
+
+def with_intervals(metrics: dict[str, float], n: int) -> dict[str, float]:
+    """Each validation accuracy (a fraction of ``n`` held-out pairs) with the half-width of its 95%
+    normal-approximation interval, ``<key>_ci95``, and the number of pairs, ``val/n_pairs``."""
+    out = dict(metrics)
+    for key, value in metrics.items():
+        if key.endswith("accuracies") and n > 0:
+            out[f"{key}_ci95"] = 1.96 * math.sqrt(max(value * (1 - value), 0.0) / n)
+    if n > 0:
+        out["val/n_pairs"] = float(n)
+    return out
+
+
+def validated_last_step(val_every: int, max_steps: int) -> bool:
+    """Whether Lightning's own schedule validates after the last step (then a final validation would
+    repeat it on the same weights)."""
+    return val_every > 0 and max_steps % min(val_every, max_steps) == 0
+
+
+def write_data_preview(path: Path, examples: list[dict], tokenizer, n: int = 3) -> None:
+    """The first ``n`` training rows decoded exactly as the model sees them (special tokens and chat
+    template included), the prompt/response boundary marked."""
+    lines = []
+    for i, example in enumerate(examples[:n]):
+        n_prompt = len(example["prompt_input_ids"])
+        lines.append(f"=== training row {i} (dataset row {example.get('index')}) ===")
+        for side in ("chosen", "rejected"):
+            ids = example[f"{side}_input_ids"]
+            prompt = tokenizer.decode(ids[:n_prompt], skip_special_tokens=False)
+            response = tokenizer.decode(ids[n_prompt:], skip_special_tokens=False)
+            lines.append(f"--- {side}: {n_prompt} prompt + {len(ids) - n_prompt} response tokens ---")
+            lines.append(f"{prompt}⟦PROMPT|RESPONSE⟧{response}")
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def train_stage(
@@ -83,19 +168,28 @@ def train_stage(
         save_last=True, save_top_k=-1 if cfg.checkpoint.get("keep_all") else 1, save_weights_only=False,
     )
     val_every = int(cfg.train.val_every_n_steps)
+    if launch_rank() == 0 and train_examples and "prompt_input_ids" in train_examples[0]:
+        write_data_preview(output_dir / "data_preview.txt", train_examples, tokenizer)
+    at_start = ValidateAtStart() if val_every > 0 else None
     trainer = fit_stage(
         cfg.trainer, module, train_loader, max_steps=max_steps, val_loader=val_loader if val_every > 0 else None,
         ckpt_path=train_checkpoint(cfg, output_dir), logger=logger, default_root_dir=str(output_dir),
         callbacks=[checkpoint, RNGStateCallback(), SignalCheckpoint(output_dir / CHECKPOINT_DIR), *placement,
-                   *(callbacks or [])],
+                   *([at_start, ValidationProgress()] if at_start else []), *(callbacks or [])],
         val_check_interval=min(val_every, max_steps) if val_every > 0 else None,
         check_val_every_n_epoch=None, limit_val_batches=1.0 if val_every > 0 else 0,
         accumulate_grad_batches=accumulate, model=policy, gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")),
         # no_grad instead of inference_mode in validation: TI-DPO's attribution needs enable_grad there.
         inference_mode=False,
     )
+    start = at_start.metrics if at_start else {}
+    if validated_last_step(val_every, max_steps) and trainer.global_step == max_steps:
+        # Lightning validated after the last step: the same weights, no second pass
+        final = {k: v for k, v in metrics_to_floats(trainer.callback_metrics).items() if k.startswith("val/")}
+        if "val/loss" in final:  # (a run resumed at its last step validated nothing here: validate below)
+            return module, with_intervals({**start, **final}, len(val_examples))
     final = trainer.validate(module, val_loader, verbose=False)
-    return module, metrics_to_floats(final[0] if final else {})
+    return module, with_intervals({**start, **metrics_to_floats(final[0] if final else {})}, len(val_examples))
 
 
 def models_for_eval(ctx: RunContext, module, reference):

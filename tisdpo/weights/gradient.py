@@ -24,6 +24,7 @@ import torch
 
 from tisdpo.constants import IGNORE_INDEX
 from tisdpo.data.collate import concat_pair
+from tisdpo.kernels.scoring import chunked_head
 from tisdpo.losses.record import StepContext
 from tisdpo.weights.prior import mix_importance
 
@@ -31,9 +32,15 @@ from tisdpo.weights.prior import mix_importance
 def embedding_attribution(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[N, T] L1 norm of d(max logit at the last valid position)/d(input embedding of each token)."""
     embeddings = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False).logits
     last = attention_mask.sum(-1) - 1  # right padding: the last real token
-    target = logits[torch.arange(len(last), device=logits.device), last].max(-1).values
+    rows = torch.arange(len(last), device=input_ids.device)
+    head = chunked_head(model, input_ids)
+    if head is not None:  # bounded memory: one [V] logit row per sequence, never the [N, T, V] logits
+        hidden = model.base_model(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        target = (hidden[rows, last] @ head.t().to(hidden.dtype)).max(-1).values
+    else:
+        logits = model(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False).logits
+        target = logits[rows, last].max(-1).values
     # Each row's target depends only on its own embeddings, so one backward of the sum gives
     # every row's gradient at once.
     (grad,) = torch.autograd.grad(target.sum(), embeddings)
