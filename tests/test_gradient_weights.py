@@ -192,3 +192,18 @@ def test_tidpo_defaults_follow_the_released_code():
     cfg = compose_config(["loss=tidpo"], tiny=False)
     assert (cfg.loss.base, cfg.loss.alpha, cfg.estimator.normalize, cfg.estimator.weight_eos) == ("tdpo2", 0.5, "sequence", True)
     assert (cfg.estimator.lam, cfg.loss.beta, cfg.loss.triplet.gamma) == (0.7, 0.1, 0.1)  # the paper's values
+
+
+def test_validation_anchors_never_stand_in_for_training_ones(setup):
+    """Training and validation examples both number from 0: the anchor cache keys them by split, so
+    validation at step N does not hand its anchors to training step N."""
+    tokenizer, batch, _ = setup
+    policy = build_model(config=TINY_MODEL, tokenizer=tokenizer, seed=5)
+    module = _tidpo_module(tokenizer, policy)
+    module.policy.eval()  # as Lightning leaves it during validation
+    module.loss.auxiliary.anchor_batch(module.step_context(batch))
+    module.policy.train()
+    module.loss.auxiliary.anchor_batch(module.step_context(batch))
+    splits = {split for split, _ in module.loss.auxiliary.anchors}
+    assert splits == {"train", "val"}
+    assert len(module.loss.auxiliary.anchors) == 2 * len(batch["index"])

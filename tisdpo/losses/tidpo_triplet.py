@@ -88,11 +88,20 @@ class TripletTerm:
         self.generation = dict(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature,
                                max_new_tokens=max_new_tokens)
         self.chunk = chunk_size
-        self.anchors: dict[int, tuple[list[int], int]] = {}  # example index -> (anchor ids, step sampled)
+        # (split, example index) -> (anchor ids, step sampled). The split is part of the key: training and
+        # validation examples number from 0 each, and a validation anchor must never stand in for a
+        # training one (validation at step N would otherwise hand its anchors to training step N).
+        self.anchors: dict[tuple[str, int], tuple[list[int], int]] = {}
+
+    @staticmethod
+    def _keys(ctx: StepContext) -> list[tuple[str, int]]:
+        split = "train" if ctx.policy.training else "val"  # Lightning puts the module in eval mode to validate
+        return [(split, int(i)) for i in ctx.batch["index"].tolist()]
 
     @torch.no_grad()
     def _sample(self, ctx: StepContext, rows: list[int]) -> None:
         policy, batch = ctx.policy, ctx.batch
+        keys = self._keys(ctx)
         was_training = policy.training
         policy.eval()
         prompt_ids = batch["prompt_input_ids"][rows]
@@ -104,13 +113,13 @@ class TripletTerm:
         policy.train(was_training)
         new = out[:, prompt_ids.shape[1]:].tolist()
         for row, tokens in zip(rows, new):
-            self.anchors[int(batch["index"][row])] = (anchor_tokens(tokens, self.tokenizer.eos_token_id,
-                                                                    self.tokenizer.pad_token_id), ctx.step)
+            self.anchors[keys[row]] = (anchor_tokens(tokens, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id),
+                                       ctx.step)
 
     def anchor_batch(self, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         step, batch = ctx.step, ctx.batch
-        stale = [i for i, idx in enumerate(batch["index"].tolist())
-                 if idx not in self.anchors or step - self.anchors[idx][1] >= self.anchor_every]
+        keys = self._keys(ctx)
+        stale = [i for i, key in enumerate(keys) if key not in self.anchors or step - self.anchors[key][1] >= self.anchor_every]
         if is_sharded(ctx.policy) and ctx.strategy.reduce_boolean_decision(bool(stale), all=False):
             # generate is collective under FSDP: when any rank samples, every rank does (its whole batch
             # if none of its anchors is stale: they are only refreshed early)
@@ -119,7 +128,7 @@ class TripletTerm:
             self._sample(ctx, stale)
         prompts = [batch["prompt_input_ids"][i][batch["prompt_attention_mask"][i].bool()].tolist()
                    for i in range(len(batch["index"]))]
-        anchors = [self.anchors[idx][0] for idx in batch["index"].tolist()]
+        anchors = [self.anchors[key][0] for key in keys]
         return prompt_response_batch(prompts, anchors, self.tokenizer.pad_token_id, batch["chosen_input_ids"].device)
 
     def _logps(self, model, ids, attention, labels):
