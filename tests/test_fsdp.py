@@ -154,7 +154,8 @@ def test_run_py_under_two_process_fsdp(tmp_path):
     output = done.stdout + done.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == 4 and "eval/true_reward" in results
-    assert [p["step"] for p in results["eval/curve"]] == [0, 2, 4]
+    # the dense default schedule (issue 22): steps 0, 1, 2, 4, ... then every eval.every_n_steps
+    assert [p["step"] for p in results["eval/curve"]] == [0, 1, 2, 4]
     built = {e["stage"]: e for e in results["stages"]}
     assert built["sft"]["reused"] is False and built["estimator"]["reused"] is False
     # rank 1 trained SFT and pi+/pi- with rank 0, then read what rank 0 sealed (the scores it waits
