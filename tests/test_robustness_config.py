@@ -67,15 +67,21 @@ def test_run_dir_inside_the_cache_or_unwritable_is_one_line(tmp_path):
     cfg = compose_config([f"cache.dir={tmp_path}/cache", f"paths.output_dir={tmp_path}/cache/runs/x"])
     with pytest.raises(ConfigError, match="is inside cache.dir="):
         check_run_dir(cfg)
+    # A run dir below a regular file cannot be made by anyone, root included (CI runs as root)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert "is a file, not a directory" in command_line_problem([f"hydra.run.dir={blocker}/run"])
+    line = _one_line_exit_2([f"hydra.run.dir={blocker}/run"], tmp_path)
+    assert line.startswith(f"config error: hydra.run.dir={blocker}/run: {blocker} is a file, not a directory")
+    # A read-only dir: only a user without root's override can be refused by its permissions
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root)")
-        assert "is not writable" in command_line_problem([f"hydra.run.dir={locked}/run"])
-        line = _one_line_exit_2([f"hydra.run.dir={locked}/run"], tmp_path)
-        assert line.startswith(f"config error: hydra.run.dir={locked}/run: {locked} is not writable")
+        if not os.access(locked, os.W_OK):
+            assert "is not writable" in command_line_problem([f"hydra.run.dir={locked}/run"])
+            line = _one_line_exit_2([f"hydra.run.dir={locked}/run"], tmp_path)
+            assert line.startswith(f"config error: hydra.run.dir={locked}/run: {locked} is not writable")
     finally:
         locked.chmod(0o755)
 
