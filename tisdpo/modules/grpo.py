@@ -19,7 +19,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
-import lightning as L
 import torch
 
 from tisdpo.data.collate import pad_sequences, prompt_response_batch
@@ -27,7 +26,8 @@ from tisdpo.kernels.logprobs import token_logps
 from tisdpo.losses.grpo import group_advantages
 from tisdpo.losses.record import BoundLoss
 from tisdpo.models.sharding import is_sharded
-from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer, last_checkpoint_note
+from tisdpo.modules.optim import last_checkpoint_note
+from tisdpo.modules.policy import PolicyModule
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ class PromptCollator:
         }
 
 
-class GRPOModule(ShardedNormClipping, L.LightningModule):
+class GRPOModule(PolicyModule):
+    batch_items = "prompts"
+
     def __init__(
         self,
         policy,
@@ -93,12 +95,8 @@ class GRPOModule(ShardedNormClipping, L.LightningModule):
         logits_chunk_size: int = 256,
         check_finite: bool = True,
     ):
-        super().__init__()
-        self.policy = policy
-        # Not a registered submodule: frozen, never checkpointed, unseen by the optimiser and DDP.
-        object.__setattr__(self, "reference", reference)
-        self.loss = loss
-        self.optim_cfg = optim_cfg
+        super().__init__(policy, reference, loss, optim_cfg, total_steps=total_steps,
+                         logits_chunk_size=logits_chunk_size, check_finite=check_finite)
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
         self.group_size = int(group_size)
@@ -115,11 +113,7 @@ class GRPOModule(ShardedNormClipping, L.LightningModule):
         self.unfinished = unfinished
         self.unfinished_reward = float(unfinished_reward)
         self.skip_special_tokens = bool(skip_special_tokens)
-        self.total_steps = total_steps
-        self.chunk = int(logits_chunk_size)
-        self.check_finite = check_finite
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-        self._last_indices = torch.zeros(0, dtype=torch.long)
 
     # -- sampling ----------------------------------------------------------------------
     def stop_ids(self) -> set[int]:
@@ -213,23 +207,3 @@ class GRPOModule(ShardedNormClipping, L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=size)
         self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False, batch_size=size)
         return loss
-
-    def on_before_optimizer_step(self, optimizer):
-        if not self.check_finite:
-            return
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
-            raise FloatingPointError(
-                f"non-finite gradient at step {self.global_step} on prompts {self._last_indices.tolist()}; "
-                + last_checkpoint_note(self._trainer)
-            )
-
-    def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        return configure_optimizer(params, self.optim_cfg, self.total_steps)
-
-    def on_fit_start(self):
-        # The reference is not a registered submodule, so Lightning does not move it.
-        self.reference.to(self.device)
-        # from_pretrained returns models in eval mode; Lightning keeps submodule modes as found.
-        self.policy.train()

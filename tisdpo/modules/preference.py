@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-import lightning as L
 import torch
 
 from tisdpo.data.collate import concat_pair
@@ -20,13 +19,14 @@ from tisdpo.kernels.logprobs import head_position_kl, head_token_logps, per_posi
 from tisdpo.kernels.scoring import chunked_head, last_hidden
 from tisdpo.losses.record import BoundLoss, StepContext
 from tisdpo.models.sharding import finish_backward, is_sharded
-from tisdpo.modules.optim import ShardedNormClipping, configure_optimizer, last_checkpoint_note
+from tisdpo.modules.optim import last_checkpoint_note
+from tisdpo.modules.policy import PolicyModule
 from tisdpo.kernels.shared_prefix import PackedPairs, pack_pairs, packed_logps, packing_matches, packing_supported
 
 log = logging.getLogger(__name__)
 
 
-class PreferenceModule(ShardedNormClipping, L.LightningModule):
+class PreferenceModule(PolicyModule):
     def __init__(
         self,
         policy,
@@ -41,16 +41,8 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         shared_prefix: bool = False,
         head_chunks: bool = True,
     ):
-        super().__init__()
-        self.policy = policy
-        # Kept out of the module's parameters/state_dict: the reference is frozen, never
-        # checkpointed, and must not be seen by the optimiser or by DDP's gradient sync.
-        object.__setattr__(self, "reference", reference)
-        self.loss = loss
-        self.optim_cfg = optim_cfg
-        self.total_steps = total_steps
-        self.chunk = logits_chunk_size
-        self.check_finite = check_finite
+        super().__init__(policy, reference, loss, optim_cfg, total_steps=total_steps,
+                         logits_chunk_size=logits_chunk_size, check_finite=check_finite)
         self.online_weights = online_weights  # TI-DPO: weights from the current policy each step
         self.pad_token_id = pad_token_id
         # Log-prob-only losses: chosen and rejected packed into one row per pair, the prompt run
@@ -240,16 +232,6 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         except AttributeError:  # a Lightning without this (private) property: log every step
             return True
 
-    def on_before_optimizer_step(self, optimizer):
-        if not self.check_finite:
-            return
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
-            raise FloatingPointError(
-                f"non-finite gradient at step {self.global_step} on examples {self._last_indices.tolist()}; "
-                + last_checkpoint_note(self._trainer)
-            )
-
     def validation_step(self, batch, batch_idx):
         _, metrics = self.compute(batch)
         self._log_metrics("val", metrics, batch["chosen_input_ids"].shape[0], on_step=False)
@@ -259,15 +241,3 @@ class PreferenceModule(ShardedNormClipping, L.LightningModule):
         # its units are left mid-backward until FSDP's own cleanup runs (outside the root's forward)
         if self.online_weights is not None and is_sharded(self.policy):
             finish_backward(self.trainer.strategy.model)
-
-    def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        return configure_optimizer(params, self.optim_cfg, self.total_steps)
-
-    def on_fit_start(self):
-        # The reference is not a registered submodule, so Lightning does not move it. None: the
-        # reference log-probs come cached with every batch (and no loss here needs the model).
-        if self.reference is not None:
-            self.reference.to(self.device)
-        # from_pretrained returns models in eval mode; Lightning keeps submodule modes as found.
-        self.policy.train()
