@@ -20,10 +20,9 @@ def loss_node(name: str, **hparams):
     return OmegaConf.merge(node, hparams)
 
 
-# Every registered loss that takes the plain pair contract (no extra data fields such as TPO's gold
-# response, and not an online method): the generic contract tests run on each.
-LOSSES = {name: loss_record(loss_node(name)).fn for name in group_names("loss")
-          if not loss_record(loss_node(name)).needs and loss_record(loss_node(name)).pairwise}
+# Every registered loss that takes the pair contract (not an online method such as GRPO): the generic
+# contract tests run on each.
+LOSSES = {name: loss_record(loss_node(name)).fn for name in group_names("loss") if loss_record(loss_node(name)).pairwise}
 
 ATOL = 1e-6
 B, TW, TL = 4, 5, 7

@@ -14,7 +14,6 @@ What a record answers:
 - ``extra_inputs(ctx)``: more keyword inputs computed each step (KTO's mismatched-pair reference point);
 - ``auxiliary(node, tokenizer, chunk_size)``: a term added to the loss each step (TI-DPO's triplet),
   built once from the loss's config node; None when the node turns it off;
-- ``needs``: fields each training row must carry beyond prompt/chosen/rejected (TPO's gold response);
 - ``check(cfg)``: its hyperparameter checks (one ``ConfigError`` line each, ``tisdpo.checks``);
 - ``config_keys``: keys of its config node that are not arguments of the function;
 - ``pairwise``: False for a method that does not train on preference pairs (GRPO, online).
@@ -67,7 +66,6 @@ class LossRecord:
     reference_free: bool = False
     extra_inputs: Optional[Callable[[StepContext], dict]] = None
     auxiliary: Optional[Callable[..., Optional[Callable[[StepContext], tuple]]]] = None
-    needs: tuple[str, ...] = ()
     check: Optional[Callable[[Any], None]] = None
     config_keys: tuple[str, ...] = ()
     pairwise: bool = True    # False: not a preference-pair loss (GRPO trains online from samples)
