@@ -36,6 +36,13 @@ Statistics (all here, pure functions of the points):
   mean over seeds of the per-seed interpolated value (pooled mode: the interpolation of the
   pooled points of the resampled seeds). With 3 seeds a percentile bootstrap under-covers; read
   the intervals as a description of seed spread.
+- **Share of the oracle's gain.** With an oracle control (true token rewards as weights) and the
+  baseline, :func:`oracle_share_table` gives each method's (method − baseline) / (oracle − baseline) at
+  each budget: the mean per-seed gain over the oracle's mean per-seed gain, on the seeds all three
+  share (paired; a ratio of means, since a per-seed ratio explodes where one seed's oracle gain is
+  near 0), with a percentile bootstrap CI resampling those seeds jointly. It is n/a where the oracle's
+  own gain (its :func:`difference_ci` against the baseline, as in the verdicts) is not clearly
+  positive: a share of a gain that is not there means nothing.
 - **Verdict vs a baseline (DPO).** Per-seed differences paired by seed where both methods have
   the seed (same data order, same initialisation), else an unpaired bootstrap (independent
   resamples of the two methods); the 95% CI of the mean difference gives "better" (CI above 0),
@@ -175,7 +182,12 @@ def interpolate(xs: np.ndarray, ys: np.ndarray, at: Sequence[float] | float) -> 
 
 def interpolation_error(xs: np.ndarray, ys: np.ndarray, at: float) -> float:
     """|linear − quadratic| at ``at`` through the three curve points nearest it (0 with fewer than
-    three points, NaN outside the curve): what straight lines between points may miss there."""
+    three points, NaN outside the curve): what straight lines between points may miss there.
+
+    Capped at the spread of those three points' values: two points at nearly the same KL with
+    different values (a curve whose KL steps back, as TI-DPO's does) make the parabola through them
+    swing arbitrarily far, and an error estimate larger than the local values' own range says
+    nothing about the curve."""
     if len(xs) < 3 or not (xs[0] - 1e-12 <= at <= xs[-1] + 1e-12):
         return 0.0 if len(xs) and xs[0] - 1e-12 <= at <= xs[-1] + 1e-12 else math.nan
     near = np.sort(np.argsort(np.abs(xs - at))[:3])
@@ -183,7 +195,7 @@ def interpolation_error(xs: np.ndarray, ys: np.ndarray, at: float) -> float:
     if len(np.unique(x3)) < 3:
         return 0.0
     quadratic = float(np.polyval(np.polyfit(x3, y3, 2), at))
-    return abs(float(np.interp(at, xs, ys)) - quadratic)
+    return min(abs(float(np.interp(at, xs, ys)) - quadratic), float(np.ptp(y3)))
 
 
 def method_basis(points: pd.DataFrame) -> str:
@@ -494,3 +506,99 @@ def link_differences(points: pd.DataFrame, links: Sequence[tuple[str, str]], met
             records.append(record)
     return pd.DataFrame.from_records(records, columns=["kl_budget", "a", "b", "diff", "low", "high", "paired",
                                                       "n_a", "n_b"])
+
+
+# ---------------------------------------------------------------- share of the oracle's gain
+
+#: share-table statuses besides a share: the oracle itself, the baseline itself, and why a share is missing
+REFERENCE, BASELINE = "reference", "baseline"
+NO_DATA, ORACLE_UNCLEAR, ORACLE_NOT_POSITIVE = ("n/a: no data at this KL", "n/a: oracle gain not clear",
+                                                "n/a: oracle gain not positive on the shared seeds")
+SHARE_COLUMNS = ["method", "kl_budget", "metric", "share", "low", "high", "n", "paired", "oracle_gain",
+                 "oracle_low", "oracle_high", "status"]
+
+
+def middle_budget(budgets: Sequence[float]) -> float:
+    """The budget a ranking is read at: the middle one (the lower middle of an even number); NaN if none."""
+    ordered = sorted(float(b) for b in budgets)
+    return ordered[(len(ordered) - 1) // 2] if ordered else math.nan
+
+
+def _ratio_draws(numerators: np.ndarray, denominators: np.ndarray) -> np.ndarray:
+    """numerator / denominator per resample; NaN where the denominator (the oracle's gain) is not > 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominators > 0, numerators / np.where(denominators > 0, denominators, 1.0), np.nan)
+
+
+def share_of_oracle_gain(method: Estimator, base: Estimator, oracle: Estimator, rng: np.random.Generator,
+                         n_resamples: int = N_RESAMPLES, level: float = LEVEL) -> dict[str, Any]:
+    """(method − base) / (oracle − base) at one budget: share, its CI, n seeds, paired or not.
+
+    Paired (all three per-seed and ≥ 2 seeds in common): mean over the shared seeds of the method's
+    per-seed gain over the mean of the oracle's, the shared seeds resampled jointly. Otherwise the
+    three estimates, each resampled on its own (unpaired; no CI below 2 seeds each). A resample whose
+    oracle gain is not > 0 has no share and is left out of the percentile CI; NaN share when the
+    oracle's gain itself is not > 0.
+    """
+    shared = [s for s in method.seeds if s in set(base.seeds) and s in set(oracle.seeds)]
+    if len(shared) >= 2 and method.per_seed and base.per_seed and oracle.per_seed:
+        gains = np.array([method.per_seed[s] - base.per_seed[s] for s in shared], float)
+        oracle_gains = np.array([oracle.per_seed[s] - base.per_seed[s] for s in shared], float)
+        share = _ratio_draws(np.array([gains.mean()]), np.array([oracle_gains.mean()]))[0]
+        draws = rng.integers(0, len(shared), size=(n_resamples, len(shared)))
+        resampled = _ratio_draws(gains[draws].mean(axis=1), oracle_gains[draws].mean(axis=1))
+        low, high = percentile_ci(resampled, level)
+        return {"share": float(share), "low": low, "high": high, "n": len(shared), "paired": True}
+    base_value = base.estimate()
+    share = _ratio_draws(np.array([method.estimate() - base_value]), np.array([oracle.estimate() - base_value]))[0]
+    out = {"share": float(share), "low": math.nan, "high": math.nan, "n": min(method.n, base.n, oracle.n),
+           "paired": False}
+    if min(method.n, base.n, oracle.n) >= 2:
+        base_draws = base.resample(rng, n_resamples)
+        resampled = _ratio_draws(method.resample(rng, n_resamples) - base_draws,
+                                 oracle.resample(rng, n_resamples) - base_draws)
+        out["low"], out["high"] = percentile_ci(resampled, level)
+    return out
+
+
+def _share_status(method: str, baseline: str, oracle: str, share: float) -> str:
+    if method == oracle:
+        return REFERENCE
+    if method == baseline:
+        return BASELINE
+    return "" if math.isfinite(share) else ORACLE_NOT_POSITIVE
+
+
+def oracle_share_table(points: pd.DataFrame, budgets: Sequence[float], baseline: str, oracle: str,
+                       metrics: Sequence[str] = VERDICT_METRICS, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                       mode: str = "interpolate", level: float = LEVEL) -> pd.DataFrame:
+    """One row per (method, budget, metric): the method's share of the oracle's gain over the baseline
+    (:func:`share_of_oracle_gain`) and the oracle's gain with its CI (:func:`difference_ci`, as in the
+    verdicts). ``status``: "" for a share, :data:`REFERENCE` / :data:`BASELINE` for the two anchors (1
+    and 0 by definition), else why there is none (:data:`ORACLE_UNCLEAR`: the oracle's gain CI is
+    not above 0; :data:`NO_DATA`). Same ``seed`` -> same CIs."""
+    rng = np.random.default_rng(seed)
+    metrics = [m for m in metrics if m in points.columns]
+    methods = list(dict.fromkeys(points["method"]))
+    basis = {m: method_basis(points[points["method"] == m]) for m in methods}
+    records = []
+    for metric in metrics:
+        usable = points[np.isfinite(points[metric].astype(float))]
+        for budget in budgets:
+            ests = {m: estimator(usable[usable["method"] == m], metric, float(budget), basis[m], mode) for m in methods}
+            gain = (difference_ci(ests[oracle], ests[baseline], rng, n_resamples, level)
+                    if oracle in ests and baseline in ests and ests[oracle].n and ests[baseline].n else None)
+            clear = gain is not None and math.isfinite(gain["low"]) and gain["low"] > 0
+            for method in methods:
+                record = {"method": method, "kl_budget": float(budget), "metric": metric, "share": math.nan,
+                          "low": math.nan, "high": math.nan, "n": 0, "paired": None,
+                          "oracle_gain": gain["diff"] if gain else math.nan,
+                          "oracle_low": gain["low"] if gain else math.nan,
+                          "oracle_high": gain["high"] if gain else math.nan,
+                          "status": NO_DATA if gain is None or not ests[method].n else ORACLE_UNCLEAR}
+                if clear and ests[method].n:
+                    record.update(share_of_oracle_gain(ests[method], ests[baseline], ests[oracle], rng,
+                                                       n_resamples, level))
+                    record["status"] = _share_status(method, baseline, oracle, record["share"])
+                records.append(record)
+    return pd.DataFrame.from_records(records, columns=SHARE_COLUMNS)

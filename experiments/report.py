@@ -2,11 +2,15 @@
 
     python -m experiments.report <multirun dir | wandb:entity/project[/group]> [--table NAME] [--out DIR]
                                  [--baseline DPO] [--budgets 1,2,4] [--wandb] [--wandb-group G] [--scale S]
+                                 [--controls DIR] [--oracle LABEL] [--cost method_cost.csv]
 
 Writes ``report.md`` (everything), ``table.md``, ``table.csv`` (mean/std/n per metric, and the
 paper's value), ``table.tex``, ``orderings.csv``, ``matched_kl.csv``, ``runs.csv`` and PNGs under
 ``plots/`` (``frontier_true_reward.png``, ``frontier_safe_rate.png``, ...); with ``--wandb`` also the
-table's W&B report (``wandb_report.json`` offline, see :mod:`experiments.dashboard`).
+table's W&B report (``wandb_report.json`` offline, see :mod:`experiments.dashboard`). With an oracle
+control and the baseline among the methods, also the ranking by share of the oracle's gain at matched
+KL (``ranking.csv``, ``oracle_share.csv``), with each method's token-weight quality and, given
+``--cost`` (``python -m bench.method_cost``), its cost relative to DPO.
 
 The headline is the matched-KL section (:mod:`experiments.frontier`): each method's true reward and
 safe rate at common KL budgets with bootstrap CIs over seeds, verdicts against the baseline, and
@@ -35,7 +39,8 @@ from . import frontier as fr
 from .collect import DEFAULT_IGNORE, Method, Run, Stat, collect_runs, group_methods, method_identity, overrides_label
 from .dashboard import DashboardError, write_dashboard
 from .paper import MetricSpec, Ordering, PaperTable, list_paper_tables, load_paper_table
-from .report_model import SEPARATION, FrontierSection, MatchedOrdering, OrderingResult, Report, ReportRow
+from .report_model import (RANK_METRIC, SEPARATION, FrontierSection, MatchedOrdering, OrderingResult, Report,
+                           ReportRow)
 from .report_views import (display_frame, failures_frame, frontier_plots, jobs_summary, numeric_frame, orderings_frame,
                            render_matched_kl_sections, to_latex, to_markdown)
 
@@ -81,10 +86,13 @@ def discover_metrics(methods: Sequence[Method]) -> list[MetricSpec]:
 def build_report(source: str, runs: list[Run], table: PaperTable | None,
                  ignore: Sequence[str] = DEFAULT_IGNORE, baseline: str | None = "DPO",
                  budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES,
-                 controls: Sequence[Run] = ()) -> Report:
+                 controls: Sequence[Run] = (), oracle: str | None = None, cost: pd.DataFrame | None = None,
+                 cost_source: str | None = None) -> Report:
     """``controls``: finished runs of another sweep on the same task (the oracle, random and uniform
     weights) that join the matched-KL sections as extra methods, labelled "<label> (control)"; never
-    the paper rows."""
+    the paper rows. ``oracle``: the oracle the ranking's shares are against (default: see
+    :func:`reference_oracle`); ``cost``: :func:`read_cost`'s frame of ``cost_source`` (the ranking's
+    cost columns)."""
     ignore = list(ignore)
     if table is not None:
         # a column's `where` setting (e.g. the label-noise level) is not part of a method's identity
@@ -127,7 +135,8 @@ def build_report(source: str, runs: list[Run], table: PaperTable | None,
     if table is not None:
         by_name = {m.name: m for m in metrics}
         report.orderings = [evaluate_ordering(o, table, rows, by_name[o.metric]) for o in table.orderings]
-    report.frontiers = build_frontiers(report, ignore, baseline, budgets, n_resamples, controls)
+    report.frontiers = build_frontiers(report, ignore, baseline, budgets, n_resamples, controls, oracle,
+                                       cost, cost_source)
     return report
 
 
@@ -182,11 +191,13 @@ def table_conditions(report: Report) -> list[dict[str, Any]]:
 
 def build_frontiers(report: Report, ignore: Sequence[str], baseline: str | None = "DPO",
                     budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES,
-                    controls: Sequence[Run] = ()) -> list[FrontierSection]:
+                    controls: Sequence[Run] = (), oracle: str | None = None, cost: pd.DataFrame | None = None,
+                    cost_source: str | None = None) -> list[FrontierSection]:
     """One matched-KL section per table condition. Pooling runs of different conditions (label-noise
     levels) into one method's curve would compare methods across conditions, so each condition's runs
     get their own frontier, budgets and verdicts; a claim on a column is judged in its column's.
-    ``controls`` (another sweep's control runs) join the unconditioned section."""
+    ``controls`` (another sweep's control runs) join the unconditioned section. A section with an
+    oracle and the baseline gets its ranking (:func:`add_ranking`, ``cost`` from :func:`read_cost`)."""
     labels = frontier_labels(report, ignore)
     mine = {r.label for r in report.runs}
     extra = [r for r in controls if r.ok and r.label and r.label not in mine]
@@ -195,8 +206,9 @@ def build_frontiers(report: Report, ignore: Sequence[str], baseline: str | None 
     for condition in table_conditions(report):
         runs = [r for r in report.runs if r.ok and all(r.has_setting(k, v) for k, v in condition.items())]
         runs += [r for r in extra if all(r.has_setting(k, v) for k, v in condition.items())] if not condition else []
-        section = build_frontier(runs, labels, baseline, budgets, n_resamples)
+        section = build_frontier(runs, labels, baseline, budgets, n_resamples, oracle)
         section.condition = condition
+        add_ranking(section, runs, labels, cost, cost_source)
         sections.append(section)
     if report.table is not None:
         for ordering in report.table.orderings:
@@ -210,17 +222,40 @@ def build_frontiers(report: Report, ignore: Sequence[str], baseline: str | None 
 
 
 def build_frontier(runs: Sequence[Run], labels: dict[int, str], baseline: str | None = "DPO",
-                   budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES) -> FrontierSection:
+                   budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES,
+                   oracle: str | None = None) -> FrontierSection:
+    """One matched-KL section; with an oracle control and the baseline, each method's share of the
+    oracle's gain too (``oracle_shares``, against :func:`reference_oracle`)."""
     points = fr.frontier_points(runs, lambda run: labels.get(id(run)))
     methods = list(dict.fromkeys(points["method"]))
     baseline = _find_label(methods, baseline)
     chosen = fr.kl_budgets(points) if budgets is None else np.asarray(list(budgets), float)
     table = fr.matched_kl_table(points, chosen, baseline, n_resamples=n_resamples)
     optimal = fr.optimal_curve([r.optimal_frontier for r in runs if labels.get(id(r)) is not None])
-    return FrontierSection(points, [float(b) for b in chosen], table, baseline, fr.has_curves(points),
-                           [m for m in methods if fr.method_basis(points[points["method"] == m]) == fr.POOLED],
-                           oracles=[m for m in methods if "oracle" in m.lower()], n_resamples=n_resamples,
-                           optimal=optimal, shares=fr.gain_shares(points, optimal, chosen))
+    oracles = [m for m in methods if "oracle" in m.lower()]
+    section = FrontierSection(points, [float(b) for b in chosen], table, baseline, fr.has_curves(points),
+                              [m for m in methods if fr.method_basis(points[points["method"] == m]) == fr.POOLED],
+                              oracles=oracles, n_resamples=n_resamples,
+                              optimal=optimal, shares=fr.gain_shares(points, optimal, chosen))
+    section.oracle = reference_oracle(oracles, oracle)
+    if section.oracle is not None and baseline is not None and not section.empty:
+        section.oracle_shares = fr.oracle_share_table(points, section.budgets, baseline, section.oracle,
+                                                      n_resamples=n_resamples)
+    return section
+
+
+#: the oracle a ranking is against by default: TIS-DPO with the true token rewards as weights
+DEFAULT_ORACLE = "TIS-DPO(oracle)"
+
+
+def reference_oracle(oracles: Sequence[str], wanted: str | None = None) -> str | None:
+    """The oracle the shares are against: ``wanted`` (with or without " (control)") if it is one of
+    ``oracles``, else :data:`DEFAULT_ORACLE` (idem) if present, else the first; None without one."""
+    for name in (wanted, DEFAULT_ORACLE):
+        found = _find_label(oracles, name) or _find_label(oracles, f"{name} (control)" if name else None)
+        if found is not None:
+            return found
+    return oracles[0] if oracles and wanted is None else None
 
 
 def matched_ordering(ordering: Ordering, report: Report, section: FrontierSection) -> MatchedOrdering | None:
@@ -275,6 +310,136 @@ def effective_metric(metric: MetricSpec, methods: Sequence[Method]) -> MetricSpe
     if metric.stand_in is None or any(m.values(metric.keys, metric.where) for m in methods):
         return metric
     return metric.with_stand_in()
+
+
+# ---------------------------------------------------------------- the ranking (share of the oracle's gain)
+
+WEIGHT_QUALITY_KEYS = {"spearman_chosen": "weights/spearman_chosen", "spearman_rejected": "weights/spearman_rejected",
+                       "auroc_chosen": "weights/auroc_chosen", "auroc_rejected": "weights/auroc_rejected"}
+#: every offline estimator's run logs it (tisdpo/stages/weights.py); online weights (TI-DPO, OTPO) do not, and
+#: their quality is measured against |true reward| on a probe (tisdpo/eval/gradient_weight_quality.py)
+OFFLINE_WEIGHTS_KEY = "weights/bound_fraction"
+SIGNED, ABSOLUTE = "signed", "abs"
+COST_RATIOS = ("wall_ratio", "cpu_ratio", "peak_rss_ratio")   # bench/method_cost.py's columns, x DPO
+OPTIONAL_COST_RATIOS = ("train_ratio",)
+
+
+def weight_quality_frame(runs: Sequence[Run], labels: dict[int, str]) -> pd.DataFrame:
+    """Per method (``labels[id(run)]``): the mean over its finished runs of each token-weight quality
+    metric (Spearman, AUROC against the true token rewards, chosen and rejected; NaN where no run
+    logged it), ``weight_runs`` (runs that logged any) and ``weight_target`` (:data:`SIGNED`: offline
+    weights as the loss uses them vs the true reward; :data:`ABSOLUTE`: online weights vs |reward|;
+    "" without weights)."""
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.ok and labels.get(id(run)) is not None:
+            by_method.setdefault(labels[id(run)], []).append(run)
+    records = []
+    for method, members in by_method.items():
+        measured = [r for r in members if any(k in r.metrics for k in WEIGHT_QUALITY_KEYS.values())]
+        record: dict[str, Any] = {"method": method, "weight_runs": len(measured),
+                                  "weight_target": "" if not measured else
+                                  SIGNED if all(OFFLINE_WEIGHTS_KEY in r.metrics for r in measured) else ABSOLUTE}
+        for column, key in WEIGHT_QUALITY_KEYS.items():
+            values = [r.metrics[key] for r in measured if math.isfinite(r.metrics.get(key, math.nan))]
+            record[column] = float(np.mean(values)) if values else math.nan
+        records.append(record)
+    return pd.DataFrame.from_records(records, columns=["method", *WEIGHT_QUALITY_KEYS, "weight_runs", "weight_target"])
+
+
+def read_cost(path: Path) -> pd.DataFrame:
+    """``bench/method_cost.py``'s CSV (or TSV): one row per ``method`` (its config name, e.g.
+    ``tisdpo_d``) with its ``label`` and the :data:`COST_RATIOS` to DPO. ValueError if it is not one."""
+    try:
+        frame = pd.read_csv(path, sep=None, engine="python")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ValueError(f"{path}: unreadable ({error})") from error
+    missing = [c for c in ("method", *COST_RATIOS) if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: not a bench/method_cost.py table (no column {', '.join(missing)})")
+    if "label" not in frame.columns:
+        frame["label"] = ""
+    frame["label"] = frame["label"].fillna("").astype(str)
+    frame["method"] = frame["method"].astype(str)
+    return frame
+
+
+def _method_names(runs: Sequence[Run], labels: dict[int, str]) -> dict[str, set[str]]:
+    """Label -> the ``method=`` config names its runs were launched with."""
+    names: dict[str, set[str]] = {}
+    for run in runs:
+        value = run.setting("method")
+        if labels.get(id(run)) is not None and isinstance(value, str):
+            names.setdefault(labels[id(run)], set()).add(value)
+    return names
+
+
+def cost_by_method(cost: pd.DataFrame, runs: Sequence[Run], labels: dict[int, str]) -> pd.DataFrame:
+    """The cost ratios of each frontier method: the cost row with the method's label (a control's
+    without its " (control)"), else the row of the one ``method=`` name its runs were launched with."""
+    ratios = [c for c in (*COST_RATIOS, *OPTIONAL_COST_RATIOS) if c in cost.columns]
+    names = _method_names(runs, labels)
+    records = []
+    for method in dict.fromkeys(labels[id(r)] for r in runs if labels.get(id(r)) is not None):
+        plain = _norm_label(method.removesuffix(" (control)"))
+        rows = cost[cost["label"].map(_norm_label) == plain]
+        if not len(rows) and len(names.get(method, ())) == 1:
+            rows = cost[cost["method"] == next(iter(names[method]))]
+        if len(rows):
+            records.append({"method": method, **{c: float(rows.iloc[0][c]) for c in ratios}})
+    return pd.DataFrame.from_records(records, columns=["method", *ratios])
+
+
+def share_columns(shares: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """The long share table, wide: one row per method, ``<metric> share|low|high|status KL <b>`` columns."""
+    rows = shares[shares["metric"].isin(metrics)]
+    if not len(rows):
+        return pd.DataFrame(columns=["method"])
+    records: dict[str, dict[str, Any]] = {}
+    for row in rows.itertuples(index=False):
+        record = records.setdefault(row.method, {"method": row.method})
+        for field in ("share", "low", "high", "status"):
+            record[f"{row.metric} {field} KL {row.kl_budget:.3g}"] = getattr(row, field)
+    return pd.DataFrame.from_records(list(records.values()))
+
+
+def ranking_frame(section: FrontierSection, quality: pd.DataFrame, cost: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per method, best first: its share of the oracle's gain in :data:`RANK_METRIC` at the
+    middle budget (NaN last; ties and n/a broken by the share of the optimal frontier there), that
+    share at every budget for every verdict metric, the share of the frontier, weight quality and cost."""
+    budget = fr.middle_budget(section.budgets)
+    shares = section.oracle_shares
+    at = shares[(shares["metric"] == RANK_METRIC) & np.isclose(shares["kl_budget"], budget)].set_index("method")
+    frontier = (section.shares[np.isclose(section.shares["kl_budget"], budget)].set_index("method")
+                if section.shares is not None and len(section.shares) else pd.DataFrame())
+    records = []
+    for method in dict.fromkeys(section.points["method"]):
+        role = "oracle" if method == section.oracle else "baseline" if method == section.baseline else ""
+        record = {"method": method, "role": role, "rank_budget": budget,
+                  "share": at["share"].get(method, math.nan), "share_low": at["low"].get(method, math.nan),
+                  "share_high": at["high"].get(method, math.nan)}
+        for column in ("share", "min", "max"):
+            record[f"frontier_{column}"] = frontier[column].get(method, math.nan) if len(frontier) else math.nan
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    frame = frame.merge(quality, on="method", how="left")
+    if cost is not None:
+        frame = frame.merge(cost, on="method", how="left")
+    frame = frame.merge(share_columns(shares, fr.VERDICT_METRICS), on="method", how="left")
+    frame = frame.sort_values(["share", "frontier_share"], ascending=False, na_position="last", kind="stable")
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    return frame.reset_index(drop=True)
+
+
+def add_ranking(section: FrontierSection, runs: Sequence[Run], labels: dict[int, str],
+                cost: pd.DataFrame | None, cost_source: str | None) -> None:
+    """Fill ``section.ranking`` (from the section's ``runs``, named by ``labels``) when the section has
+    shares of an oracle's gain, i.e. an oracle control and the baseline."""
+    if section.oracle_shares is None:
+        return
+    section.cost_source = cost_source if cost is not None else None
+    section.ranking = ranking_frame(section, weight_quality_frame(runs, labels),
+                                    cost_by_method(cost, runs, labels) if cost is not None else None)
 
 
 # ---------------------------------------------------------------- orderings
@@ -497,6 +662,11 @@ def write_report(report: Report, out: Path, digits: int = 2, plots: bool = True)
     if report.frontiers:
         matched_kl_csv(report.frontiers).to_csv(out / "matched_kl.csv", index=False)
         written.append(out / "matched_kl.csv")
+    for name, frame in (("ranking.csv", ranking_csv(report.frontiers, "ranking")),
+                        ("oracle_share.csv", ranking_csv(report.frontiers, "oracle_shares"))):
+        if frame is not None:
+            frame.to_csv(out / name, index=False)
+            written.append(out / name)
     if plots:
         from .plots import make_plots
 
@@ -511,6 +681,17 @@ def matched_kl_csv(sections: Sequence[FrontierSection]) -> pd.DataFrame:
     if len(sections) == 1 and not sections[0].condition:
         return sections[0].table
     return pd.concat([s.table.assign(condition=s.heading) for s in sections], ignore_index=True)
+
+
+def ranking_csv(sections: Sequence[FrontierSection], field: str) -> pd.DataFrame | None:
+    """Every ranked section's ``ranking`` or ``oracle_shares`` frame (``field``); a ``condition``
+    column when the table has conditions; None when no section has one."""
+    ranked = [s for s in sections if getattr(s, field) is not None]
+    if not ranked:
+        return None
+    if len(sections) == 1 and not ranked[0].condition:
+        return getattr(ranked[0], field)
+    return pd.concat([getattr(s, field).assign(condition=s.heading) for s in ranked], ignore_index=True)
 
 
 #: the control methods' labels (conf/method/*.yaml): what perfect and uninformative weights do
@@ -536,6 +717,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "section (e.g. the oracle and random weights of experiment=variant_credit)")
     parser.add_argument("--control-labels", default=",".join(CONTROL_LABELS),
                         help=f"labels taken from --controls (default: {','.join(CONTROL_LABELS)})")
+    parser.add_argument("--oracle", metavar="LABEL",
+                        help=f"the oracle the ranking's shares of the oracle's gain are against (default: "
+                             f"{DEFAULT_ORACLE} if present, else the first method labelled *oracle*)")
+    parser.add_argument("--cost", type=Path, metavar="FILE",
+                        help="python -m bench.method_cost's CSV: each method's time and peak memory relative to "
+                             "DPO, as the ranking's cost columns (without it they are '-')")
     parser.add_argument("--scale", help="only runs at this scale (config `scale`): W&B filter, and kept locally")
     parser.add_argument("--wandb", action="store_true",
                         help="also build the table's W&B report (offline: <out>/wandb_report.json, never the network)")
@@ -577,8 +764,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as error:
             print(f"error: --controls: {error}", file=sys.stderr)
             return 2
+    cost = None
+    if args.cost is not None:
+        try:
+            cost = read_cost(args.cost)
+        except ValueError as error:
+            print(f"error: --cost: {error}", file=sys.stderr)
+            return 2
     report = build_report(args.source, runs, table, [*DEFAULT_IGNORE, *args.ignore], baseline=args.baseline,
-                          budgets=args.budgets, n_resamples=args.resamples, controls=controls)
+                          budgets=args.budgets, n_resamples=args.resamples, controls=controls, oracle=args.oracle,
+                          cost=cost, cost_source=str(args.cost) if args.cost is not None else None)
+    if args.oracle and not any(s.oracle for s in report.frontiers):
+        print(f"warning: --oracle {args.oracle!r}: no method of that label (with 'oracle' in it): no ranking",
+              file=sys.stderr)
     out = args.out or default_out_dir(args.source)
     write_report(report, out, args.digits, plots=not args.no_plots)
     dashboard = None

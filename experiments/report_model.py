@@ -17,6 +17,8 @@ from .collect import Method, Run, Stat
 from .paper import MetricSpec, Ordering, PaperTable
 
 SEPARATION = 2.0   # a link is "clear of seed noise" when its gap exceeds this many standard errors
+RANK_METRIC = "true_reward_per_token"   # the ranking's order: each method's share of the oracle's gain in it
+RANKING_METRICS = {"true_reward_per_token": "per token", "safe_rate": "safe rate"}   # the ranking table's shares
 
 
 @dataclass
@@ -80,6 +82,10 @@ class FrontierSection:
     condition: dict[str, Any] = field(default_factory=dict)   # the runs' setting (a column's `where`), {} = all
     optimal: pd.DataFrame | None = None   # the task's exact optimal frontier (kl, true_reward), built-in task only
     shares: pd.DataFrame | None = None    # each method's share of the reachable gain per budget (frontier.gain_shares)
+    oracle: str | None = None             # the oracle the shares of the oracle's gain are against (one of `oracles`)
+    oracle_shares: pd.DataFrame | None = None   # frontier.oracle_share_table: None without an oracle and a baseline
+    ranking: pd.DataFrame | None = None   # one row per method, best first (report.ranking_frame)
+    cost_source: str | None = None        # the --cost file the ranking's cost columns come from
 
     @property
     def empty(self) -> bool:

@@ -16,7 +16,7 @@ import pandas as pd
 from . import frontier as fr
 from .collect import Stat
 from .paper import MetricSpec, PaperTable
-from .report_model import FrontierSection, Report, ReportRow
+from .report_model import RANK_METRIC, RANKING_METRICS, FrontierSection, Report, ReportRow
 
 # ---------------------------------------------------------------- formatting
 
@@ -250,6 +250,124 @@ def oracle_lines(section: FrontierSection) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------- the ranking
+
+
+def share_cell(share: float, low: float, high: float, status: str) -> str:
+    """A share of the oracle's gain: ``52% [31%, 80%]``; the anchors by name; ``n/a`` with no share."""
+    if status == fr.REFERENCE:
+        return "100% (oracle)"
+    if status == fr.BASELINE:
+        return "0% (baseline)"
+    if status or not math.isfinite(share):
+        return "n/a"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{share:.0%}"
+    return f"{share:.0%} [{low:.0%}, {high:.0%}]"
+
+
+def oracle_share_frame(section: FrontierSection, metric: str) -> pd.DataFrame:
+    """Rows = methods (in the ranking's order when there is one), columns = KL budgets; cell = the
+    share of the oracle's gain [95% CI]."""
+    rows = section.oracle_shares[section.oracle_shares["metric"] == metric]
+    order = list(section.ranking["method"]) if section.ranking is not None else []
+    records: dict[str, dict[str, str]] = {m: {"Method": m} for m in order if m in set(rows["method"])}
+    for row in rows.itertuples(index=False):
+        records.setdefault(row.method, {"Method": row.method})[f"KL {row.kl_budget:.3g}"] = share_cell(
+            row.share, row.low, row.high, row.status)
+    return pd.DataFrame.from_records(list(records.values()))
+
+
+def oracle_gain_line(section: FrontierSection, metric: str) -> str:
+    """The oracle's gain over the baseline at each budget, and whether it is clear (CI above 0)."""
+    rows = section.oracle_shares[(section.oracle_shares["metric"] == metric)
+                                 & (section.oracle_shares["method"] == section.oracle)]
+    parts = [f"KL {r.kl_budget:.3g} {_ci(r.oracle_gain, r.oracle_low, r.oracle_high, signed=True)}"
+             + ("" if math.isfinite(r.oracle_low) and r.oracle_low > 0 else " (not clear: shares n/a)")
+             for r in rows.itertuples(index=False)]
+    return f"- {fr.METRIC_LABELS[metric]}: " + ("; ".join(parts) or "no data")
+
+
+def pair_cell(a: float, b: float, digits: int = 2, mark: str = "") -> str:
+    """``a / b`` (chosen / rejected, ...); ``-`` when neither is a number."""
+    if not (math.isfinite(a) or math.isfinite(b)):
+        return "-"
+    return " / ".join("-" if not math.isfinite(v) else f"{v:.{digits}f}" for v in (a, b)) + mark
+
+
+def cost_cell(row: pd.Series) -> str:
+    """wall / CPU / peak RSS relative to DPO, ``-`` without a cost file or a row for the method."""
+    values = [float(row.get(c, math.nan)) for c in ("wall_ratio", "cpu_ratio", "peak_rss_ratio")]
+    if not any(math.isfinite(v) for v in values):
+        return "-"
+    return " / ".join("-" if not math.isfinite(v) else f"{v:.2f}" for v in values)
+
+
+def ranking_display(section: FrontierSection) -> pd.DataFrame:
+    """The ranking table as shown: rank, method, the share of the oracle's gain per token and in safe
+    rate at every budget, the share of the frontier at the middle budget, weight quality, cost."""
+    ranking, budget = section.ranking, fr.middle_budget(section.budgets)
+    records = []
+    for _, row in ranking.iterrows():
+        record = {"#": str(row["rank"]), "Method": row["method"]}
+        for metric, short in RANKING_METRICS.items():
+            for b in section.budgets:
+                key = f"{metric} {{}} KL {b:.3g}"
+                record[f"{short}, KL {b:.3g}"] = share_cell(*(row.get(key.format(f), math.nan)
+                                                              for f in ("share", "low", "high")),
+                                                            row.get(key.format("status"), ""))
+        share = row.get("frontier_share", math.nan)
+        record[f"frontier share, KL {budget:.3g}"] = "-" if not math.isfinite(share) else f"{share:.0%}"
+        mark = " †" if row.get("weight_target") == "abs" else ""
+        record["Spearman (c / r)"] = pair_cell(row.get("spearman_chosen", math.nan),
+                                               row.get("spearman_rejected", math.nan), mark=mark)
+        record["AUROC (c / r)"] = pair_cell(row.get("auroc_chosen", math.nan), row.get("auroc_rejected", math.nan),
+                                            mark=mark)
+        record["cost ×DPO (wall / CPU / peak RSS)"] = cost_cell(row)
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def render_ranking(section: FrontierSection) -> list[str]:
+    """The ranking by share of the oracle's gain at matched KL (nothing without an oracle and a baseline)."""
+    if section.ranking is None or section.oracle_shares is None:
+        return []
+    budget, base, oracle = fr.middle_budget(section.budgets), section.baseline, section.oracle
+    ranked = section.ranking["share"].notna().any()
+    lines = ["", "### Ranking: share of the oracle's gain at matched KL", "",
+             f"Share of the oracle's gain = (method − {base}) / ({oracle} − {base}) at the same KL: the method's "
+             f"mean gain over {base} divided by the oracle's, on the seeds the three share (paired by seed), with a "
+             f"95% percentile bootstrap CI resampling those seeds ({section.n_resamples:,} resamples). 100% = as "
+             f"much as the true token rewards give, 0% = no better than {base}, < 0 worse. **n/a** where the "
+             f"oracle's own gain over {base} at that budget is not clearly positive (its CI, as in the verdicts "
+             "above, includes 0): a share of a gain that is not there means nothing.", "",
+             f"The oracle's gain over {base} (Δ [95% CI]):",
+             *[oracle_gain_line(section, m) for m in fr.VERDICT_METRICS], ""]
+    if ranked:
+        lines.append(f"Methods in order of their share of the oracle's gain in {fr.METRIC_LABELS[RANK_METRIC]} at KL "
+                     f"{budget:.3g} (the middle budget); n/a last, in order of their share of the frontier.")
+    else:
+        lines.append(f"**No ranking by share of the oracle's gain**: at KL {budget:.3g} (the middle budget) the "
+                     f"oracle's gain in {fr.METRIC_LABELS[RANK_METRIC]} is not clear. Rows in order of their share of "
+                     "the optimal frontier (total reward) instead.")
+    lines += ["", to_markdown(ranking_display(section)), "",
+              f"Frontier share: (R(k) − R(0)) / (F(k) − F(0)) in total reward at KL {budget:.3g}, F the exact optimal "
+              "frontier (mean over seeds; \"-\": no optimal frontier in the runs). Weight quality: mean over seeds of "
+              "the Spearman correlation and AUROC of the token weights the loss sees against the true token "
+              "rewards, chosen / rejected (tisdpo/eval/weight_quality.py: offline weights signed as the loss uses "
+              "them, chosen w − 1 and rejected 1 − w); † online weights (TI-DPO, OTPO): against |true reward| on a "
+              "probe of training pairs at the end of training (importance, not sign); \"-\": no token weights.", ""]
+    if section.cost_source:
+        lines.append(f"Cost: `{section.cost_source}` (`python -m bench.method_cost`): one run of each method as its "
+                     f"own process with an empty cache (the SFT stage and any estimator models included): wall time, "
+                     f"CPU time (user + system) and peak RSS, each over {base}'s; \"-\": no row for the method.")
+    else:
+        lines.append("Cost: \"-\": no `--cost` file (`python -m bench.method_cost`, then `--cost method_cost.csv`).")
+    lines += ["", f"**Share of the oracle's gain in {fr.METRIC_LABELS['true_reward']}** (total; a gain bought with "
+              "length shows here, not per token):", "", to_markdown(oracle_share_frame(section, "true_reward"))]
+    return lines
+
+
 def render_matched_kl_sections(sections: Sequence[FrontierSection], figures: bool = True) -> list[str]:
     """The headline: one matched-KL section, or one per table condition (its own budgets and verdicts)."""
     if len(sections) <= 1:
@@ -259,7 +377,7 @@ def render_matched_kl_sections(sections: Sequence[FrontierSection], figures: boo
              "each condition is compared on its own runs, with its own KL budgets.", ""]
     for section in sections:
         body = render_matched_kl(section, figures)[2:]
-        lines += [f"### {section.heading}", "", *[line.replace("### The paper's", "#### The paper's") for line in body]]
+        lines += [f"### {section.heading}", "", *[f"#{line}" if line.startswith("### ") else line for line in body]]
     return lines
 
 
@@ -314,6 +432,7 @@ def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> 
     oracle = oracle_lines(section)
     if oracle:
         lines += ["", *oracle]
+    lines += render_ranking(section)
     if section.orderings:
         counts = {s: sum(o.status == s for o in section.orderings)
                   for s in ("reproduced", "mixed", "not reproduced", "not evaluated")}

@@ -67,6 +67,17 @@ def test_interpolation_matches_a_hand_computation():
         fr.seed_curve([1], [1], mode="max")
 
 
+def test_interpolation_error_is_the_gap_to_the_parabola_capped_by_the_local_spread():
+    xs, ys = np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.0, 4.0, 9.0])
+    # y = x^2 through the three nearest points: the chord from 1 to 2 reads 2.5 at 1.5, the parabola 2.25
+    assert fr.interpolation_error(xs, ys, 1.5) == pytest.approx(0.25)
+    # two points 1e-4 apart in KL with different values (a curve whose KL steps back): the parabola
+    # through them swings by ~1e3 at 0.5; the estimate stays within the three values' own range
+    xs, ys = np.array([0.0, 0.3, 0.3001, 1.0]), np.array([0.0, 0.2, 0.1, 0.4])
+    err = fr.interpolation_error(xs, ys, 0.2)
+    assert 0.0 <= err <= 0.2 + 1e-12
+
+
 def test_budgets_lie_in_the_common_range():
     points = points_frame(curve_points("A", 0, 0.0, kls=(1.0, 3.0, 5.0)) + curve_points("B", 0, 0.0, kls=(2.0, 8.0)))
     assert fr.kl_range(points) == (2.0, 5.0)
@@ -269,3 +280,71 @@ def test_label_noise_levels_get_their_own_frontiers(tmp_path):
     assert set(tidpo[tidpo["condition"] == "dataset.label_noise = 0.0"]["verdict"]) == {fr.BETTER}
     assert set(tidpo[tidpo["condition"] == "dataset.label_noise = 0.4"]["verdict"]) == {fr.WORSE}
     assert (out / "plots" / "frontier_true_reward_label_noise0.4.png").is_file()
+
+
+# ---------------------------------------------------------------- share of the oracle's gain
+
+def gain_points(gains: dict[str, list[float]], offsets=(0.0, 0.3, -0.2, 0.5), kls=(1.0, 2.0, 3.0, 4.0, 5.0)) -> pd.DataFrame:
+    """DPO: reward = kl + a seed offset (reward per token = a tenth of it); every other method: DPO's
+    curve + its per-seed gain at every KL (per token: a tenth of it). Straight lines: no interpolation error."""
+    rows = []
+    for seed, offset in enumerate(offsets):
+        for method, per_seed in {"DPO": [0.0] * len(offsets), **gains}.items():
+            rows += [(method, seed, kl, kl + offset + per_seed[seed], 0.5 + 0.01 * kl + 0.01 * per_seed[seed])
+                     for kl in kls]
+    points = points_frame(rows)
+    points["true_reward_per_token"] = points["true_reward"] / 10
+    return points
+
+
+def test_share_of_the_oracles_gain_is_the_method_gain_over_the_oracle_gain():
+    points = gain_points({"oracle": [2.0] * 4, "half": [1.0] * 4, "worse": [-0.5] * 4})
+    table = fr.oracle_share_table(points, [2.0, 4.0], "DPO", "oracle", n_resamples=2000)
+    rows = table.set_index(["method", "metric", "kl_budget"])
+    for metric in ("true_reward", "true_reward_per_token", "safe_rate"):
+        for budget in (2.0, 4.0):
+            half = rows.loc[("half", metric, budget)]
+            # oracle = DPO + 2, method = DPO + 1 at every seed: 1 / 2, and the paired CI is exactly [0.5, 0.5]
+            assert (half["share"], half["low"], half["high"]) == pytest.approx((0.5, 0.5, 0.5))
+            assert half["paired"] and half["n"] == 4 and half["status"] == ""
+            assert rows.loc[("worse", metric, budget), "share"] == pytest.approx(-0.25)
+            assert rows.loc[("oracle", metric, budget), "share"] == pytest.approx(1.0)
+            assert rows.loc[("oracle", metric, budget), "status"] == fr.REFERENCE
+            assert rows.loc[("DPO", metric, budget), "share"] == pytest.approx(0.0)
+            assert rows.loc[("DPO", metric, budget), "status"] == fr.BASELINE
+    assert rows.loc[("half", "true_reward", 2.0), "oracle_gain"] == pytest.approx(2.0)
+
+
+def test_share_is_a_ratio_of_mean_gains_paired_by_seed():
+    # per-seed oracle gains 1 and 3, the method's 1 and 1: share = mean 1 / mean 2 = 0.5 (the mean of the
+    # per-seed ratios would be (1 + 1/3) / 2); resamples of the two seeds give 1/1, 1/3 and 2/4
+    points = gain_points({"oracle": [1.0, 3.0], "m": [1.0, 1.0]}, offsets=(0.0, 0.1))
+    table = fr.oracle_share_table(points, [3.0], "DPO", "oracle", metrics=("true_reward",), n_resamples=4000)
+    row = table.set_index("method").loc["m"]
+    assert row["share"] == pytest.approx(0.5)
+    assert (row["low"], row["high"]) == pytest.approx((1 / 3, 1.0))
+
+
+def test_share_is_na_where_the_oracle_gain_is_not_clear():
+    # the oracle's gain over DPO is +0.1 or -0.1 by seed: its CI includes 0, so no share at all
+    points = gain_points({"oracle": [0.1, -0.1, 0.1, -0.1], "m": [1.0] * 4})
+    table = fr.oracle_share_table(points, [2.0, 4.0], "DPO", "oracle", n_resamples=2000)
+    assert set(table["status"]) == {fr.ORACLE_UNCLEAR} and table["share"].isna().all()
+    assert table["oracle_low"].lt(0).all() and table["oracle_high"].gt(0).all()
+
+
+def test_share_without_data_at_a_budget_and_on_pooled_final_points():
+    points = gain_points({"oracle": [2.0] * 4, "m": [1.0] * 4})
+    short = points[~((points["method"] == "m") & (points["kl"] > 3.0))]
+    table = fr.oracle_share_table(short, [4.5], "DPO", "oracle", metrics=("true_reward",), n_resamples=500)
+    assert table.set_index("method").loc["m", "status"] == fr.NO_DATA
+    # one final point per seed: pooled curves, resampled apart (unpaired); the share of the estimates is still 1/2
+    final = points[points["kl"] == points["seed"] + 1.0].assign(source="final")
+    table = fr.oracle_share_table(final, [2.5], "DPO", "oracle", metrics=("true_reward",), n_resamples=500)
+    row = table.set_index("method").loc["m"]
+    assert row["share"] == pytest.approx(0.5) and not row["paired"]
+
+
+def test_the_middle_budget():
+    assert fr.middle_budget([4.0, 1.0, 3.0, 2.0]) == 2.0 and fr.middle_budget([3.0, 1.0, 2.0]) == 2.0
+    assert math.isnan(fr.middle_budget([]))

@@ -493,3 +493,132 @@ def test_jobs_of_the_sweep_grid_that_never_started_are_missing(tmp_path):
     assert missing == ["(not started) loss=ipo seed=1 logger=csv", "(not started) loss=ipo seed=2 logger=csv"]
     report = build_report(str(sweep), runs, None)
     assert {r.label: (r.n_runs, r.launched) for r in report.rows} == {"dpo": (3, 3), "ipo": (1, 3)}
+
+
+# ---------------------------------------------------------------- the ranking by share of the oracle's gain
+
+# method config name: (label, gain over DPO at KL 1 in reward per token / safe rate / total reward (a multiple of
+# KL, so every share is the same at every budget), per-seed weight quality (Spearman chosen), online weights?)
+RANKED = {"dpo": ("DPO", (0.0, 0.0, 0.0), None, False),
+          "tisdpo_oracle": ("TIS-DPO(oracle)", (0.02, 0.04, 2.0), [0.9, 0.8, 0.7], False),
+          "tisdpo_d": ("TIS-DPO(D)", (0.01, 0.01, 1.0), [0.3, 0.4, 0.5], False),
+          "otpo": ("OTPO", (0.015, 0.03, 0.5), [0.1, 0.2, 0.3], True),
+          "confpo": ("ConfPO", (-0.005, 0.0, -0.5), None, False)}
+
+
+def write_ranked_sweep(root: Path, methods: dict = RANKED) -> Path:
+    """Straight-line curves through the reference at KL 0 (no interpolation error): DPO's reward =
+    KL + a seed offset, each other method DPO's + its gain × KL; the runs carry the optimal frontier
+    (F(k) = 4 k) and, for weighted methods, weight quality (offline ones also weights/bound_fraction)."""
+    root.mkdir(parents=True)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    offsets = [0.0, 0.2, -0.1]
+    for name, (label, (per_token, safe, total), spearman, online) in methods.items():
+        for seed, offset in enumerate(offsets):
+            curve = [{"step": step, "kl_ref": step / 50, "true_reward": step / 50 * (1 + total) + offset,
+                      "true_reward_per_token": step / 50 * (0.1 + per_token) + offset / 10,
+                      "safe_rate": 0.5 + step / 50 * (0.05 + safe) + offset / 10, "length": 10.0, "finished_rate": 1.0}
+                     for step in (0, 50, 100, 150, 200)]
+            results = {"eval/kl_ref": 4.0, "eval/true_reward": curve[-1]["true_reward"], "eval/curve": curve,
+                       "eval/optimal_frontier": [{"kl": k, "true_reward": 4.0 * k} for k in range(6)],
+                       "config": {"label": label, "seed": seed}}
+            if spearman is not None:
+                results.update({"weights/spearman_chosen": spearman[seed], "weights/spearman_rejected": 0.1,
+                                "weights/auroc_chosen": 0.6 + 0.1 * seed, "weights/auroc_rejected": float("nan")})
+                if not online:
+                    results["weights/bound_fraction"] = 0.0
+            write_job(root / f"{name}_s{seed}", [f"method={name}", f"seed={seed}"], results)
+    return root
+
+
+def write_cost(path: Path, rows: list[tuple[str, str, float, float, float]]) -> Path:
+    """bench/method_cost.py's CSV: (method, label, wall, CPU and peak RSS ratios)."""
+    pd.DataFrame([{"method": m, "label": label, "wall_s": 10 * w, "cpu_s": 10 * c, "peak_rss_mb": 100 * r,
+                   "wall_ratio": w, "cpu_ratio": c, "peak_rss_ratio": r} for m, label, w, c, r in rows]).to_csv(path, index=False)
+    return path
+
+
+def test_ranking_orders_methods_by_their_share_of_the_oracles_gain(tmp_path):
+    sweep = write_ranked_sweep(tmp_path / "sweep")
+    cost = write_cost(tmp_path / "cost.csv", [("dpo", "DPO", 1.0, 1.0, 1.0), ("tisdpo_d", "TIS-DPO(D)", 3.0, 3.5, 1.5),
+                                             ("otpo", "", 2.0, 2.5, 1.25)])   # OTPO found by its method= name
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out), "--no-plots", "--resamples", "500", "--budgets", "1,2,3",
+                 "--cost", str(cost)]) == 0
+    ranking = pd.read_csv(out / "ranking.csv")
+    # per token: oracle +0.02, OTPO +0.015 (75%), TIS-DPO(D) +0.01 (50%), DPO 0, ConfPO -0.005 (-25%)
+    assert list(ranking["method"]) == ["TIS-DPO(oracle)", "OTPO", "TIS-DPO(D)", "DPO", "ConfPO"]
+    assert list(ranking["rank"]) == [1, 2, 3, 4, 5] and set(ranking["rank_budget"]) == {2.0}
+    assert list(ranking["share"]) == pytest.approx([1.0, 0.75, 0.5, 0.0, -0.25])
+    by = ranking.set_index("method")
+    assert by.loc["OTPO", "safe_rate share KL 3"] == pytest.approx(0.75)         # 0.03 / 0.04
+    assert by.loc["TIS-DPO(D)", "true_reward share KL 1"] == pytest.approx(0.5)   # 1 / 2
+    # share of the optimal frontier in total reward at KL 2: (R(2) - R(0)) / (F(2) - F(0)) = 2 (1 + gain) / 8
+    assert list(ranking["frontier_share"]) == pytest.approx([0.75, 0.375, 0.5, 0.25, 0.125])
+    # weight quality: mean over seeds; NaN values left out; none for DPO and ConfPO; OTPO's are online
+    assert by.loc["TIS-DPO(D)", "spearman_chosen"] == pytest.approx(0.4)
+    assert by.loc["TIS-DPO(D)", "auroc_chosen"] == pytest.approx(0.7) and math.isnan(by.loc["TIS-DPO(D)", "auroc_rejected"])
+    assert by.loc["TIS-DPO(D)", "weight_target"] == "signed" and by.loc["OTPO", "weight_target"] == "abs"
+    assert by.loc["DPO", "weight_runs"] == 0 and math.isnan(by.loc["ConfPO", "spearman_chosen"])
+    # cost: by label, else by the runs' method= name; none for the methods the file lacks
+    assert by.loc["TIS-DPO(D)", "wall_ratio"] == 3.0 and by.loc["OTPO", "cpu_ratio"] == 2.5
+    assert math.isnan(by.loc["ConfPO", "wall_ratio"])
+
+    text = (out / "report.md").read_text()
+    section = text.split("### Ranking: share of the oracle's gain at matched KL")[1].split("## Table")[0]
+    assert "(method − DPO) / (TIS-DPO(oracle) − DPO)" in section
+    assert "in true reward per token at KL 2 (the middle budget)" in section
+    assert ("| 2 | OTPO | 75% [75%, 75%] | 75% [75%, 75%] | 75% [75%, 75%] | 75% [75%, 75%] | 75% [75%, 75%] "
+            "| 75% [75%, 75%] | 38% | 0.20 / 0.10 † | 0.70 / - † | 2.00 / 2.50 / 1.25 |") in section
+    assert "| 1 | TIS-DPO(oracle) | 100% (oracle) |" in section and "| 4 | DPO | 0% (baseline) |" in section
+    assert section.count("| - | - | - |") == 1                                   # ConfPO: no weights, no cost
+    assert "`" + str(cost) + "` (`python -m bench.method_cost`)" in section
+    total = section.split("**Share of the oracle's gain in true reward**")[1]
+    assert [line.split(" | ")[0] for line in total.splitlines() if line.startswith("| ") and "%" in line] == [
+        "| TIS-DPO(oracle)", "| OTPO", "| TIS-DPO(D)", "| DPO", "| ConfPO"]          # the ranking's order
+    shares = pd.read_csv(out / "oracle_share.csv")
+    assert set(shares["metric"]) == {"true_reward", "true_reward_per_token", "safe_rate"} and len(shares) == 5 * 3 * 3
+
+
+def test_ranking_without_a_cost_file_or_with_an_unclear_oracle(tmp_path):
+    methods = {**RANKED, "tisdpo_oracle": ("TIS-DPO(oracle)", (0.0, 0.0, 0.0), [0.9, 0.8, 0.7], False)}
+    out = tmp_path / "report"
+    assert main([str(write_ranked_sweep(tmp_path / "sweep", methods)), "--out", str(out), "--no-plots",
+                 "--resamples", "300", "--budgets", "1,2,3"]) == 0
+    section = (out / "report.md").read_text().split("### Ranking")[1].split("## Table")[0]
+    assert "**No ranking by share of the oracle's gain**" in section and "(not clear: shares n/a)" in section
+    assert 'Cost: "-": no `--cost` file' in section
+    ranking = pd.read_csv(out / "ranking.csv")
+    assert ranking["share"].isna().all() and "wall_ratio" not in ranking.columns
+    # ordered by the share of the frontier instead: total-reward gains 1 (TIS-DPO(D)), 0.5, 0 (two), -0.5
+    assert list(ranking["method"]) == ["TIS-DPO(D)", "OTPO", "DPO", "TIS-DPO(oracle)", "ConfPO"]
+
+
+def test_no_ranking_without_an_oracle_and_a_bad_cost_file_is_refused(tmp_path, capsys):
+    sweep = write_ranked_sweep(tmp_path / "sweep", {k: v for k, v in RANKED.items() if k != "tisdpo_oracle"})
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out), "--no-plots", "--resamples", "200"]) == 0
+    assert "### Ranking" not in (out / "report.md").read_text() and not (out / "ranking.csv").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("method,wall_s\ndpo,1\n")
+    assert main([str(sweep), "--out", str(out), "--no-plots", "--cost", str(bad)]) == 2
+    assert "not a bench/method_cost.py table (no column wall_ratio, cpu_ratio, peak_rss_ratio)" in capsys.readouterr().err
+    assert main([str(sweep), "--out", str(out), "--no-plots", "--cost", str(tmp_path / "none.csv")]) == 2
+    assert main([str(sweep), "--out", str(out), "--no-plots", "--resamples", "200", "--oracle", "TGDPO(oracle)"]) == 0
+    assert "--oracle 'TGDPO(oracle)': no method of that label" in capsys.readouterr().err
+
+
+def test_the_ranking_can_be_against_another_oracle_and_names_controls_cost_by_label(tmp_path):
+    from experiments.report import cost_by_method, reference_oracle
+
+    assert reference_oracle(["TGDPO(oracle)", "TIS-DPO(oracle)"]) == "TIS-DPO(oracle)"
+    assert reference_oracle(["TGDPO(oracle)", "TIS-DPO(oracle) (control)"]) == "TIS-DPO(oracle) (control)"
+    assert reference_oracle(["TGDPO(oracle)", "TIS-DPO(oracle)"], "tgdpo(oracle)") == "TGDPO(oracle)"
+    assert reference_oracle(["TGDPO(oracle)"]) == "TGDPO(oracle)" and reference_oracle([]) is None
+    assert reference_oracle(["TGDPO(oracle)"], "nope") is None
+    runs = collect_runs(write_ranked_sweep(tmp_path / "sweep"))
+    labels = {id(r): (f"{r.label} (control)" if r.label == "TIS-DPO(oracle)" else r.label) for r in runs}
+    cost = pd.DataFrame([{"method": "tisdpo_oracle", "label": "TIS-DPO(oracle)", "wall_ratio": 1.5, "cpu_ratio": 1.5,
+                          "peak_rss_ratio": 1.0}])
+    merged = cost_by_method(cost, runs, labels).set_index("method")
+    assert list(merged.index) == ["TIS-DPO(oracle) (control)"] and merged.loc["TIS-DPO(oracle) (control)", "wall_ratio"] == 1.5
