@@ -211,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     methods = anchor_first(args.methods.split(",") if args.methods else default_methods())
     extra = [override for chunk in args.extra for override in shlex.split(chunk)]
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)   # a named workdir need not exist yet
     root = Path(tempfile.mkdtemp(prefix="method_cost_", dir=args.workdir))
     rows = []
     for round_ in range(args.repeat):

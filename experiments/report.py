@@ -206,7 +206,8 @@ def build_frontiers(report: Report, ignore: Sequence[str], baseline: str | None 
     for condition in table_conditions(report):
         runs = [r for r in report.runs if r.ok and all(r.has_setting(k, v) for k, v in condition.items())]
         runs += [r for r in extra if all(r.has_setting(k, v) for k, v in condition.items())] if not condition else []
-        section = build_frontier(runs, labels, baseline, budgets, n_resamples, oracle)
+        section = build_frontier(runs, labels, baseline, budgets, n_resamples, oracle,
+                                 controls_span=report.table is None)
         section.condition = condition
         add_ranking(section, runs, labels, cost, cost_source)
         sections.append(section)
@@ -223,21 +224,37 @@ def build_frontiers(report: Report, ignore: Sequence[str], baseline: str | None 
 
 def build_frontier(runs: Sequence[Run], labels: dict[int, str], baseline: str | None = "DPO",
                    budgets: Sequence[float] | None = None, n_resamples: int = fr.N_RESAMPLES,
-                   oracle: str | None = None) -> FrontierSection:
+                   oracle: str | None = None, controls_span: bool = False) -> FrontierSection:
     """One matched-KL section; with an oracle control and the baseline, each method's share of the
-    oracle's gain too (``oracle_shares``, against :func:`reference_oracle`)."""
+    oracle's gain too (``oracle_shares``, against :func:`reference_oracle`).
+
+    Budgets default to the KL range every method reached. With ``controls_span`` (a comparison with no
+    paper table, whose claims would need every method at each budget) and both the baseline and an
+    oracle present, they span the range those two reach instead: one method that barely moves (TI-DPO
+    stops near KL 0.2 on the credit task) would otherwise pin every verdict to a range where even the
+    oracle cannot be told from DPO. Methods that stop short have no value at the budgets beyond them
+    (``FrontierSection.short``)."""
     points = fr.frontier_points(runs, lambda run: labels.get(id(run)))
     methods = list(dict.fromkeys(points["method"]))
     baseline = _find_label(methods, baseline)
-    chosen = fr.kl_budgets(points) if budgets is None else np.asarray(list(budgets), float)
+    oracles = [m for m in methods if "oracle" in m.lower()]
+    reference = reference_oracle(oracles, oracle)
+    span = ([baseline, reference] if controls_span and budgets is None and baseline and reference else None)
+    if budgets is not None:
+        chosen = np.asarray(list(budgets), float)
+    else:
+        chosen = fr.kl_budgets(points if span is None else points[points["method"].isin(span)])
     table = fr.matched_kl_table(points, chosen, baseline, n_resamples=n_resamples)
     optimal = fr.optimal_curve([r.optimal_frontier for r in runs if labels.get(id(r)) is not None])
-    oracles = [m for m in methods if "oracle" in m.lower()]
     section = FrontierSection(points, [float(b) for b in chosen], table, baseline, fr.has_curves(points),
                               [m for m in methods if fr.method_basis(points[points["method"] == m]) == fr.POOLED],
                               oracles=oracles, n_resamples=n_resamples,
                               optimal=optimal, shares=fr.gain_shares(points, optimal, chosen))
-    section.oracle = reference_oracle(oracles, oracle)
+    section.span = span
+    if len(chosen):
+        reach = points.groupby("method")["kl"].max()
+        section.short = {m: float(reach[m]) for m in methods if reach[m] < float(np.max(chosen)) - 1e-12}
+    section.oracle = reference
     if section.oracle is not None and baseline is not None and not section.empty:
         section.oracle_shares = fr.oracle_share_table(points, section.budgets, baseline, section.oracle,
                                                       n_resamples=n_resamples)

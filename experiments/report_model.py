@@ -86,6 +86,8 @@ class FrontierSection:
     oracle_shares: pd.DataFrame | None = None   # frontier.oracle_share_table: None without an oracle and a baseline
     ranking: pd.DataFrame | None = None   # one row per method, best first (report.ranking_frame)
     cost_source: str | None = None        # the --cost file the ranking's cost columns come from
+    span: list[str] | None = None         # the methods whose common KL range the budgets span (None: every method)
+    short: dict[str, float] = field(default_factory=dict)   # methods whose curves stop short of the top budget -> their max KL
 
     @property
     def empty(self) -> bool:

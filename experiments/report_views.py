@@ -390,10 +390,17 @@ def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> 
     if section.empty:
         return lines + ["The methods' KL ranges do not overlap: no common KL budget, no matched-KL verdict.", ""]
     n_methods = section.points["method"].nunique()
+    where = (f"inside the range every method reached ({n_methods} methods)" if not section.span else
+             f"inside the range {' and '.join(section.span)} both reached (a comparison without a paper table: the "
+             "controls set the range, so that a method that barely moves cannot pin every verdict below the KL "
+             "where the oracle separates from DPO)")
+    if section.short:
+        where += ("; curves that stop short have no value beyond their largest KL, so their n drops there: "
+                  + ", ".join(f"{m} (max KL {kl:.3g})" for m, kl in section.short.items()))
     lines += [f"Each method's true reward, reward per token and safe rate (with length and finished rate beside "
               f"them) at {len(section.budgets)} KL budgets "
-              f"({', '.join(f'{b:.3g}' for b in section.budgets)} nats) inside the range every method reached "
-              f"({n_methods} methods). Per seed, the points of every evaluation (and every β) are joined by "
+              f"({', '.join(f'{b:.3g}' for b in section.budgets)} nats) {where}. "
+              "Per seed, the points of every evaluation (and every β) are joined by "
               "linear interpolation in KL (no extrapolation); cells are the mean over seeds with a 95% percentile "
               f"bootstrap CI over seeds ({section.n_resamples:,} resamples), n = seeds with data at that KL."]
     if section.baseline:

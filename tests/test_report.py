@@ -622,3 +622,22 @@ def test_the_ranking_can_be_against_another_oracle_and_names_controls_cost_by_la
                           "peak_rss_ratio": 1.0}])
     merged = cost_by_method(cost, runs, labels).set_index("method")
     assert list(merged.index) == ["TIS-DPO(oracle) (control)"] and merged.loc["TIS-DPO(oracle) (control)", "wall_ratio"] == 1.5
+
+
+def test_without_a_paper_table_the_controls_set_the_budgets_and_a_slow_method_stops_short(tmp_path):
+    """A method that barely moves (TI-DPO on the credit task) must not pin a comparison's budgets below the
+    KL where the oracle separates from DPO: with no paper table they span DPO's and the oracle's range."""
+    sweep = write_ranked_sweep(tmp_path / "sweep")
+    slow = [{"step": step, "kl_ref": step / 500, "true_reward": step / 500, "true_reward_per_token": step / 5000,
+             "safe_rate": 0.5, "length": 10.0, "finished_rate": 1.0} for step in (0, 50, 100, 150, 200)]
+    for seed in range(3):    # reaches KL 0.4 where the others reach 4
+        write_job(sweep / f"tidpo_s{seed}", ["method=tidpo", f"seed={seed}"],
+                  {"eval/kl_ref": 0.4, "eval/curve": slow, "config": {"label": "TI-DPO", "seed": seed}})
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out), "--no-plots", "--resamples", "200"]) == 0
+    matched = pd.read_csv(out / "matched_kl.csv")
+    budgets = sorted(matched["kl_budget"].unique())
+    assert budgets[0] > 0.4 and budgets[-1] < 4.0             # inside DPO's and the oracle's [0, 4], beyond TI-DPO's
+    assert (matched[matched["method"] == "TI-DPO"]["n_seeds"] == 0).all()
+    text = (out / "report.md").read_text()
+    assert "inside the range DPO and TIS-DPO(oracle) both reached" in text and "TI-DPO (max KL 0.4)" in text
