@@ -10,6 +10,10 @@ Preference batch (B examples, T = longest chosen/rejected sequence, P = longest 
     chosen_reference_logps, rejected_reference_logps [B, T-1] float only if every example has them
                                                                   (cached reference log-probs, shifted
                                                                   like the labels); 0.0 on padding
+    reference_hidden                                [R, H] float  only if every example has them (validation
+                                                                  with train.validation=heldout): the cached
+                                                                  reference's last hidden states at the R
+                                                                  response positions, chosen rows then rejected
     prompt_input_ids, prompt_attention_mask         [B, P] long   LEFT-padded (for generation)
     index                                           [B]    long
 
@@ -125,6 +129,11 @@ class PreferenceCollator:
             for side in sides:
                 batch[f"{side}_reference_logps"] = _pad_floats(
                     [ex[f"{side}_reference_logps"] for ex in examples], length - 1)
+
+        if _present(examples, "reference_hidden"):  # the reference's hidden states at the response positions
+            # row-major over the [2B, T] pair batch (chosen rows, then rejected rows): the order of
+            # ``hidden[:, :-1][labels[:, 1:] != -100]`` of ``concat_pair(batch, ...)``
+            batch["reference_hidden"] = torch.cat([ex[f"{side}_reference_hidden"] for side in sides for ex in examples])
 
         prompts = [ex["prompt_input_ids"] for ex in examples]
         prompt_length = _round_up(max(len(p) for p in prompts), self.pad_to_multiple_of)

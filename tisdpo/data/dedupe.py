@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from .errors import DataError
 
-__all__ = ["drop_duplicate_pairs", "holdout_split", "pair_key"]
+__all__ = ["drop_duplicate_pairs", "drop_test_prompts", "holdout_split", "pair_key", "top_up_holdout"]
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,10 @@ def holdout_split(
     *,
     dataset: str = "data",
     source: str = "dataset.path",
+    minimum: int | None = None,
 ) -> tuple[list, list]:
-    """One file's rows -> (train, test): the last ``min(test_limit, max(1, n // 10))`` rows held out.
+    """One file's rows -> (train, test): the last ``min(test_limit, max(1, n // 10))`` rows held out,
+    at least ``minimum`` of them (``dataset.min_test_pairs``) while a training row is left.
 
     ``test_limit`` null means :data:`DEFAULT_TEST_LIMIT`. Raises :class:`DataError` (naming
     ``source``, e.g. ``"dataset.path 'pairs.jsonl'"``) when fewer than 2 pairs are left: a
@@ -102,4 +104,25 @@ def holdout_split(
             source,
         )
     n_test = min(int(test_limit or DEFAULT_TEST_LIMIT), max(1, len(rows) // 10))
+    if minimum:
+        n_test = max(n_test, min(int(minimum), len(rows) - 1))
     return list(rows[:-n_test]), list(rows[-n_test:])
+
+
+def top_up_holdout(train_rows: Sequence[Mapping], test_rows: Sequence[Mapping], minimum: int) -> tuple[list, list, int]:
+    """(train, test, moved): a test split of fewer than ``minimum`` pairs topped up with the LAST rows of
+    the training rows (in their order; a training limit then takes its rows from the head, so it never
+    eats them), keeping one training row. Deduplicated inputs stay disjoint (each row moves once)."""
+    moved = max(0, min(int(minimum) - len(test_rows), len(train_rows) - 1))
+    if moved == 0:
+        return list(train_rows), list(test_rows), 0
+    return list(train_rows[:-moved]), [*test_rows, *train_rows[-moved:]], moved
+
+
+def drop_test_prompts(train_rows: Sequence[Mapping], test_rows: Sequence[Mapping]) -> tuple[list, int]:
+    """(training rows whose prompt is no held-out prompt, how many were dropped): a prompt-disjoint split
+    (``dataset.disjoint_prompts``). Datasets with several response pairs per prompt (PKU-SafeRLHF) would
+    otherwise validate on prompts the policy was trained on, with other responses."""
+    held_out = {row["prompt"] for row in test_rows}
+    kept = [row for row in train_rows if row["prompt"] not in held_out]
+    return kept, len(train_rows) - len(kept)

@@ -86,8 +86,9 @@ def last_hidden(model, input_ids, attention_mask) -> torch.Tensor:
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
-def _picked_logps_from_hidden(model, ids, attention, labels, chunk_size: int) -> torch.Tensor:
-    """Flat log-probs of the response labels, row-major: the head runs on response positions only."""
+def _picked_logps_from_hidden(model, ids, attention, labels, chunk_size: int, *, with_hidden: bool = False):
+    """Flat log-probs of the response labels, row-major: the head runs on response positions only.
+    ``with_hidden``: (log-probs, the last hidden states of those positions [n, H]), the rows the head ran on."""
     mask = labels[:, 1:] != IGNORE_INDEX
     hidden = model.base_model(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
     selected = hidden[:, :-1][mask]  # position t-1 predicts label t
@@ -99,7 +100,8 @@ def _picked_logps_from_hidden(model, ids, attention, labels, chunk_size: int) ->
         logits = head(selected[start: start + rows]).float()
         picked = logits.gather(-1, targets[start: start + rows, None]).squeeze(-1)
         out.append(picked - torch.logsumexp(logits, -1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    logps = torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    return (logps, selected) if with_hidden else logps
 
 
 def _picked_logps_from_logits(model, ids, attention, labels, chunk_size: int) -> torch.Tensor:
@@ -161,7 +163,8 @@ def _scoring(model, device):
 def score_pairs(model, examples: list[dict], pad_token_id: int, *, batch_size: int = 64, chunk_size: int = 256,
                 precision: str | None = None, device: torch.device | str | None = None, full_length: bool = False,
                 shared_prefix: bool = False, head_only: bool | None = None,
-                progress: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                progress: str | None = None,
+                hidden: dict[str, list] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(chosen, rejected): float32 per-token log-probs of every example under ``model``, in order.
 
     - ``full_length=False``: the response positions only, one value per response token (ragged);
@@ -176,7 +179,18 @@ def score_pairs(model, examples: list[dict], pad_token_id: int, *, batch_size: i
     - ``precision``: a Lightning precision string, applied as autocast; ``device``: where to run.
     ``model`` is any callable returning ``.logits`` (a frozen copy, or a LoRA policy's
     disabled-adapter view). ``progress``: a progress bar with ETA under this name.
+    - ``hidden`` (a dict, filled in place): also the model's last hidden states at the response
+      positions, ``hidden[side][i]`` [n_response_tokens, H] in the model's dtype, the rows the output
+      head turns into those log-probs (a frozen model's logits there, for a KL later, without its
+      forward). Needs an architecture :func:`output_head` accepts; the head then runs on the
+      response positions only and no shared-prefix packing is used.
     """
+    if hidden is not None:
+        if not (_head_only(model) and full_length):
+            raise ValueError("score_pairs(hidden=...) needs full_length=True and a model whose logits are its output "
+                             "head of the last hidden states (output_head)")
+        head_only, shared_prefix = True, False
+        hidden.update({side: [None] * len(examples) for side in SIDES})
     head_only = _head_only(model) if head_only is None else head_only
     if shared_prefix and head_only and examples:
         longest = max(len(ex[f"{side}_input_ids"]) for ex in examples for side in SIDES)
@@ -203,8 +217,14 @@ def score_pairs(model, examples: list[dict], pad_token_id: int, *, batch_size: i
                         log.warning("scoring: shared-prefix packing is off for this model")
                         packed = None
                 if head_only and full_length:  # response positions through the head, zeros elsewhere
-                    flat = _picked_logps_from_hidden(model, ids, attention, labels, chunk_size).float()
+                    flat = _picked_logps_from_hidden(model, ids, attention, labels, chunk_size, with_hidden=hidden is not None)
                     mask = labels[:, 1:] != IGNORE_INDEX
+                    if hidden is not None:
+                        flat, selected = flat
+                        dtype = model.get_output_embeddings().weight.dtype
+                        for r, part in enumerate(selected.to(dtype).cpu().split(mask.sum(-1).cpu().tolist())):
+                            hidden[SIDES[r // size]][indices[r % size]] = part.clone()
+                    flat = flat.float()
                     logps = flat.new_zeros(mask.shape).masked_scatter(mask, flat).cpu()
                     rows = [logps[r, : len(examples[indices[r % size]][f"{SIDES[r // size]}_input_ids"]) - 1]
                             for r in range(2 * size)]

@@ -204,6 +204,9 @@ def _check_dataset(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.prompt_template={template!r} must be a string holding '{{prompt}}' (or null: the prompt as given)")
     for option in ("limit", "test_limit"):
         _check(cfg, f"dataset.{option}", low=1, integer=True, nullable=True, note="null: every row")
+    _check(cfg, "dataset.min_test_pairs", low=1, integer=True, nullable=True,
+           note="null: the test split as the files give it")
+    _check_local_only(cfg)
     for option in ("n_sft", "n_train_pairs", "n_test_pairs"):
         _check(cfg, f"dataset.task.{option}", low=1, integer=True)
     _check(cfg, "dataset.task.seed", low=0, high=SEED_MAX, integer=True)
@@ -211,6 +214,28 @@ def _check_dataset(cfg: DictConfig) -> None:
     for option in ("path", "test_path"):
         if ds.get(option):
             _check_data_file(f"dataset.{option}", ds[option])
+
+
+def _check_local_only(cfg: DictConfig) -> None:
+    """``dataset.local_only`` (the ``scale=small`` dataset configs): the run reads local files, never the
+    hub. A table whose data has no local sample (TL;DR) fails here, in one line naming the table, the
+    data and the option to set; a missing sample names ``paths.data_dir``."""
+    ds = cfg.dataset
+    if not ds.get("local_only") or ds.name == "synthetic":
+        return
+    scale = f"scale={cfg.get('scale')}" if cfg.get("scale") else "dataset.local_only=true"
+    table = f"paper table {cfg.paper_table}" if cfg.get("paper_table") else f"dataset={ds.name}"
+    if not ds.get("path"):
+        raise ConfigError(
+            f"{scale}: {table} has no local data: no sample of {ds.name} ({ds.get('hub_id')}) is in paths.data_dir; "
+            f"set dataset.path=<a local .json/.jsonl/.parquet file of {ds.name} rows in the hub schema> "
+            "(and dataset.test_path=<its held-out file>, or its last rows are held out)")
+    for option in ("path", "test_path"):
+        value = ds.get(option)
+        if value and not Path(str(value)).expanduser().exists():
+            raise ConfigError(f"dataset.{option}={value!r}: no such file ({scale} reads the real data samples from "
+                              f"paths.data_dir: set TISDPO_DATA or paths.data_dir=<the folder holding "
+                              f"{Path(str(value)).name}>, or dataset.{option}=<the file>)")
 
 
 def _check_pairs(cfg: DictConfig) -> None:
@@ -272,6 +297,8 @@ def _check_train(cfg: DictConfig) -> None:
     _check(cfg, "train.pad_to_multiple_of", low=1, integer=True, nullable=True)
     for option in ("check_finite", "reference_cache", "shared_prefix", "gradient_checkpointing", "group_by_length"):
         _flag(cfg, f"train.{option}")
+    if _get(cfg, "train.validation") is not _ABSENT:
+        _one_of(cfg, "train.validation", ("loss", "heldout"))
 
 
 def _check_optim(cfg: DictConfig, node: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tisdpo.data.sources import load_preference_rows
-from tisdpo.data.dedupe import drop_duplicate_pairs, holdout_split
+from tisdpo.data.dedupe import drop_duplicate_pairs, drop_test_prompts, holdout_split, top_up_holdout
 from tisdpo.data.errors import DropCounter
 from tisdpo.data.noise import flip_labels
 from tisdpo.models.loading import load_tokenizer
@@ -76,6 +76,63 @@ def resolve_prompt_format(cfg: DictConfig, tokenizer) -> None:
              f"dataset.prompt_template {ds.get('prompt_template')!r}" if ds.get("prompt_template") else "the prompt as given")
 
 
+def split_rows(ds: DictConfig, *, seed: int) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """A real dataset's (train rows, test rows, drop counts) from ``dataset`` (no tokenizer, no model):
+    the files or hub splits read and adapted, exact duplicate pairs dropped, the held-out split made,
+    ``dataset.limit`` applied to the training rows. Counts -> results.json ``data/source/...``."""
+    common = {k: ds[k] for k in ("preference",) if k in ds}
+    test_path = ds.get("test_path")
+    one_file = bool(ds.get("path")) and not test_path
+    # dataset.min_test_pairs (scale=small): at least this many held-out pairs; a test file with fewer
+    # is topped up from the END of the training file, so the training file is read whole and
+    # dataset.limit applies to what stays in training (its head), never to the held-out rows
+    # dataset.disjoint_prompts (scale=small): no training pair shares a prompt with a held-out pair.
+    # Either reads the training rows whole and applies dataset.limit last.
+    min_test = int(ds.get("min_test_pairs") or 0)
+    whole = one_file or bool(min_test) or bool(ds.get("disjoint_prompts"))
+    train_rows, train_drops = load_preference_rows(
+        ds.name, path=ds.get("path"), hub_id=ds.hub_id, hub_config=ds.get("hub_config"),
+        split=ds.train_split, limit=None if whole else ds.get("limit"), seed=seed,
+        option="dataset.path", **common,
+    )
+    if one_file:
+        # One local file and no test file: drop duplicate pairs first (no copy of a training
+        # pair is held out), then hold out the last rows of the WHOLE file for validation, and
+        # only then apply dataset.limit to the training rows: a limited run keeps its full
+        # test split (up to dataset.test_limit), never a tenth of the limited sample.
+        train_rows, _, dedupe = drop_duplicate_pairs(train_rows, [], dataset=ds.name)
+        train_rows, test_rows = holdout_split(train_rows, ds.get("test_limit"), dataset=ds.name,
+                                              source=f"dataset.path {str(ds.path)!r}", minimum=min_test)
+        test_drops = DropCounter()
+    else:
+        test_rows, test_drops = load_preference_rows(
+            ds.name, path=test_path, hub_id=ds.hub_id, hub_config=ds.get("hub_config"),
+            split=ds.test_split, limit=ds.get("test_limit"), seed=seed, option="dataset.test_path", **common,
+        )
+        train_rows, test_rows, dedupe = drop_duplicate_pairs(train_rows, test_rows, dataset=ds.name)
+        if min_test:
+            n_test_file = len(test_rows)
+            train_rows, test_rows, moved = top_up_holdout(train_rows, test_rows, min_test)
+            dedupe["test_from_train"] = moved
+            if moved:
+                log.info("data: the test split has %d usable pairs, below dataset.min_test_pairs=%d: the last %d "
+                         "training rows are held out with it", n_test_file, min_test, moved)
+    if ds.get("disjoint_prompts"):
+        # no held-out prompt is trained on, with any responses (before the limit: it still gets its rows)
+        train_rows, dedupe["train_prompt_in_test"] = drop_test_prompts(train_rows, test_rows)
+        if dedupe["train_prompt_in_test"]:
+            log.info("data: dropped %d training pairs whose prompt is a held-out prompt (dataset.disjoint_prompts)",
+                     dedupe["train_prompt_in_test"])
+    if whole and ds.get("limit") is not None:
+        # the training rows of a split made on the whole file(s): the limit takes the head
+        train_rows = train_rows[: int(ds.limit)]
+    # -> results.json "data/source/train/dropped/<reason>", "data/source/train/kept", ...
+    drops = {**train_drops.as_dict(prefix="train"), **test_drops.as_dict(prefix="test"),
+             **{f"dedupe/{k}": v for k, v in dedupe.items()}}
+    log.info("data: train %s", train_drops.summary())
+    return train_rows, test_rows, drops
+
+
 def prepare_data(cfg: DictConfig) -> PreparedData:
     ds = cfg.dataset
     check_devices(cfg)      # trainer=gpu / scale=paper without a GPU: one line, before any model or data loads
@@ -101,36 +158,8 @@ def prepare_data(cfg: DictConfig) -> PreparedData:
             raise ValueError(f"dataset={ds.name} needs a tokenizer: set model.tokenizer or model.name_or_path")
         tokenizer = load_tokenizer(tokenizer_id)
         resolve_prompt_format(cfg, tokenizer)
-        common = {k: ds[k] for k in ("preference",) if k in ds}
-        test_path = ds.get("test_path")
-        one_file = bool(ds.get("path")) and not test_path
-        train_rows, train_drops = load_preference_rows(
-            ds.name, path=ds.get("path"), hub_id=ds.hub_id, hub_config=ds.get("hub_config"),
-            split=ds.train_split, limit=None if one_file else ds.get("limit"), seed=cfg.seed, option="dataset.path",
-            **common,
-        )
-        if one_file:
-            # One local file and no test file: drop duplicate pairs first (no copy of a training
-            # pair is held out), then hold out the last rows of the WHOLE file for validation, and
-            # only then apply dataset.limit to the training rows: a limited run keeps its full
-            # test split (up to dataset.test_limit), never a tenth of the limited sample.
-            train_rows, _, dedupe = drop_duplicate_pairs(train_rows, [], dataset=ds.name)
-            train_rows, test_rows = holdout_split(train_rows, ds.get("test_limit"), dataset=ds.name,
-                                                  source=f"dataset.path {str(ds.path)!r}")
-            if ds.get("limit") is not None:
-                train_rows = train_rows[: int(ds.limit)]
-            test_drops = DropCounter()
-        else:
-            test_rows, test_drops = load_preference_rows(
-                ds.name, path=test_path, hub_id=ds.hub_id, hub_config=ds.get("hub_config"),
-                split=ds.test_split, limit=ds.get("test_limit"), seed=cfg.seed, option="dataset.test_path", **common,
-            )
-            train_rows, test_rows, dedupe = drop_duplicate_pairs(train_rows, test_rows, dataset=ds.name)
+        train_rows, test_rows, drops = split_rows(ds, seed=int(cfg.seed))
         sft_rows = [{"prompt": r["prompt"], "response": r["chosen"]} for r in train_rows]
-        # -> results.json "data/source/train/dropped/<reason>", "data/source/train/kept", ...
-        drops = {**train_drops.as_dict(prefix="train"), **test_drops.as_dict(prefix="test"),
-                 **{f"dedupe/{k}": v for k, v in dedupe.items()}}
-        log.info("data: train %s", train_drops.summary())
     n_flipped = 0
     if float(ds.get("label_noise") or 0.0) > 0:
         train_rows, n_flipped = flip_labels(train_rows, float(ds.label_noise), seed=cfg.seed)

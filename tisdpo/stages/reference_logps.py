@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from tisdpo.constants import SIDES
-from tisdpo.kernels.scoring import score_pairs
+from tisdpo.kernels.scoring import output_head, score_pairs
 from tisdpo.losses.record import BoundLoss
 from tisdpo.stages.context import RunContext
 
 log = logging.getLogger(__name__)
 KEYS = tuple(f"{side}_reference_logps" for side in SIDES)
+HIDDEN_KEYS = tuple(f"{side}_reference_hidden" for side in SIDES)
 
 
 def cache_applies(loss_spec) -> bool:
@@ -177,3 +178,62 @@ def reference_logps_stage(ctx: RunContext, loss: BoundLoss, reference, **splits:
     log.info("reference cache: %s pairs carry their reference log-probs",
              ", ".join(f"{len(v)} {k}" for k, v in out.items()))
     return tuple(out.values())
+
+
+def attach_reference_hidden(examples: list[dict], hidden: dict[str, list[torch.Tensor]]) -> list[dict]:
+    """The examples (copied) with ``{chosen,rejected}_reference_hidden`` [n_response_tokens, H]; checks
+    that each has one row per response label."""
+    if any(len(hidden[side]) != len(examples) for side in SIDES):
+        raise ValueError(f"reference hidden states for {len(hidden['chosen'])} examples, got {len(examples)} examples")
+    out = []
+    for i, example in enumerate(examples):
+        example = dict(example)
+        for side in SIDES:
+            n_labels = sum(label != -100 for label in list(example[f"{side}_labels"])[1:])
+            if hidden[side][i].shape[0] != n_labels:
+                raise ValueError(f"example {i}: {hidden[side][i].shape[0]} cached reference hidden rows for "
+                                 f"{n_labels} {side} response tokens")
+            example[f"{side}_reference_hidden"] = hidden[side][i]
+        out.append(example)
+    return out
+
+
+def validation_reference_stage(ctx: RunContext, reference, val_examples: list[dict]) -> list[dict]:
+    """The validation pairs with the reference's per-token log-probs and, where the reference's logits are
+    its output head of its last hidden states (Llama, Mistral, Qwen, GPT-2; not PEFT), those hidden states
+    at the response positions: one cached artifact per (validation data, reference, precision), built
+    whatever the loss (``train.validation=heldout``).
+
+    With them a validation pass needs no reference forward: the reference's log-probs come with the
+    batch, and its next-token distribution at each response position is ``head(hidden)`` (the KL to
+    the reference, ``PreferenceModule.heldout_sums``); step 0, where the policy is the reference, needs no
+    forward at all (``stages/train.reference_heldout_metrics``). A sweep over methods on one dataset
+    shares the artifact: the reference and the held-out pairs are the same for every method."""
+    cfg = ctx.cfg
+    if not val_examples:
+        return val_examples
+    precision = cfg.trainer.get("precision")
+    with_hidden = output_head(reference) is not None
+    identity = {**ctx.start_identity(), "dtype": cfg.model.get("dtype")}
+    key_fields = reference_logps_key(examples={"val": val_examples}, reference_id=identity, precision=precision,
+                                     extra={"hidden": with_hidden})
+
+    def build(out: Path) -> None:
+        hidden: dict[str, list] | None = {} if with_hidden else None
+        chosen, rejected = score_pairs(reference, val_examples, ctx.tokenizer.pad_token_id,
+                                       batch_size=int(cfg.train.eval_batch_size),
+                                       chunk_size=int(cfg.train.logits_chunk_size), precision=precision,
+                                       device=ctx.device, full_length=True, shared_prefix=not with_hidden,
+                                       progress="reference log-probs (validation)", hidden=hidden)
+        save_reference_logps(out / "reference_logps_val.pt", {"chosen": chosen, "rejected": rejected})
+        if hidden is not None:
+            save_reference_logps(out / "reference_hidden_val.pt", hidden)
+
+    artifact = ctx.cache.get_or_build("reference_logps", key_fields, build, device=ctx.device)
+    out = attach_reference_logps(val_examples, load_reference_logps(artifact.path / "reference_logps_val.pt"))
+    if with_hidden:
+        out = attach_reference_hidden(out, load_reference_logps(artifact.path / "reference_hidden_val.pt"))
+    log.info("validation: %d held-out pairs carry the reference's log-probs%s", len(out),
+             " and hidden states (KL to the reference without its forward)" if with_hidden else
+             " (no KL to the reference: its logits are not its output head of its hidden states)")
+    return out

@@ -28,7 +28,7 @@ from tisdpo.stages.export import export_policy
 from tisdpo.stages.grpo import grpo_stage
 from tisdpo.stages.loaders import tokenize_pairs
 from tisdpo.stages.pairs import generated_pairs_stage
-from tisdpo.stages.reference_logps import reference_logps_stage
+from tisdpo.stages.reference_logps import reference_logps_stage, validation_reference_stage
 from tisdpo.stages.sft import sft_stage
 from tisdpo.stages.start_models import frozen_dtype, stage_device
 from tisdpo.stages.train import models_for_eval, train_stage
@@ -103,8 +103,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if loss.record.pairwise:
         # the reference's per-token log-probs, once per (data, reference): a cached artifact of its own
         t1 = time.perf_counter()
-        train_examples, val_examples = reference_logps_stage(ctx, loss, reference, train=weighting.train_examples,
-                                                             val=val_examples)
+        if cfg.train.get("validation") == "heldout":
+            # the held-out pairs' reference log-probs (and hidden states: the KL) in an artifact of their own,
+            # whatever the loss: one pass per dataset for a whole sweep, and step 0 needs no forward
+            (train_examples,) = reference_logps_stage(ctx, loss, reference, train=weighting.train_examples)
+            val_examples = validation_reference_stage(ctx, reference, val_examples)
+        else:
+            train_examples, val_examples = reference_logps_stage(ctx, loss, reference, train=weighting.train_examples,
+                                                                 val=val_examples)
         timed("reference_logps", t1)
         module, val_metrics = train_stage(
             ctx, loss, policy=policy, reference=reference, train_examples=train_examples, val_examples=val_examples,

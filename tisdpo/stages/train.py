@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from tisdpo.models.lora import policy_and_reference
 from tisdpo.models.sharding import is_sharded
 from tisdpo.losses.record import BoundLoss
-from tisdpo.modules.preference import PreferenceModule
+from tisdpo.kernels.scoring import output_head
+from tisdpo.modules.preference import SUMS, PreferenceModule, heldout_metrics
 from tisdpo.runtime.cache import launch_rank
 from tisdpo.runtime.callbacks import RNGStateCallback, SignalCheckpoint
 from tisdpo.runtime.callbacks import VerifiedCheckpoint
@@ -36,13 +36,25 @@ def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
 class ValidateAtStart(Callback):
     """Validation on the initial weights, before the first step (not on a resumed run): the "before"
     of every val/ metric, kept in ``metrics`` (results.json ``val_step0/...``) and logged at step 0.
-    Run under a forked RNG, so training draws exactly what it would without it."""
+    Run under a forked RNG, so training draws exactly what it would without it.
 
-    def __init__(self) -> None:
+    ``precomputed``: the step-0 metrics already known without a pass (``train.validation=heldout``
+    with the validation pairs' cached reference log-probs: :func:`reference_heldout_metrics`); they are
+    logged at step 0 and the validation loop does not run."""
+
+    def __init__(self, precomputed: dict[str, float] | None = None) -> None:
         self.metrics: dict[str, float] = {}
+        self.precomputed = precomputed
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_step != 0 or trainer.sanity_checking:
+            return
+        if self.precomputed is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(self.precomputed), step=0)
+            self.metrics = {f"val_step0/{k.removeprefix('val/')}": v for k, v in self.precomputed.items()}
+            log.info("validation at step 0 (the reference's, from its cached log-probs; no pass): %s",
+                     {k: round(v, 4) for k, v in self.metrics.items()})
             return
         loop = trainer.fit_loop.epoch_loop.val_loop
         first_loop_iter = trainer._logger_connector._first_loop_iter
@@ -79,16 +91,28 @@ class ValidationProgress(Callback):
                  total or "?", now - self._start, eta)
 
 
-def with_intervals(metrics: dict[str, float], n: int) -> dict[str, float]:
-    """Each validation accuracy (a fraction of ``n`` held-out pairs) with the half-width of its 95%
-    normal-approximation interval, ``<key>_ci95``, and the number of pairs, ``val/n_pairs``."""
-    out = dict(metrics)
-    for key, value in metrics.items():
-        if key.endswith("accuracies") and n > 0:
-            out[f"{key}_ci95"] = 1.96 * math.sqrt(max(value * (1 - value), 0.0) / n)
-    if n > 0:
-        out["val/n_pairs"] = float(n)
-    return out
+def reference_heldout_metrics(val_examples: list[dict]) -> dict[str, float] | None:
+    """The held-out metrics (``train.validation=heldout``, ``PreferenceModule.heldout_sums``) at step 0,
+    from the validation pairs' cached reference log-probs alone, with no forward pass; None when the
+    pairs carry none (then the pass runs).
+
+    At step 0 the policy IS the reference (same weights), so every implicit reward β Σ_t log π/π_ref
+    is 0 (accuracy 0: a tie is no success; margins 0), the KL to the reference is 0, and the policy's
+    sequence log-probs are the reference's: ``val_step0/logps/accuracies`` is the reference's own
+    preference accuracy, share of pairs with log π_ref(y_w|x) > log π_ref(y_l|x), with its Wilson
+    interval over all the pairs: the "before" of every row."""
+    if not val_examples or any(f"{side}_reference_logps" not in val_examples[0] for side in ("chosen", "rejected")):
+        return None
+    chosen = [float(ex["chosen_reference_logps"].sum()) for ex in val_examples]   # 0.0 off the response
+    rejected = [float(ex["rejected_reference_logps"].sum()) for ex in val_examples]
+    n = len(val_examples)
+    sums = dict.fromkeys(SUMS, 0.0)
+    sums.update(n_pairs=float(n), logps_correct=float(sum(c > r for c, r in zip(chosen, rejected))),
+                logps_chosen=sum(chosen), logps_rejected=sum(rejected))
+    if "chosen_reference_hidden" in val_examples[0]:  # a pass would measure the KL: it is 0 here
+        sums.update(kl_pairs=float(n), kl_tokens=float(sum(len(ex[f"{side}_reference_hidden"]) for ex in val_examples
+                                                           for side in ("chosen", "rejected"))))
+    return heldout_metrics(sums)
 
 
 def validated_last_step(val_every: int, max_steps: int) -> bool:
@@ -148,11 +172,16 @@ def train_stage(
                                 world, accumulate)
     log.info("preference training: %d optimiser steps of %d pairs (%d per device x %d device(s) x %d accumulated)",
              max_steps, batch_size * world * accumulate, batch_size, world, accumulate)
+    validation = str(cfg.train.get("validation") or "loss")
+    val_beta = float(cfg.loss.get("beta", 0.1))
     module = PreferenceModule(
         policy, module_reference, loss, cfg.optim, total_steps=max_steps,
         logits_chunk_size=int(cfg.train.logits_chunk_size), check_finite=bool(cfg.train.check_finite),
         online_weights=online_weights, pad_token_id=tokenizer.pad_token_id,
         shared_prefix=bool(cfg.train.get("shared_prefix", False)),
+        validation=validation, val_beta=val_beta,
+        # heldout: the reference's logits at the response positions are its head of its cached hidden states
+        reference_head=output_head(reference) if validation == "heldout" and reference is not None else None,
     )
     train_loader = preference_loader(
         train_examples, tokenizer, int(cfg.train.batch_size), shuffle=True, seed=cfg.seed,
@@ -170,7 +199,9 @@ def train_stage(
     val_every = int(cfg.train.val_every_n_steps)
     if launch_rank() == 0 and train_examples and "prompt_input_ids" in train_examples[0]:
         write_data_preview(output_dir / "data_preview.txt", train_examples, tokenizer)
-    at_start = ValidateAtStart() if val_every > 0 else None
+    # heldout: step 0 from the cached reference log-probs (the policy is the reference), no pass
+    at_start = (ValidateAtStart(reference_heldout_metrics(val_examples) if validation == "heldout" else None)
+                if val_every > 0 else None)
     trainer = fit_stage(
         cfg.trainer, module, train_loader, max_steps=max_steps, val_loader=val_loader if val_every > 0 else None,
         ckpt_path=train_checkpoint(cfg, output_dir), logger=logger, default_root_dir=str(output_dir),
@@ -186,10 +217,10 @@ def train_stage(
     if validated_last_step(val_every, max_steps) and trainer.global_step == max_steps:
         # Lightning validated after the last step: the same weights, no second pass
         final = {k: v for k, v in metrics_to_floats(trainer.callback_metrics).items() if k.startswith("val/")}
-        if "val/loss" in final:  # (a run resumed at its last step validated nothing here: validate below)
-            return module, with_intervals({**start, **final}, len(val_examples))
+        if "val/n_pairs" in final:  # (a run resumed at its last step validated nothing here: validate below)
+            return module, {**start, **final}
     final = trainer.validate(module, val_loader, verbose=False)
-    return module, with_intervals({**start, **metrics_to_floats(final[0] if final else {})}, len(val_examples))
+    return module, {**start, **metrics_to_floats(final[0] if final else {})}
 
 
 def models_for_eval(ctx: RunContext, module, reference):
