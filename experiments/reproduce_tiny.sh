@@ -61,8 +61,9 @@ start=$(date +%s)
 )
 # The tables' reports again, now that variant_credit has finished: each table's matched-KL section gains the
 # oracle, random and equal-weight controls of the same task (and every report shows the optimal frontier).
+# (Not tisdpo_llm_generated: it trains on pairs its SFT model generated, the controls on the human pairs.)
 for name in "${EXPERIMENTS[@]}"; do
-  case $name in variant_*) continue ;; esac
+  case $name in variant_*|tisdpo_llm_generated) continue ;; esac
   "$PYTHON" -m experiments.report "$OUT/sweeps/$name" --out "$OUT/reports/$name" \
     --controls "$OUT/sweeps/variant_credit" >>"$OUT/logs/$name.log" 2>&1 || echo "$name: report with controls failed"
 done
