@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -360,6 +360,19 @@ def verdict(low: float, high: float, direction: str = "up") -> str:
 
 # ---------------------------------------------------------------- the table
 
+def budget_estimators(points: pd.DataFrame, metrics: Sequence[str], budgets: Sequence[float],
+                      mode: str = "interpolate") -> Iterator[tuple[str, float, dict[str, Estimator]]]:
+    """(metric, budget, {method: its estimator there}) for every metric the points carry (older
+    points frames carry fewer) and every budget; each method on its own basis (:func:`method_basis`)."""
+    methods = list(dict.fromkeys(points["method"]))
+    basis = {m: method_basis(points[points["method"] == m]) for m in methods}
+    for metric in [m for m in metrics if m in points.columns]:
+        usable = points[np.isfinite(points[metric].astype(float))]
+        for budget in budgets:
+            yield metric, float(budget), {m: estimator(usable[usable["method"] == m], metric, float(budget), basis[m], mode)
+                                          for m in methods}
+
+
 def matched_kl_table(points: pd.DataFrame, budgets: Sequence[float] | None = None, baseline: str | None = "DPO",
                      metrics: Sequence[str] = METRICS, n_resamples: int = N_RESAMPLES, seed: int = 0,
                      mode: str = "interpolate", level: float = LEVEL) -> pd.DataFrame:
@@ -370,33 +383,28 @@ def matched_kl_table(points: pd.DataFrame, budgets: Sequence[float] | None = Non
     """
     rng = np.random.default_rng(seed)
     budgets = kl_budgets(points) if budgets is None else np.asarray(list(budgets), float)
-    metrics = [m for m in metrics if m in points.columns]   # older points frames carry fewer metrics
     methods = list(dict.fromkeys(points["method"]))
     basis = {m: method_basis(points[points["method"] == m]) for m in methods}
     records = []
-    for metric in metrics:
-        usable = points[np.isfinite(points[metric].astype(float))]
-        for budget in budgets:
-            ests = {m: estimator(usable[usable["method"] == m], metric, float(budget), basis[m], mode)
-                    for m in methods}
-            for method in methods:
-                est = ests[method]
-                value, low, high = mean_ci(est, rng, n_resamples, level)
-                record = {"method": method, "kl_budget": float(budget), "metric": metric, "value": value,
-                          "ci_low": low, "ci_high": high, "n_seeds": est.n, "basis": basis[method],
-                          "interp_error": est.interp_error,
-                          "diff": math.nan, "diff_low": math.nan, "diff_high": math.nan, "paired": None,
-                          "verdict": ""}
-                if (baseline is not None and method != baseline and baseline in ests
-                        and metric not in DIAGNOSTICS):
-                    base = ests[baseline]
-                    if est.n and base.n:
-                        d = difference_ci(est, base, rng, n_resamples, level)
-                        record.update(diff=d["diff"], diff_low=d["low"], diff_high=d["high"], paired=d["paired"],
-                                      verdict=verdict(d["low"], d["high"]))
-                    else:
-                        record["verdict"] = "no data"
-                records.append(record)
+    for metric, budget, ests in budget_estimators(points, metrics, budgets, mode):
+        for method in methods:
+            est = ests[method]
+            value, low, high = mean_ci(est, rng, n_resamples, level)
+            record = {"method": method, "kl_budget": float(budget), "metric": metric, "value": value,
+                      "ci_low": low, "ci_high": high, "n_seeds": est.n, "basis": basis[method],
+                      "interp_error": est.interp_error,
+                      "diff": math.nan, "diff_low": math.nan, "diff_high": math.nan, "paired": None,
+                      "verdict": ""}
+            if (baseline is not None and method != baseline and baseline in ests
+                    and metric not in DIAGNOSTICS):
+                base = ests[baseline]
+                if est.n and base.n:
+                    d = difference_ci(est, base, rng, n_resamples, level)
+                    record.update(diff=d["diff"], diff_low=d["low"], diff_high=d["high"], paired=d["paired"],
+                                  verdict=verdict(d["low"], d["high"]))
+                else:
+                    record["verdict"] = "no data"
+            records.append(record)
     return pd.DataFrame.from_records(records, columns=[
         "method", "kl_budget", "metric", "value", "ci_low", "ci_high", "n_seeds", "basis", "interp_error", "diff",
         "diff_low", "diff_high", "paired", "verdict"])
@@ -578,27 +586,22 @@ def oracle_share_table(points: pd.DataFrame, budgets: Sequence[float], baseline:
     and 0 by definition), else why there is none (:data:`ORACLE_UNCLEAR`: the oracle's gain CI is
     not above 0; :data:`NO_DATA`). Same ``seed`` -> same CIs."""
     rng = np.random.default_rng(seed)
-    metrics = [m for m in metrics if m in points.columns]
     methods = list(dict.fromkeys(points["method"]))
-    basis = {m: method_basis(points[points["method"] == m]) for m in methods}
     records = []
-    for metric in metrics:
-        usable = points[np.isfinite(points[metric].astype(float))]
-        for budget in budgets:
-            ests = {m: estimator(usable[usable["method"] == m], metric, float(budget), basis[m], mode) for m in methods}
-            gain = (difference_ci(ests[oracle], ests[baseline], rng, n_resamples, level)
-                    if oracle in ests and baseline in ests and ests[oracle].n and ests[baseline].n else None)
-            clear = gain is not None and math.isfinite(gain["low"]) and gain["low"] > 0
-            for method in methods:
-                record = {"method": method, "kl_budget": float(budget), "metric": metric, "share": math.nan,
-                          "low": math.nan, "high": math.nan, "n": 0, "paired": None,
-                          "oracle_gain": gain["diff"] if gain else math.nan,
-                          "oracle_low": gain["low"] if gain else math.nan,
-                          "oracle_high": gain["high"] if gain else math.nan,
-                          "status": NO_DATA if gain is None or not ests[method].n else ORACLE_UNCLEAR}
-                if clear and ests[method].n:
-                    record.update(share_of_oracle_gain(ests[method], ests[baseline], ests[oracle], rng,
-                                                       n_resamples, level))
-                    record["status"] = _share_status(method, baseline, oracle, record["share"])
-                records.append(record)
+    for metric, budget, ests in budget_estimators(points, metrics, budgets, mode):
+        gain = (difference_ci(ests[oracle], ests[baseline], rng, n_resamples, level)
+                if oracle in ests and baseline in ests and ests[oracle].n and ests[baseline].n else None)
+        clear = gain is not None and math.isfinite(gain["low"]) and gain["low"] > 0
+        for method in methods:
+            record = {"method": method, "kl_budget": float(budget), "metric": metric, "share": math.nan,
+                      "low": math.nan, "high": math.nan, "n": 0, "paired": None,
+                      "oracle_gain": gain["diff"] if gain else math.nan,
+                      "oracle_low": gain["low"] if gain else math.nan,
+                      "oracle_high": gain["high"] if gain else math.nan,
+                      "status": NO_DATA if gain is None or not ests[method].n else ORACLE_UNCLEAR}
+            if clear and ests[method].n:
+                record.update(share_of_oracle_gain(ests[method], ests[baseline], ests[oracle], rng,
+                                                   n_resamples, level))
+                record["status"] = _share_status(method, baseline, oracle, record["share"])
+            records.append(record)
     return pd.DataFrame.from_records(records, columns=SHARE_COLUMNS)
