@@ -61,6 +61,7 @@ def test_tisdpo_d_from_the_released_instruct_model(model_cache, tmp_path):
         f"dataset.path={SHARED_DATA / 'ultrafeedback_binarized_train_1k.jsonl'}",
         f"dataset.test_path={SHARED_DATA / 'ultrafeedback_binarized_test_200.jsonl'}",
         "dataset.limit=4", "dataset.test_limit=2", "dataset.max_length=40", "dataset.max_prompt_length=24",
+        "train.validation=loss",  # model=smollm2 validates `heldout`; the loss's own metrics on a real model here
         "train.batch_size=2", "train.eval_batch_size=2", "train.max_steps=1", "eval=none", "logger=none",
         "trainer.enable_progress_bar=false", "export.enabled=false", f"paths.root_dir={tmp_path}",
         f"paths.output_dir={tmp_path / 'run'}", f"cache.dir={model_cache}",
@@ -73,3 +74,16 @@ def test_tisdpo_d_from_the_released_instruct_model(model_cache, tmp_path):
         assert key in results, (key, sorted(results))
     preview = (tmp_path / "run" / "data_preview.txt").read_text()
     assert "<|im_start|>assistant\n\u27e6PROMPT|RESPONSE\u27e7" in preview
+
+
+def test_smollm2_validates_the_same_heldout_metrics_for_every_method(tmp_path):
+    """model=smollm2 brings train.validation=heldout (conf/model/_heldout_validation.yaml): a `loss` pass would
+    sample TI-DPO's anchors and run its attribution on every held-out pair (~28 min over 200 pairs on a CPU).
+    The tiny built-in model keeps the top-level `loss`, and the command line wins over both."""
+    for method in ("dpo", "tisdpo_d", "tidpo"):
+        cfg = compose_config(["model=smollm2", "dataset=ultrafeedback", f"method={method}"], tmp_path, tiny=False)
+        assert cfg.train.validation == "heldout", method
+    assert compose_config(["method=tidpo"], tmp_path).train.validation == "loss"
+    pinned = compose_config(["model=smollm2", "dataset=ultrafeedback", "method=tidpo", "train.validation=loss"],
+                            tmp_path, tiny=False)
+    assert pinned.train.validation == "loss"
