@@ -213,20 +213,35 @@ class _HeadTokenLogps(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, index, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=ctx.dtype, device=weight.device) if need_w else None
+        grad_h, grad_w = _head_grad_buffers(hidden, weight, *ctx.needs_input_grad[:2], ctx.dtype)
         for start in range(0, hidden.shape[0], ctx.rows):
             block = slice(start, start + ctx.rows)
             h = hidden[block]
             d = _logps_grad_block(_head_block(h, weight, ctx.dtype), index[block], lse[block],
                                   grad_out[block, None].to(ctx.dtype))
-            if need_h:
-                grad_h[block] = (d @ weight.to(ctx.dtype)).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(d.t(), h.to(ctx.dtype))
+            _backprop_head(d, h, weight, block, grad_h, grad_w, ctx.dtype)
             del d
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None
+        return grad_h, _as_weight_grad(grad_w, weight), None, None
+
+
+def _head_grad_buffers(hidden, weight, need_h: bool, need_w: bool, dtype):
+    """Zeroed gradient buffers of one head's (hidden, weight), None where no gradient is needed; the
+    weight's accumulates in the compute dtype over the blocks."""
+    return (torch.zeros_like(hidden) if need_h else None,
+            torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None)
+
+
+def _backprop_head(d, h, weight, block, grad_h, grad_w, dtype) -> None:
+    """The chain rule through ``logits = h @ weight.T`` for one block of rows, given d = dL/dlogits:
+    grad_h[block] = d @ weight, grad_w += d.T @ h (each only where its buffer exists)."""
+    if grad_h is not None:
+        grad_h[block] = (d @ weight.to(dtype)).to(grad_h.dtype)
+    if grad_w is not None:
+        grad_w.addmm_(d.t(), h.to(dtype))
+
+
+def _as_weight_grad(grad_w, weight):
+    return None if grad_w is None else grad_w.to(weight.dtype)
 
 
 def _head_rows(vocab: int, chunk_size: int) -> int:
@@ -271,29 +286,19 @@ class _HeadKL(torch.autograd.Function):
         p_hidden, p_weight, q_hidden, q_weight = ctx.saved_tensors
         need = ctx.needs_input_grad[:4]
         dtype = ctx.dtype
-        grads = [torch.zeros_like(p_hidden) if need[0] else None,
-                 torch.zeros(p_weight.shape, dtype=dtype, device=p_weight.device) if need[1] else None,
-                 torch.zeros_like(q_hidden) if need[2] else None,
-                 torch.zeros(q_weight.shape, dtype=dtype, device=q_weight.device) if need[3] else None]
+        grad_ph, grad_pw = _head_grad_buffers(p_hidden, p_weight, need[0], need[1], dtype)
+        grad_qh, grad_qw = _head_grad_buffers(q_hidden, q_weight, need[2], need[3], dtype)
         for start in range(0, p_hidden.shape[0], ctx.rows):
             block = slice(start, start + ctx.rows)
             ph, qh = p_hidden[block], q_hidden[block]
             gp, gq = _kl_grad_block(_head_block(ph, p_weight, dtype), _head_block(qh, q_weight, dtype),
                                     grad_out[block, None].to(dtype), dtype, need[0] or need[1], need[2] or need[3])
-            if need[0]:
-                grads[0][block] = (gp @ p_weight.to(dtype)).to(p_hidden.dtype)
-            if need[1]:
-                grads[1].addmm_(gp.t(), ph.to(dtype))
-            if need[2]:
-                grads[2][block] = (gq @ q_weight.to(dtype)).to(q_hidden.dtype)
-            if need[3]:
-                grads[3].addmm_(gq.t(), qh.to(dtype))
+            if gp is not None:
+                _backprop_head(gp, ph, p_weight, block, grad_ph, grad_pw, dtype)
+            if gq is not None:
+                _backprop_head(gq, qh, q_weight, block, grad_qh, grad_qw, dtype)
             del gp, gq
-        if need[1]:
-            grads[1] = grads[1].to(p_weight.dtype)
-        if need[3]:
-            grads[3] = grads[3].to(q_weight.dtype)
-        return (*grads, None)
+        return grad_ph, _as_weight_grad(grad_pw, p_weight), grad_qh, _as_weight_grad(grad_qw, q_weight), None
 
 
 def head_position_kl(p_hidden: torch.Tensor, p_weight: torch.Tensor, q_hidden: torch.Tensor, q_weight: torch.Tensor,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -90,21 +90,30 @@ def load_reference_logps(path: Path) -> dict[str, list[torch.Tensor]]:
     return out
 
 
-def attach_reference_logps(examples: list[dict], logps: dict[str, list[torch.Tensor]]) -> list[dict]:
-    """Copies of the examples with ``{chosen,rejected}_reference_logps``; checks the alignment."""
-    if any(len(logps[side]) != len(examples) for side in SIDES):
-        raise ValueError(f"reference log-probs for {len(logps['chosen'])} examples, got {len(examples)} examples")
+def _attach_per_side(examples: list[dict], tensors: dict[str, list[torch.Tensor]], key: str, what: str,
+                     expected: Callable[[dict, str], tuple[int, str]]) -> list[dict]:
+    """Copies of the examples with ``{side}_{key}`` = ``tensors[side][i]``; checks the alignment: one
+    tensor per example and side, each with the rows ``expected(example, side)`` gives (count, what they are)."""
+    if any(len(tensors[side]) != len(examples) for side in SIDES):
+        raise ValueError(f"{what} for {len(tensors['chosen'])} examples, got {len(examples)} examples")
     out = []
     for i, example in enumerate(examples):
         example = dict(example)
         for side in SIDES:
-            values = logps[side][i]
-            if len(values) != len(example[f"{side}_input_ids"]) - 1:
-                raise ValueError(f"example {i}: {len(values)} cached reference log-probs for "
-                                 f"{len(example[f'{side}_input_ids'])} {side} tokens (expected one fewer)")
-            example[f"{side}_reference_logps"] = values
+            rows, (want, unit) = len(tensors[side][i]), expected(example, side)
+            if rows != want:
+                raise ValueError(f"example {i}: {rows} cached {what} for {unit}")
+            example[f"{side}_{key}"] = tensors[side][i]
         out.append(example)
     return out
+
+
+def attach_reference_logps(examples: list[dict], logps: dict[str, list[torch.Tensor]]) -> list[dict]:
+    """Copies of the examples with ``{chosen,rejected}_reference_logps``; checks the alignment."""
+    def one_fewer(example: dict, side: str) -> tuple[int, str]:
+        n = len(example[f"{side}_input_ids"])
+        return n - 1, f"{n} {side} tokens (expected one fewer)"
+    return _attach_per_side(examples, logps, "reference_logps", "reference log-probs", one_fewer)
 
 
 def reference_logps_key(*, examples: list[dict] | dict[str, list[dict]], reference_id: Any,
@@ -183,19 +192,10 @@ def reference_logps_stage(ctx: RunContext, loss: BoundLoss, reference, **splits:
 def attach_reference_hidden(examples: list[dict], hidden: dict[str, list[torch.Tensor]]) -> list[dict]:
     """The examples (copied) with ``{chosen,rejected}_reference_hidden`` [n_response_tokens, H]; checks
     that each has one row per response label."""
-    if any(len(hidden[side]) != len(examples) for side in SIDES):
-        raise ValueError(f"reference hidden states for {len(hidden['chosen'])} examples, got {len(examples)} examples")
-    out = []
-    for i, example in enumerate(examples):
-        example = dict(example)
-        for side in SIDES:
-            n_labels = sum(label != -100 for label in list(example[f"{side}_labels"])[1:])
-            if hidden[side][i].shape[0] != n_labels:
-                raise ValueError(f"example {i}: {hidden[side][i].shape[0]} cached reference hidden rows for "
-                                 f"{n_labels} {side} response tokens")
-            example[f"{side}_reference_hidden"] = hidden[side][i]
-        out.append(example)
-    return out
+    def one_per_label(example: dict, side: str) -> tuple[int, str]:
+        n_labels = sum(label != -100 for label in list(example[f"{side}_labels"])[1:])
+        return n_labels, f"{n_labels} {side} response tokens"
+    return _attach_per_side(examples, hidden, "reference_hidden", "reference hidden states", one_per_label)
 
 
 def validation_reference_stage(ctx: RunContext, reference, val_examples: list[dict]) -> list[dict]:
