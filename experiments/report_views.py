@@ -228,21 +228,36 @@ def share_frame(section: FrontierSection) -> pd.DataFrame | None:
     return pd.DataFrame.from_records(records)
 
 
+def _better_budgets(section: FrontierSection, method: str, metric: str) -> str:
+    """The KL budgets where ``method`` is clearly better than the baseline in ``metric``, as text ('' if none)."""
+    table = section.table
+    rows = table[(table["method"] == method) & (table["metric"] == metric) & (table["verdict"] == fr.BETTER)]
+    return ", ".join(f"{b:.3g}" for b in rows["kl_budget"])
+
+
 def oracle_lines(section: FrontierSection) -> list[str]:
     """The oracle control's message: without a matched-KL gain over the baseline, this task variant
-    cannot show what token weighting buys."""
+    cannot show what token weighting buys; with a gain in total reward but none per token, what it buys
+    there is length (the old default task, issue #22), and the message says so."""
     if not section.oracles or section.baseline is None or section.empty:
         return []
+    base = section.baseline
+    has_per_token = bool((section.table["metric"] == "true_reward_per_token").any())
     lines = []
     for oracle in section.oracles:
-        if fr.beats_baseline(section.table, oracle):
-            budgets = section.table[(section.table["method"] == oracle) & (section.table["metric"] == "true_reward")
-                                    & (section.table["verdict"] == fr.BETTER)]["kl_budget"]
-            lines.append(f"- The oracle control **{oracle}** beats {section.baseline} at matched KL "
-                         f"(KL {', '.join(f'{b:.3g}' for b in budgets)}): this task variant leaves room for "
-                         "token weighting to show a gain.")
+        total, per_token = (_better_budgets(section, oracle, m) for m in ("true_reward", "true_reward_per_token"))
+        if per_token or (total and not has_per_token):
+            where = (f"in true reward per token (KL {per_token})" + (f" and in total (KL {total})" if total else "")
+                     if per_token else f"(KL {total})")
+            lines.append(f"- The oracle control **{oracle}** beats {base} at matched KL {where}: this task variant "
+                         "leaves room for token weighting to show a gain.")
+        elif total:
+            lines.append(f"- **Caution: the oracle control {oracle} beats {base} at matched KL in total true reward "
+                         f"only** (KL {total}), never in reward per token: at these budgets its gain is length. "
+                         "An estimated-weight method's gain in total reward here may be length too: read the "
+                         "per-token and length tables before crediting token weighting.")
         else:
-            lines.append(f"- **Warning: the oracle control {oracle} does not beat {section.baseline} at matched KL** "
+            lines.append(f"- **Warning: the oracle control {oracle} does not beat {base} at matched KL** "
                          "(no KL budget where its true-reward CI is above the baseline's). Even true token "
                          "weights give no measurable gain on this task variant, so it cannot show token-weighting "
                          "gains: a tie or loss of the estimated-weight methods here says nothing about the papers' "

@@ -348,3 +348,29 @@ def test_share_without_data_at_a_budget_and_on_pooled_final_points():
 def test_the_middle_budget():
     assert fr.middle_budget([4.0, 1.0, 3.0, 2.0]) == 2.0 and fr.middle_budget([3.0, 1.0, 2.0]) == 2.0
     assert math.isnan(fr.middle_budget([]))
+
+
+def test_the_oracle_line_tells_a_per_token_gain_from_a_length_gain():
+    """The oracle control's line requires a gain per token: a gain in total reward alone is length (the old
+    default task, issue #22) and gets a caution, not "leaves room for token weighting"."""
+    from types import SimpleNamespace
+
+    from experiments.report_views import oracle_lines
+
+    def section(total: str, per_token: str | None):
+        rows = [("oracle", "true_reward", 1.0, total), ("oracle", "true_reward", 2.0, fr.UNCLEAR)]
+        if per_token is not None:
+            rows += [("oracle", "true_reward_per_token", 1.0, per_token), ("oracle", "true_reward_per_token", 2.0, fr.UNCLEAR)]
+        table = pd.DataFrame(rows, columns=["method", "metric", "kl_budget", "verdict"])
+        return SimpleNamespace(oracles=["oracle"], baseline="DPO", empty=False, table=table)
+
+    (both,) = oracle_lines(section(fr.BETTER, fr.BETTER))
+    assert "beats DPO at matched KL in true reward per token (KL 1) and in total (KL 1)" in both
+    assert "leaves room" in both
+    (length,) = oracle_lines(section(fr.BETTER, fr.UNCLEAR))
+    assert "Caution" in length and "in total true reward only** (KL 1)" in length and "length" in length
+    assert "leaves room" not in length
+    (old,) = oracle_lines(section(fr.BETTER, None))  # a report without the per-token metric: total decides
+    assert "beats DPO at matched KL (KL 1)" in old
+    (none,) = oracle_lines(section(fr.UNCLEAR, fr.UNCLEAR))
+    assert "does not beat DPO" in none

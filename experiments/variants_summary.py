@@ -1,0 +1,106 @@
+"""One table across the built-in task variants, read from their reports' ``matched_kl.csv``.
+
+    python -m experiments.variants_summary experiments/results/variants [--out summary.md]
+
+Each subfolder with a ``matched_kl.csv`` (written by ``experiments.report``) is one variant. For each, at
+its middle KL budget (the budget rankings are read at, ``frontier.middle_budget``) and at its lowest
+budget: every method's total true reward, reward per token and safe rate (5-seed mean [95% CI]), its
+length and finished rate, the verdict of its paired Δ vs DPO (**b** better, **w** worse, blank: no clear
+difference), and the oracle control's verdict line (a per-token gain, a length-only gain, or none).
+Nothing is recomputed: the cells are the reports' own, so this summary cannot disagree with them.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from experiments import frontier as fr
+
+COLUMNS = ("true_reward", "true_reward_per_token", "safe_rate")
+MARKS = {fr.BETTER: " **b**", fr.WORSE: " **w**"}
+BASELINE = "DPO"
+
+
+def _cell(row: pd.Series | None, digits: str = ".3g") -> str:
+    if row is None or not math.isfinite(row["value"]):
+        return "–"
+    text = f"{row['value']:{digits}}"
+    if math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"]):
+        text += f" [{row['ci_low']:{digits}}, {row['ci_high']:{digits}}]"
+    if int(row["n_seeds"]) < 5:
+        text += f" (n={int(row['n_seeds'])})"
+    return text + MARKS.get(row.get("verdict"), "")
+
+
+def _rows(table: pd.DataFrame, budget: float) -> dict[tuple[str, str], pd.Series]:
+    at = table[table["kl_budget"] == budget]
+    return {(r["method"], r["metric"]): r for _, r in at.iterrows()}
+
+
+def oracle_verdict(table: pd.DataFrame, oracle: str = "TIS-DPO(oracle)") -> str:
+    """Where the oracle control clearly beats DPO: per token (room for token weighting), total only
+    (length), or nowhere."""
+    def budgets(metric: str) -> list[float]:
+        rows = table[(table["method"] == oracle) & (table["metric"] == metric) & (table["verdict"] == fr.BETTER)]
+        return sorted(rows["kl_budget"].unique())
+
+    per_token, total = budgets("true_reward_per_token"), budgets("true_reward")
+    fmt = lambda bs: ", ".join(f"{b:.3g}" for b in bs)  # noqa: E731
+    if per_token:
+        return f"the oracle beats DPO per token at KL {fmt(per_token)}"
+    if total:
+        return f"the oracle beats DPO in total reward only (KL {fmt(total)}): length, not credit"
+    return "the oracle never beats DPO: nothing for token weighting to show"
+
+
+def variant_section(name: str, table: pd.DataFrame) -> list[str]:
+    budgets = sorted(table["kl_budget"].unique())
+    lines = [f"### {name}", "", f"- Budgets: {', '.join(f'{b:.3g}' for b in budgets)} nats; {oracle_verdict(table)}.", ""]
+    methods = list(dict.fromkeys(table["method"]))
+    for label, budget in (("middle", fr.middle_budget(budgets)), ("lowest", budgets[0])):
+        if label == "lowest" and budget == fr.middle_budget(budgets):
+            continue
+        cells = _rows(table, budget)
+        lines += [f"At KL {budget:.3g} ({label} budget):", "",
+                  "| method | true reward | reward per token | safe rate | length | finished |",
+                  "|---|---|---|---|---|---|"]
+        for method in methods:
+            row = [_cell(cells.get((method, metric))) for metric in COLUMNS]
+            row += [_cell(cells.get((method, "length")), ".3g").split(" [")[0],
+                    _cell(cells.get((method, "finished_rate")), ".2f").split(" [")[0]]
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def summarise(root: Path) -> str:
+    found = sorted(p.parent for p in root.glob("*/matched_kl.csv"))
+    if not found:
+        raise SystemExit(f"{root}: no <variant>/matched_kl.csv below it (run experiments.report first)")
+    lines = [f"# Built-in task variants at matched KL (from each report's matched_kl.csv)", "",
+             "Mean [95% CI] over seeds; **b**/**w**: the paired CI of Δ vs DPO excludes 0 (better/worse); "
+             "(n=k): only k seeds reach that KL; – : no run reaches it.", ""]
+    for folder in found:
+        lines += variant_section(folder.name, pd.read_csv(folder / "matched_kl.csv"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="a folder of <variant>/matched_kl.csv report folders")
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown here (default: stdout)")
+    args = parser.parse_args(argv)
+    text = summarise(args.root)
+    if args.out is None:
+        sys.stdout.write(text + "\n")
+    else:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
