@@ -70,3 +70,9 @@ done
 # Issue #22's done-when criteria on the credit task (5 seeds), by code independent of the reports.
 "$PYTHON" -m experiments.credit_check "$OUT/sweeps/variant_credit" --json "$OUT/reports/credit_check.json" \
   | tee "$OUT/reports/credit_check.txt" || true
+# Every built-in task variant's matched-KL cells in one table (copied from the reports, nothing recomputed).
+variant_reports=("$OUT"/reports/variant_*)
+if [ -e "${variant_reports[0]}" ]; then
+  "$PYTHON" -m experiments.variants_summary "${variant_reports[@]}" --out "$OUT/reports/variants_summary.md" \
+    || echo "variants summary failed"
+fi

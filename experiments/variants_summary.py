@@ -1,8 +1,10 @@
 """One table across the built-in task variants, read from their reports' ``matched_kl.csv``.
 
     python -m experiments.variants_summary experiments/results/variants [--out summary.md]
+    python -m experiments.variants_summary outputs/tiny_reproduction/reports/variant_*   # report folders
 
-Each subfolder with a ``matched_kl.csv`` (written by ``experiments.report``) is one variant. For each, at
+Each folder given that holds a ``matched_kl.csv`` (written by ``experiments.report``) is one variant; a
+folder without one stands for its subfolders that have one. For each, at
 its middle KL budget (the budget rankings are read at, ``frontier.middle_budget``) and at its lowest
 budget: every method's total true reward, reward per token and safe rate (5-seed mean [95% CI]), its
 length and finished rate, the verdict of its paired Δ vs DPO (**b** better, **w** worse, blank: no clear
@@ -77,24 +79,33 @@ def variant_section(name: str, table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def summarise(root: Path) -> str:
-    found = sorted(p.parent for p in root.glob("*/matched_kl.csv"))
+def report_folders(paths: list[Path]) -> list[Path]:
+    """The report folders: each path that holds a matched_kl.csv, else its subfolders that do."""
+    found: list[Path] = []
+    for path in paths:
+        found += [path] if (path / "matched_kl.csv").is_file() else sorted(p.parent for p in path.glob("*/matched_kl.csv"))
     if not found:
-        raise SystemExit(f"{root}: no <variant>/matched_kl.csv below it (run experiments.report first)")
-    lines = [f"# Built-in task variants at matched KL (from each report's matched_kl.csv)", "",
+        raise SystemExit(f"{', '.join(map(str, paths))}: no matched_kl.csv in it or in its subfolders "
+                         "(run experiments.report first)")
+    return found
+
+
+def summarise(paths: list[Path]) -> str:
+    lines = ["# Built-in task variants at matched KL (from each report's matched_kl.csv)", "",
              "Mean [95% CI] over seeds; **b**/**w**: the paired CI of Δ vs DPO excludes 0 (better/worse); "
              "(n=k): only k seeds reach that KL; – : no run reaches it.", ""]
-    for folder in found:
-        lines += variant_section(folder.name, pd.read_csv(folder / "matched_kl.csv"))
+    for folder in report_folders(paths):
+        name = folder.name.removeprefix("variant_")
+        lines += variant_section(name, pd.read_csv(folder / "matched_kl.csv"))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="a folder of <variant>/matched_kl.csv report folders")
+    parser.add_argument("paths", type=Path, nargs="+", help="report folders, or folders of them")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here (default: stdout)")
     args = parser.parse_args(argv)
-    text = summarise(args.root)
+    text = summarise(args.paths)
     if args.out is None:
         sys.stdout.write(text + "\n")
     else:

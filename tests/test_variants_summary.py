@@ -39,5 +39,9 @@ def test_the_summary_copies_the_reports_cells_at_the_middle_and_lowest_budgets(t
     assert "| TIS-DPO(oracle) | 2 [1.5, 2.5] (n=3) **b** | 2 [1.5, 2.5] (n=3) **b** | 0.5 [0.4, 0.6] |" in alpha
     assert "| DPO | 2 [1.5, 2.5] | 2 [1.5, 2.5] | 0.5 [0.4, 0.6] | – | – |" in alpha
     assert "total reward only" in text.split("### beta")[1]
-    with pytest.raises(SystemExit, match="no <variant>/matched_kl.csv"):
-        main([str(tmp_path / "alpha")])
+    # report folders named one by one (reproduce_tiny.sh: reports/variant_*) give the same sections
+    one_by_one = tmp_path / "one_by_one.md"
+    assert main([str(tmp_path / "alpha"), str(tmp_path / "beta"), "--out", str(one_by_one)]) == 0
+    assert one_by_one.read_text() == text
+    with pytest.raises(SystemExit, match="no matched_kl.csv in it or in its subfolders"):
+        main([str(tmp_path / "nothing_here")])
