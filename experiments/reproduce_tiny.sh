@@ -70,9 +70,15 @@ done
 # Issue #22's done-when criteria on the credit task (5 seeds), by code independent of the reports.
 "$PYTHON" -m experiments.credit_check "$OUT/sweeps/variant_credit" --json "$OUT/reports/credit_check.json" \
   | tee "$OUT/reports/credit_check.txt" || true
-# Every built-in task variant's matched-KL cells in one table (copied from the reports, nothing recomputed).
+# Each variant read again at low KL (0.05-0.2 nats), where TI-DPO's curves are (they stop short of the range
+# DPO and the oracle reach), then every variant's matched-KL cells in one table (copied from the reports).
+for name in "${EXPERIMENTS[@]}"; do
+  case $name in variant_*) ;; *) continue ;; esac
+  "$PYTHON" -m experiments.report "$OUT/sweeps/$name" --budgets 0.05,0.1,0.15,0.2 --out "$OUT/reports/$name/low_kl" \
+    >>"$OUT/logs/$name.log" 2>&1 || echo "$name: low-KL report failed"
+done
 variant_reports=("$OUT"/reports/variant_*)
 if [ -e "${variant_reports[0]}" ]; then
-  "$PYTHON" -m experiments.variants_summary "${variant_reports[@]}" --out "$OUT/reports/variants_summary.md" \
-    || echo "variants summary failed"
+  "$PYTHON" -m experiments.variants_summary "$OUT"/reports/variant_* "$OUT"/reports/variant_*/low_kl \
+    --out "$OUT/reports/variants_summary.md" || echo "variants summary failed"
 fi

@@ -4,7 +4,7 @@
     python -m experiments.variants_summary outputs/tiny_reproduction/reports/variant_*   # report folders
 
 Each folder given that holds a ``matched_kl.csv`` (written by ``experiments.report``) is one variant; a
-folder without one stands for its subfolders that have one. For each, at
+folder without one stands for every folder below it that has one (``credit/low_kl``: "credit / low_kl"). For each, at
 its middle KL budget (the budget rankings are read at, ``frontier.middle_budget``) and at its lowest
 budget: every method's total true reward, reward per token and safe rate (5-seed mean [95% CI]), its
 length and finished rate, the verdict of its paired Δ vs DPO (**b** better, **w** worse, blank: no clear
@@ -80,10 +80,10 @@ def variant_section(name: str, table: pd.DataFrame) -> list[str]:
 
 
 def report_folders(paths: list[Path]) -> list[Path]:
-    """The report folders: each path that holds a matched_kl.csv, else its subfolders that do."""
+    """The report folders: each path that holds a matched_kl.csv, else every folder below it that does."""
     found: list[Path] = []
     for path in paths:
-        found += [path] if (path / "matched_kl.csv").is_file() else sorted(p.parent for p in path.glob("*/matched_kl.csv"))
+        found += [path] if (path / "matched_kl.csv").is_file() else sorted(p.parent for p in path.rglob("matched_kl.csv"))
     if not found:
         raise SystemExit(f"{', '.join(map(str, paths))}: no matched_kl.csv in it or in its subfolders "
                          "(run experiments.report first)")
@@ -96,6 +96,8 @@ def summarise(paths: list[Path]) -> str:
              "(n=k): only k seeds reach that KL; – : no run reaches it.", ""]
     for folder in report_folders(paths):
         name = folder.name.removeprefix("variant_")
+        if (folder.parent / "matched_kl.csv").is_file():  # a second reading of one sweep (e.g. credit/low_kl)
+            name = f"{folder.parent.name.removeprefix('variant_')} / {folder.name}"
         lines += variant_section(name, pd.read_csv(folder / "matched_kl.csv"))
     return "\n".join(lines)
 

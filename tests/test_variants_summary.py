@@ -31,17 +31,21 @@ def test_the_summary_copies_the_reports_cells_at_the_middle_and_lowest_budgets(t
     for name, verdicts in (("alpha", (fr.BETTER, fr.BETTER)), ("beta", (fr.BETTER, fr.UNCLEAR))):
         (tmp_path / name).mkdir()
         _table(*verdicts).to_csv(tmp_path / name / "matched_kl.csv", index=False)
+    (tmp_path / "alpha" / "low_kl").mkdir()  # a second reading of the same sweep, inside its report
+    _table(fr.UNCLEAR, fr.UNCLEAR).to_csv(tmp_path / "alpha" / "low_kl" / "matched_kl.csv", index=False)
     out = tmp_path / "summary.md"
     assert main([str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
-    alpha = text.split("### alpha")[1].split("### beta")[0]
+    alpha = text.split("### alpha\n")[1].split("### ")[0]
+    assert "never beats" in text.split("### alpha / low_kl")[1].split("### ")[0]
     assert "At KL 2 (middle budget)" in alpha and "At KL 1 (lowest budget)" in alpha
     assert "| TIS-DPO(oracle) | 2 [1.5, 2.5] (n=3) **b** | 2 [1.5, 2.5] (n=3) **b** | 0.5 [0.4, 0.6] |" in alpha
     assert "| DPO | 2 [1.5, 2.5] | 2 [1.5, 2.5] | 0.5 [0.4, 0.6] | – | – |" in alpha
     assert "total reward only" in text.split("### beta")[1]
     # report folders named one by one (reproduce_tiny.sh: reports/variant_*) give the same sections
     one_by_one = tmp_path / "one_by_one.md"
-    assert main([str(tmp_path / "alpha"), str(tmp_path / "beta"), "--out", str(one_by_one)]) == 0
+    assert main([str(tmp_path / "alpha"), str(tmp_path / "alpha" / "low_kl"), str(tmp_path / "beta"),
+                 "--out", str(one_by_one)]) == 0
     assert one_by_one.read_text() == text
     with pytest.raises(SystemExit, match="no matched_kl.csv in it or in its subfolders"):
         main([str(tmp_path / "nothing_here")])
