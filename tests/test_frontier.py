@@ -361,7 +361,7 @@ def test_the_oracle_line_tells_a_per_token_gain_from_a_length_gain():
         rows = [("oracle", "true_reward", 1.0, total), ("oracle", "true_reward", 2.0, fr.UNCLEAR)]
         if per_token is not None:
             rows += [("oracle", "true_reward_per_token", 1.0, per_token), ("oracle", "true_reward_per_token", 2.0, fr.UNCLEAR)]
-        table = pd.DataFrame(rows, columns=["method", "metric", "kl_budget", "verdict"])
+        table = pd.DataFrame(rows, columns=["method", "metric", "kl_budget", "verdict"]).assign(value=1.0)
         return SimpleNamespace(oracles=["oracle"], baseline="DPO", empty=False, table=table)
 
     (both,) = oracle_lines(section(fr.BETTER, fr.BETTER))
@@ -374,3 +374,9 @@ def test_the_oracle_line_tells_a_per_token_gain_from_a_length_gain():
     assert "beats DPO at matched KL (KL 1)" in old
     (none,) = oracle_lines(section(fr.UNCLEAR, fr.UNCLEAR))
     assert "does not beat DPO" in none
+    # a gain only where fewer than 90% of some method's samples finish is not room for token weighting
+    flagged = section(fr.BETTER, fr.BETTER)
+    flagged.table = pd.concat([flagged.table, pd.DataFrame(
+        [("DPO", "finished_rate", 1.0, fr.UNCLEAR)], columns=["method", "metric", "kl_budget", "verdict"]).assign(value=0.8)])
+    (unfinished,) = oracle_lines(flagged)
+    assert "only at flagged budgets** (KL 1," in unfinished and "leaves room" not in unfinished

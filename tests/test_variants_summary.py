@@ -25,6 +25,11 @@ def test_the_oracle_verdict_separates_credit_from_length():
     assert "per token at KL 1, 2, 3" in oracle_verdict(_table(fr.BETTER, fr.BETTER))
     assert "total reward only" in oracle_verdict(_table(fr.BETTER, fr.UNCLEAR))
     assert "never beats" in oracle_verdict(_table(fr.UNCLEAR, fr.UNCLEAR))
+    unfinished = _table(fr.BETTER, fr.BETTER)
+    unfinished = pd.concat([unfinished, pd.DataFrame([{"method": "DPO", "kl_budget": b, "metric": "finished_rate",
+                                                      "value": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n_seeds": 5}
+                                                     for b in (1.0, 2.0, 3.0)])])
+    assert "not trustworthy" in oracle_verdict(unfinished)
 
 
 def test_the_summary_copies_the_reports_cells_at_the_middle_and_lowest_budgets(tmp_path, capsys):
