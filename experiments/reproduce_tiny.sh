@@ -68,8 +68,10 @@ for name in "${EXPERIMENTS[@]}"; do
     --controls "$OUT/sweeps/variant_credit" >>"$OUT/logs/$name.log" 2>&1 || echo "$name: report with controls failed"
 done
 # Issue #22's done-when criteria on the credit task (5 seeds), by code independent of the reports.
-"$PYTHON" -m experiments.credit_check "$OUT/sweeps/variant_credit" --json "$OUT/reports/credit_check.json" \
-  | tee "$OUT/reports/credit_check.txt" || true
+if [ -d "$OUT/sweeps/variant_credit" ]; then
+  "$PYTHON" -m experiments.credit_check "$OUT/sweeps/variant_credit" --json "$OUT/reports/credit_check.json" \
+    | tee "$OUT/reports/credit_check.txt" || true
+fi
 # Each variant read again at low KL (0.05-0.2 nats), where TI-DPO's curves are (they stop short of the range
 # DPO and the oracle reach), then every variant's matched-KL cells in one table (copied from the reports).
 for name in "${EXPERIMENTS[@]}"; do
