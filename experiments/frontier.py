@@ -465,10 +465,37 @@ def gain_shares(points: pd.DataFrame, optimal: pd.DataFrame | None, budgets: Seq
     return pd.DataFrame.from_records(records, columns=["method", "kl_budget", "share", "min", "max", "n"])
 
 
+def better_budgets(table: pd.DataFrame, method: str, metric: str = "true_reward") -> list[float]:
+    """The KL budgets where ``method`` is clearly better than the baseline in ``metric``, ascending."""
+    rows = table[(table["method"] == method) & (table["metric"] == metric) & (table["verdict"] == BETTER)]
+    return sorted(float(b) for b in rows["kl_budget"].unique())
+
+
 def beats_baseline(table: pd.DataFrame, method: str, metric: str = "true_reward") -> bool:
     """Is ``method`` clearly better than the baseline at some KL budget?"""
-    rows = table[(table["method"] == method) & (table["metric"] == metric)]
-    return bool((rows["verdict"] == BETTER).any())
+    return bool(better_budgets(table, method, metric))
+
+
+#: what an oracle control's matched-KL gain over the baseline says about a task (:func:`oracle_evidence`)
+ORACLE_CREDIT, ORACLE_FLAGGED, ORACLE_LENGTH, ORACLE_NONE = "credit", "flagged", "length", "none"
+
+
+def oracle_evidence(table: pd.DataFrame, oracle: str) -> tuple[str, list[float], list[float]]:
+    """(kind, per-token budgets, total budgets) of the oracle's clear gains over the baseline.
+
+    kind: ``credit`` = a per-token gain at a budget where at least :data:`MIN_FINISHED` of every method's
+    samples finish (room for token weighting); ``flagged`` = such gains only at flagged budgets;
+    ``length`` = a total-reward gain with none per token; ``none``. A table without the per-token metric
+    (older reports) judges by total reward."""
+    total = better_budgets(table, oracle, "true_reward")
+    has_per_token = bool((table["metric"] == "true_reward_per_token").any())
+    per_token = better_budgets(table, oracle, "true_reward_per_token") if has_per_token else []
+    credit = per_token if has_per_token else total
+    if credit and not set(credit) <= set(low_finish_budgets(table)):
+        return ORACLE_CREDIT, per_token, total
+    if credit:
+        return ORACLE_FLAGGED, per_token, total
+    return (ORACLE_LENGTH if total else ORACLE_NONE), per_token, total
 
 
 # ---------------------------------------------------------------- the plotted band

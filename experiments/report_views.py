@@ -228,41 +228,32 @@ def share_frame(section: FrontierSection) -> pd.DataFrame | None:
     return pd.DataFrame.from_records(records)
 
 
-def _better_budgets(section: FrontierSection, method: str, metric: str) -> list[float]:
-    """The KL budgets where ``method`` is clearly better than the baseline in ``metric``."""
-    table = section.table
-    rows = table[(table["method"] == method) & (table["metric"] == metric) & (table["verdict"] == fr.BETTER)]
-    return sorted(float(b) for b in rows["kl_budget"].unique())
-
-
 def _kls(budgets: list[float]) -> str:
     return ", ".join(f"{b:.3g}" for b in budgets)
 
 
 def oracle_lines(section: FrontierSection) -> list[str]:
-    """The oracle control's message: without a matched-KL gain over the baseline, this task variant
-    cannot show what token weighting buys; with a gain in total reward but none per token, what it buys
-    there is length (the old default task, issue #22); a gain only at budgets where fewer than 90% of the
-    samples finish rests on the finished answers alone. The message says which."""
+    """The oracle control's message (:func:`frontier.oracle_evidence`): without a matched-KL gain over the
+    baseline, this task variant cannot show what token weighting buys; with a gain in total reward but none
+    per token, what it buys there is length (the old default task, issue #22); a gain only at budgets where
+    fewer than 90% of the samples finish rests on the finished answers alone. The message says which."""
     if not section.oracles or section.baseline is None or section.empty:
         return []
     base = section.baseline
-    has_per_token = bool((section.table["metric"] == "true_reward_per_token").any())
-    flagged = set(fr.low_finish_budgets(section.table))
     lines = []
     for oracle in section.oracles:
-        total, per_token = (_better_budgets(section, oracle, m) for m in ("true_reward", "true_reward_per_token"))
-        credit = per_token if has_per_token else total
-        if credit and not set(credit) <= flagged:
+        kind, per_token, total = fr.oracle_evidence(section.table, oracle)
+        if kind == fr.ORACLE_CREDIT:
             where = (f"in true reward per token (KL {_kls(per_token)})" + (f" and in total (KL {_kls(total)})" if total else "")
-                     if has_per_token else f"(KL {_kls(total)})")
+                     if per_token else f"(KL {_kls(total)})")
             lines.append(f"- The oracle control **{oracle}** beats {base} at matched KL {where}: this task variant "
                          "leaves room for token weighting to show a gain.")
-        elif credit:
+        elif kind == fr.ORACLE_FLAGGED:
             lines.append(f"- **Caution: the oracle control {oracle} beats {base} at matched KL only at flagged budgets** "
-                         f"(KL {_kls(credit)}, where some method finishes fewer than 90% of its samples): the gain rests "
-                         "on the finished answers alone, so this task variant shows no trustworthy room for token weighting.")
-        elif total:
+                         f"(KL {_kls(per_token or total)}, where some method finishes fewer than 90% of its samples): the "
+                         "gain rests on the finished answers alone, so this task variant shows no trustworthy room for "
+                         "token weighting.")
+        elif kind == fr.ORACLE_LENGTH:
             lines.append(f"- **Caution: the oracle control {oracle} beats {base} at matched KL in total true reward "
                          f"only** (KL {_kls(total)}), never in reward per token: at these budgets its gain is length. "
                          "An estimated-weight method's gain in total reward here may be length too: read the "

@@ -44,21 +44,17 @@ def _rows(table: pd.DataFrame, budget: float) -> dict[tuple[str, str], pd.Series
 
 
 def oracle_verdict(table: pd.DataFrame, oracle: str = "TIS-DPO(oracle)") -> str:
-    """Where the oracle control clearly beats DPO: per token (room for token weighting), only at budgets
-    where fewer than 90% of the samples finish (not trustworthy), total only (length), or nowhere."""
-    def budgets(metric: str) -> list[float]:
-        rows = table[(table["method"] == oracle) & (table["metric"] == metric) & (table["verdict"] == fr.BETTER)]
-        return sorted(rows["kl_budget"].unique())
-
-    per_token, total = budgets("true_reward_per_token"), budgets("true_reward")
-    flagged = set(fr.low_finish_budgets(table))
+    """Where the oracle control clearly beats DPO (:func:`frontier.oracle_evidence`): per token (room for
+    token weighting), only at budgets where fewer than 90% of the samples finish (not trustworthy), total
+    only (length), or nowhere."""
+    kind, per_token, total = fr.oracle_evidence(table, oracle)
     fmt = lambda bs: ", ".join(f"{b:.3g}" for b in bs)  # noqa: E731
-    if per_token and not set(per_token) <= flagged:
-        return f"the oracle beats DPO per token at KL {fmt(per_token)}"
-    if per_token:
-        return (f"the oracle beats DPO per token only at KL {fmt(per_token)}, where fewer than 90% of some "
+    if kind == fr.ORACLE_CREDIT:
+        return f"the oracle beats DPO per token at KL {fmt(per_token or total)}"
+    if kind == fr.ORACLE_FLAGGED:
+        return (f"the oracle beats DPO per token only at KL {fmt(per_token or total)}, where fewer than 90% of some "
                 "method's samples finish: not trustworthy")
-    if total:
+    if kind == fr.ORACLE_LENGTH:
         return f"the oracle beats DPO in total reward only (KL {fmt(total)}): length, not credit"
     return "the oracle never beats DPO: nothing for token weighting to show"
 
