@@ -79,8 +79,7 @@ for name in "${EXPERIMENTS[@]}"; do
   "$PYTHON" -m experiments.report "$OUT/sweeps/$name" --budgets 0.05,0.1,0.15,0.2 --out "$OUT/reports/$name/low_kl" \
     >>"$OUT/logs/$name.log" 2>&1 || echo "$name: low-KL report failed"
 done
-variant_reports=("$OUT"/reports/variant_*)
-if [ -e "${variant_reports[0]}" ]; then
+if compgen -G "$OUT/reports/variant_*" >/dev/null; then
   "$PYTHON" -m experiments.variants_summary "$OUT"/reports/variant_* "$OUT"/reports/variant_*/low_kl \
     --out "$OUT/reports/variants_summary.md" || echo "variants summary failed"
 fi

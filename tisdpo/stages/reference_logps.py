@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tisdpo.constants import SIDES
+from tisdpo.constants import IGNORE_INDEX, SIDES
 from tisdpo.kernels.scoring import output_head, score_pairs
 from tisdpo.losses.record import BoundLoss
 from tisdpo.stages.context import RunContext
@@ -193,7 +193,7 @@ def attach_reference_hidden(examples: list[dict], hidden: dict[str, list[torch.T
     """The examples (copied) with ``{chosen,rejected}_reference_hidden`` [n_response_tokens, H]; checks
     that each has one row per response label."""
     def one_per_label(example: dict, side: str) -> tuple[int, str]:
-        n_labels = sum(label != -100 for label in list(example[f"{side}_labels"])[1:])
+        n_labels = sum(label != IGNORE_INDEX for label in list(example[f"{side}_labels"])[1:])
         return n_labels, f"{n_labels} {side} response tokens"
     return _attach_per_side(examples, hidden, "reference_hidden", "reference hidden states", one_per_label)
 
