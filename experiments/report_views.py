@@ -228,7 +228,8 @@ def share_frame(section: FrontierSection) -> pd.DataFrame | None:
     return pd.DataFrame.from_records(records)
 
 
-def _kls(budgets: list[float]) -> str:
+def kl_list(budgets) -> str:
+    """KL budgets as text: ``0.32, 0.64``."""
     return ", ".join(f"{b:.3g}" for b in budgets)
 
 
@@ -244,18 +245,18 @@ def oracle_lines(section: FrontierSection) -> list[str]:
     for oracle in section.oracles:
         kind, per_token, total = fr.oracle_evidence(section.table, oracle)
         if kind == fr.ORACLE_CREDIT:
-            where = (f"in true reward per token (KL {_kls(per_token)})" + (f" and in total (KL {_kls(total)})" if total else "")
-                     if per_token else f"(KL {_kls(total)})")
+            where = (f"in true reward per token (KL {kl_list(per_token)})" + (f" and in total (KL {kl_list(total)})" if total else "")
+                     if per_token else f"(KL {kl_list(total)})")
             lines.append(f"- The oracle control **{oracle}** beats {base} at matched KL {where}: this task variant "
                          "leaves room for token weighting to show a gain.")
         elif kind == fr.ORACLE_FLAGGED:
             lines.append(f"- **Caution: the oracle control {oracle} beats {base} at matched KL only at flagged budgets** "
-                         f"(KL {_kls(per_token or total)}, where some method finishes fewer than 90% of its samples): the "
+                         f"(KL {kl_list(per_token or total)}, where some method finishes fewer than 90% of its samples): the "
                          "gain rests on the finished answers alone, so this task variant shows no trustworthy room for "
                          "token weighting.")
         elif kind == fr.ORACLE_LENGTH:
             lines.append(f"- **Caution: the oracle control {oracle} beats {base} at matched KL in total true reward "
-                         f"only** (KL {_kls(total)}), never in reward per token: at these budgets its gain is length. "
+                         f"only** (KL {kl_list(total)}), never in reward per token: at these budgets its gain is length. "
                          "An estimated-weight method's gain in total reward here may be length too: read the "
                          "per-token and length tables before crediting token weighting.")
         else:
@@ -416,7 +417,7 @@ def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> 
                   + ", ".join(f"{m} (max KL {kl:.3g})" for m, kl in section.short.items()))
     lines += [f"Each method's true reward, reward per token and safe rate (with length and finished rate beside "
               f"them) at {len(section.budgets)} KL budgets "
-              f"({', '.join(f'{b:.3g}' for b in section.budgets)} nats) {where}. "
+              f"({kl_list(section.budgets)} nats) {where}. "
               "Per seed, the points of every evaluation (and every β) are joined by "
               "linear interpolation in KL (no extrapolation); cells are the mean over seeds with a 95% percentile "
               f"bootstrap CI over seeds ({section.n_resamples:,} resamples), n = seeds with data at that KL."]
@@ -434,7 +435,7 @@ def render_matched_kl(section: FrontierSection | None, figures: bool = True) -> 
         lines += ["", f"Final points only for {', '.join(section.pooled)} (no `eval/curve`): pooled over seeds."]
     flagged = fr.low_finish_budgets(section.table)
     if flagged:
-        lines += ["", f"**Flagged budgets: KL {', '.join(f'{b:.3g}' for b in flagged)}** — some method finishes "
+        lines += ["", f"**Flagged budgets: KL {kl_list(flagged)}** — some method finishes "
                   f"fewer than {fr.MIN_FINISHED:.0%} of its samples there (readings describe the finished answers "
                   "only; do not rest a verdict on them)."]
     lines += ["", "CIs are widened by each cell's interpolation error (|linear − quadratic| between the nearest "

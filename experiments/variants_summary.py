@@ -21,17 +21,22 @@ from pathlib import Path
 import pandas as pd
 
 from experiments import frontier as fr
+from experiments.report_views import kl_list
 
 COLUMNS = ("true_reward", "true_reward_per_token", "safe_rate")
 MARKS = {fr.BETTER: " **b**", fr.WORSE: " **w**"}
-BASELINE = "DPO"
 
 
-def _cell(row: pd.Series | None, digits: str = ".3g") -> str:
+def _cell(row: pd.Series | None, digits: str = ".3g", full: bool = True) -> str:
+    """mean [CI] (n=k) and the verdict mark; ``full=False`` (the diagnostics): no CI and no mark, and
+    (n=k) only where the cell has no CI."""
     if row is None or not math.isfinite(row["value"]):
         return "–"
     text = f"{row['value']:{digits}}"
-    if math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"]):
+    has_ci = math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"])
+    if not full:
+        return text if has_ci or int(row["n_seeds"]) >= 5 else f"{text} (n={int(row['n_seeds'])})"
+    if has_ci:
         text += f" [{row['ci_low']:{digits}}, {row['ci_high']:{digits}}]"
     if int(row["n_seeds"]) < 5:
         text += f" (n={int(row['n_seeds'])})"
@@ -48,20 +53,19 @@ def oracle_verdict(table: pd.DataFrame, oracle: str = "TIS-DPO(oracle)") -> str:
     token weighting), only at budgets where fewer than 90% of the samples finish (not trustworthy), total
     only (length), or nowhere."""
     kind, per_token, total = fr.oracle_evidence(table, oracle)
-    fmt = lambda bs: ", ".join(f"{b:.3g}" for b in bs)  # noqa: E731
     if kind == fr.ORACLE_CREDIT:
-        return f"the oracle beats DPO per token at KL {fmt(per_token or total)}"
+        return f"the oracle beats DPO per token at KL {kl_list(per_token or total)}"
     if kind == fr.ORACLE_FLAGGED:
-        return (f"the oracle beats DPO per token only at KL {fmt(per_token or total)}, where fewer than 90% of some "
+        return (f"the oracle beats DPO per token only at KL {kl_list(per_token or total)}, where fewer than 90% of some "
                 "method's samples finish: not trustworthy")
     if kind == fr.ORACLE_LENGTH:
-        return f"the oracle beats DPO in total reward only (KL {fmt(total)}): length, not credit"
+        return f"the oracle beats DPO in total reward only (KL {kl_list(total)}): length, not credit"
     return "the oracle never beats DPO: nothing for token weighting to show"
 
 
 def variant_section(name: str, table: pd.DataFrame) -> list[str]:
     budgets = sorted(table["kl_budget"].unique())
-    lines = [f"### {name}", "", f"- Budgets: {', '.join(f'{b:.3g}' for b in budgets)} nats; {oracle_verdict(table)}.", ""]
+    lines = [f"### {name}", "", f"- Budgets: {kl_list(budgets)} nats; {oracle_verdict(table)}.", ""]
     methods = list(dict.fromkeys(table["method"]))
     for label, budget in (("middle", fr.middle_budget(budgets)), ("lowest", budgets[0])):
         if label == "lowest" and budget == fr.middle_budget(budgets):
@@ -72,8 +76,8 @@ def variant_section(name: str, table: pd.DataFrame) -> list[str]:
                   "|---|---|---|---|---|---|"]
         for method in methods:
             row = [_cell(cells.get((method, metric))) for metric in COLUMNS]
-            row += [_cell(cells.get((method, "length")), ".3g").split(" [")[0],
-                    _cell(cells.get((method, "finished_rate")), ".2f").split(" [")[0]]
+            row += [_cell(cells.get((method, "length")), ".3g", full=False),
+                    _cell(cells.get((method, "finished_rate")), ".2f", full=False)]
             lines.append(f"| {method} | " + " | ".join(row) + " |")
         lines.append("")
     return lines
